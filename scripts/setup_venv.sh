@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.12) in the repository root and installs ki with its test extras.
+# Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python312() {
+  local candidates=(python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12)
+  if command -v pyenv >/dev/null 2>&1; then
+    candidates+=("$(pyenv root)"/versions/3.12*/bin/python3.12)
+  fi
+  candidates+=("$HOME"/.pyenv/versions/3.12*/bin/python3.12)
+  local c
+  for c in "${candidates[@]}"; do
+    # A pyenv shim exists even when no 3.12 is selected, so run it rather than trusting `command -v`.
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+  py=$(find_python312) || { echo "error: Python 3.12 not found (looked for python3.12 on PATH and under pyenv)" >&2; exit 1; }
+  echo "creating .venv with $py"
+  "$py" -m venv .venv
+fi
+
+stamp=.venv/.ki-install-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing ki and its dependencies into .venv (first time: a few minutes, torch is large)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
