@@ -1,0 +1,199 @@
+"""Configurations: Gemma expert and SigLIP variants, and the π0.5-KI model config (JSON-serialisable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flax import nnx
+
+    from ki_model.pi05_ki import Pi05KI
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot work (unknown variant, experts that cannot share attention, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """One Gemma expert. Experts that attend jointly must agree on depth, num_heads, num_kv_heads and head_dim."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+    """A SigLIP ViT; the model adds a projection ("head") from `width` into the backbone width."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: int
+
+
+# PaliGemma / π0 numbers for the real sizes; the small and tiny ones are ours (report, tests, CPU demo).
+GEMMA_VARIANTS: dict[str, GemmaConfig] = {
+    "gemma_2b": GemmaConfig(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_300m": GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_small": GemmaConfig(width=256, depth=4, mlp_dim=1024, num_heads=4, num_kv_heads=1, head_dim=64),
+    "gemma_small_expert": GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=64),
+    "gemma_tiny": GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
+    "gemma_tiny_expert": GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=1, head_dim=32),
+}
+
+SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
+    "so400m/14": SiglipConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14),
+    "siglip_small": SiglipConfig(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=16),
+    "siglip_tiny": SiglipConfig(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=16),
+}
+
+DTYPES = ("float32", "bfloat16")
+
+
+def gemma_config(variant: str) -> GemmaConfig:
+    if variant not in GEMMA_VARIANTS:
+        raise ConfigError(f"unknown Gemma variant {variant!r}; known: {sorted(GEMMA_VARIANTS)}")
+    return GEMMA_VARIANTS[variant]
+
+
+def siglip_config(variant: str) -> SiglipConfig:
+    if variant not in SIGLIP_VARIANTS:
+        raise ConfigError(f"unknown SigLIP variant {variant!r}; known: {sorted(SIGLIP_VARIANTS)}")
+    return SIGLIP_VARIANTS[variant]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pi05KIConfig:
+    """Everything needed to build a `Pi05KI`; `to_dict`/`from_dict` round-trip through JSON for checkpoints."""
+
+    action_horizon: int = 50
+    action_dim: int = 32
+    vocab_size: int = 257152
+    max_token_len: int = 256
+    max_text_len: int = 128
+    image_size: int = 224
+    # Camera order of the image tokens; empty = the observation's cameras in sorted order.
+    cameras: tuple[str, ...] = ()
+    fast_loss_weight: float = 1.0
+    num_flow_steps: int = 10
+    backbone_variant: str = "gemma_2b"
+    expert_variant: str = "gemma_300m"
+    vision_variant: str = "so400m/14"
+    # Compute dtype; parameters are always float32.
+    dtype: str = "bfloat16"
+    # Rematerialise every transformer layer (backbone+expert and SigLIP) in the backward pass.
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cameras", tuple(self.cameras))
+        backbone, expert = gemma_config(self.backbone_variant), gemma_config(self.expert_variant)
+        shared = ("depth", "num_heads", "num_kv_heads", "head_dim")
+        differ = [f for f in shared if getattr(backbone, f) != getattr(expert, f)]
+        if differ:
+            raise ConfigError(
+                f"backbone {self.backbone_variant!r} and action expert {self.expert_variant!r} must share "
+                f"{', '.join(shared)} for joint attention; they differ in {differ}"
+            )
+        for cfg, name in ((backbone, self.backbone_variant), (expert, self.expert_variant)):
+            if cfg.num_heads % cfg.num_kv_heads:
+                raise ConfigError(f"{name}: num_heads {cfg.num_heads} not divisible by num_kv_heads {cfg.num_kv_heads}")
+        vision = siglip_config(self.vision_variant)
+        if self.image_size % vision.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of the patch size {vision.patch_size}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_text_len > self.max_token_len:
+            raise ConfigError(f"max_text_len {self.max_text_len} > max_token_len {self.max_token_len}")
+        for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def backbone(self) -> GemmaConfig:
+        return gemma_config(self.backbone_variant)
+
+    @property
+    def expert(self) -> GemmaConfig:
+        return gemma_config(self.expert_variant)
+
+    @property
+    def vision(self) -> SiglipConfig:
+        return siglip_config(self.vision_variant)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.vision.patch_size) ** 2
+
+    @classmethod
+    def tiny(cls, *, action_horizon: int, action_dim: int, vocab_size: int, **overrides: Any) -> Pi05KIConfig:
+        """Tests and the CPU demo: a few-hundred-thousand-parameter model on 32-pixel images."""
+        kw: dict[str, Any] = dict(
+            max_token_len=64,
+            max_text_len=32,
+            image_size=32,
+            backbone_variant="gemma_tiny",
+            expert_variant="gemma_tiny_expert",
+            vision_variant="siglip_tiny",
+            dtype="float32",
+        )
+        kw.update(overrides)
+        return cls(action_horizon=action_horizon, action_dim=action_dim, vocab_size=vocab_size, **kw)
+
+    @classmethod
+    def small(cls, *, action_horizon: int, action_dim: int, vocab_size: int, **overrides: Any) -> Pi05KIConfig:
+        """Small but real: width 256, depth 4, 224-pixel images (the timing report)."""
+        kw: dict[str, Any] = dict(
+            max_token_len=96,
+            max_text_len=48,
+            image_size=224,
+            backbone_variant="gemma_small",
+            expert_variant="gemma_small_expert",
+            vision_variant="siglip_small",
+            dtype="float32",
+        )
+        kw.update(overrides)
+        return cls(action_horizon=action_horizon, action_dim=action_dim, vocab_size=vocab_size, **kw)
+
+    @classmethod
+    def pi05(
+        cls, *, action_horizon: int = 50, action_dim: int = 32, vocab_size: int = 257152, **overrides: Any
+    ) -> Pi05KIConfig:
+        """π0.5 sizes: PaliGemma (Gemma 2B + SigLIP So400m/14 at 224) and a Gemma-300M action expert."""
+        kw: dict[str, Any] = dict(
+            backbone_variant="gemma_2b", expert_variant="gemma_300m", vision_variant="so400m/14", dtype="bfloat16"
+        )
+        kw.update(overrides)
+        return cls(action_horizon=action_horizon, action_dim=action_dim, vocab_size=vocab_size, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cameras"] = list(self.cameras)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Pi05KIConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown Pi05KIConfig fields {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Pi05KIConfig:
+        return cls.from_dict(json.loads(text))
+
+    def create(self, rngs: nnx.Rngs) -> Pi05KI:
+        from ki_model.pi05_ki import Pi05KI
+
+        return Pi05KI(self, rngs=rngs)

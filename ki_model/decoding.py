@@ -1,0 +1,272 @@
+"""FAST decoding: the grammar `Action: ` FAST.. `|` EOS, constrained decoding, and tokens -> actions.
+
+A decoded sequence is valid when it is exactly: the action-prefix ids, then FAST ids whose coefficient counts sum to
+horizon × dim, then the end ids. `DecodeState` tracks every row through that grammar during decoding; in constrained
+mode `allowed_tokens` only admits tokens that keep the row valid and able to finish (a FAST id expanding to one
+coefficient must exist, so any remaining count can be filled), hence every constrained sequence decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+PREFIX, FAST, END = 0, 1, 2
+
+
+class FastSpecError(ValueError):
+    """A FastDecodeSpec that cannot drive decoding (ids out of range, FAST ids colliding with the grammar, ...)."""
+
+
+@struct.dataclass
+class FastDecodeSpec:
+    """Token grammar of the FAST postfix in model ids (a pytree: the arrays are leaves, the ints static)."""
+
+    action_prefix_ids: Int[np.ndarray, " p"]
+    end_ids: Int[np.ndarray, " e"]
+    coeffs_per_model_id: Int[np.ndarray, " vocab"]  # coefficients each model id expands to; 0 = not a FAST id
+    horizon: int = struct.field(pytree_node=False)
+    action_dim: int = struct.field(pytree_node=False)
+    vocab_size: int = struct.field(pytree_node=False)
+    skip_tokens: int = struct.field(pytree_node=False)
+
+    @property
+    def total_coefficients(self) -> int:
+        return self.horizon * self.action_dim
+
+    @property
+    def max_decode_steps(self) -> int:
+        """Steps after which a constrained decode has surely finished (every FAST token one coefficient)."""
+        return len(self.action_prefix_ids) + self.total_coefficients + len(self.end_ids)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        action_prefix_ids: Sequence[int],
+        end_ids: Sequence[int],
+        fast_token_num_coefficients: Sequence[int],
+        vocab_size: int,
+        skip_tokens: int,
+        horizon: int,
+        action_dim: int,
+    ) -> FastDecodeSpec:
+        """FAST id f lives at model id `vocab_size - 1 - skip_tokens - f` (DESIGN §3)."""
+        counts = np.asarray(fast_token_num_coefficients, np.int32)
+        prefix, end = np.asarray(action_prefix_ids, np.int32), np.asarray(end_ids, np.int32)
+        top = vocab_size - 1 - skip_tokens
+        if len(counts) == 0 or top - (len(counts) - 1) < 0:
+            raise FastSpecError(
+                f"{len(counts)} FAST ids do not fit below model id {top} (vocab_size {vocab_size}, skip {skip_tokens})"
+            )
+        if len(end) == 0:
+            raise FastSpecError("end_ids is empty: a sequence needs an end (e.g. '|' EOS)")
+        for name, ids in (("action_prefix_ids", prefix), ("end_ids", end)):
+            if np.any(ids < 0) or np.any(ids >= vocab_size):
+                raise FastSpecError(f"{name} {ids.tolist()} outside the vocabulary [0, {vocab_size})")
+        if not np.any(counts == 1):
+            raise FastSpecError("no FAST id expands to exactly one coefficient: constrained decoding could get stuck")
+        coeffs = np.zeros((vocab_size,), np.int32)
+        coeffs[top - np.arange(len(counts))] = np.maximum(counts, 0)
+        clash = [int(i) for i in np.concatenate([prefix, end]) if coeffs[i] > 0]
+        if clash:
+            raise FastSpecError(f"grammar ids {clash} are also FAST ids: the postfix would be ambiguous")
+        return cls(
+            action_prefix_ids=prefix,
+            end_ids=end,
+            coeffs_per_model_id=coeffs,
+            horizon=horizon,
+            action_dim=action_dim,
+            vocab_size=vocab_size,
+            skip_tokens=skip_tokens,
+        )
+
+    @classmethod
+    def from_tokenizers(
+        cls, text_tokenizer: Any, fast_tokenizer: Any, vocab_size: int, skip_tokens: int, horizon: int, dim: int
+    ) -> FastDecodeSpec:
+        """From ki_data's tokenizers: the grammar ids come from `ki_data.prompt.postfix_pieces`, the same code that
+        builds the training prompts."""
+        from ki_data import FastDecodeError
+        from ki_data.prompt import postfix_pieces
+
+        action_prefix_ids, end_ids = postfix_pieces(text_tokenizer)
+        counts = np.array(fast_tokenizer.token_num_coefficients, np.int32)
+        if getattr(fast_tokenizer, "byte_level", False):
+            # A byte-level piece may hold part of a character; only pieces that decode on their own can be
+            # concatenated freely, so the others are never offered by constrained decoding.
+            for i, c in enumerate(counts):
+                try:
+                    fast_tokenizer.decode_coefficients([i], int(c), 1)
+                except FastDecodeError:
+                    counts[i] = 0
+        return cls.create(
+            action_prefix_ids=action_prefix_ids,
+            end_ids=end_ids,
+            fast_token_num_coefficients=counts,
+            vocab_size=vocab_size,
+            skip_tokens=skip_tokens,
+            horizon=horizon,
+            action_dim=dim,
+        )
+
+    def to_fast_ids(self, model_ids: Sequence[int]) -> list[int]:
+        return [self.vocab_size - 1 - self.skip_tokens - int(i) for i in model_ids]
+
+
+@struct.dataclass
+class DecodeState:
+    """Where each row stands in the grammar."""
+
+    phase: Int[Array, " b"]  # PREFIX, FAST or END
+    count: Int[Array, " b"]  # tokens emitted inside the current PREFIX / END phase
+    total: Int[Array, " b"]  # coefficients emitted so far
+    done: Bool[Array, " b"]  # finished or broke the grammar; emits nothing more
+    valid: Bool[Array, " b"]  # grammar kept so far (and, once done, completed)
+
+    @classmethod
+    def initial(cls, spec: FastDecodeSpec, batch: int) -> DecodeState:
+        zeros = jnp.zeros((batch,), jnp.int32)
+        phase = PREFIX if len(spec.action_prefix_ids) else FAST
+        return cls(zeros + phase, zeros, zeros, jnp.zeros((batch,), bool), jnp.ones((batch,), bool))
+
+
+def _expected(ids: Int[Array, " p"], count: Int[Array, " b"]) -> Int[Array, " b"]:
+    ids = jnp.asarray(ids, jnp.int32)
+    if ids.shape[0] == 0:
+        return jnp.zeros_like(count)
+    return ids[jnp.clip(count, 0, ids.shape[0] - 1)]
+
+
+def allowed_tokens(spec: FastDecodeSpec, state: DecodeState) -> Bool[Array, "b vocab"]:
+    """Tokens that keep each row inside the grammar and able to end at exactly horizon × dim coefficients."""
+    coeffs = jnp.asarray(spec.coeffs_per_model_id)
+    vocab = jnp.arange(coeffs.shape[0])[None, :]
+    target = spec.total_coefficients
+    forced_prefix = vocab == _expected(spec.action_prefix_ids, state.count)[:, None]
+    forced_end = vocab == _expected(spec.end_ids, jnp.where(state.phase == END, state.count, 0))[:, None]
+    fits = (coeffs[None, :] > 0) & (state.total[:, None] + coeffs[None, :] <= target)
+    in_fast = jnp.where((state.total < target)[:, None], fits, forced_end)
+    allowed = jnp.where(
+        (state.phase == PREFIX)[:, None], forced_prefix, jnp.where((state.phase == FAST)[:, None], in_fast, forced_end)
+    )
+    return allowed | state.done[:, None]  # finished rows: anything (they are masked to padding anyway)
+
+
+def advance(spec: FastDecodeSpec, state: DecodeState, tok: Int[Array, " b"]) -> DecodeState:
+    """Move every active row past the token it just emitted."""
+    coeffs = jnp.asarray(spec.coeffs_per_model_id)
+    n_prefix, n_end, target = len(spec.action_prefix_ids), len(spec.end_ids), spec.total_coefficients
+    c = coeffs[tok]
+    end0 = _expected(spec.end_ids, jnp.zeros_like(tok))
+
+    # PREFIX: the forced prefix ids one by one.
+    ok_p = tok == _expected(spec.action_prefix_ids, state.count)
+    count_p = state.count + 1
+    phase_p = jnp.where(count_p >= n_prefix, FAST, PREFIX)
+    count_p = jnp.where(count_p >= n_prefix, 0, count_p)
+    # FAST: FAST ids while the total stays within target; the first end id once it is reached exactly.
+    is_fast = c > 0
+    starts_end = ~is_fast & (tok == end0)
+    ok_f = jnp.where(is_fast, state.total + c <= target, starts_end & (state.total == target))
+    phase_f = jnp.where(starts_end, END, FAST)
+    count_f = jnp.where(starts_end, 1, 0)
+    # END: the remaining end ids.
+    ok_e = tok == _expected(spec.end_ids, state.count)
+    count_e = state.count + 1
+
+    phase = jnp.select([state.phase == PREFIX, state.phase == FAST], [phase_p, phase_f], END)
+    count = jnp.select([state.phase == PREFIX, state.phase == FAST], [count_p, count_f], count_e)
+    ok = jnp.select([state.phase == PREFIX, state.phase == FAST], [ok_p, ok_f], ok_e)
+    total = jnp.where((state.phase == FAST) & is_fast, state.total + c, state.total)
+    finished = (phase == END) & (count >= n_end)
+
+    active = ~state.done
+    keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+    return DecodeState(
+        phase=keep(phase, state.phase),
+        count=keep(count, state.count),
+        total=keep(total, state.total),
+        done=state.done | (active & (~ok | finished)),
+        valid=state.valid & (~active | ok),
+    )
+
+
+def completed(state: DecodeState, spec: FastDecodeSpec) -> Bool[Array, " b"]:
+    """Rows that followed the grammar to its end."""
+    return state.valid & state.done & (state.phase == END) & (state.count >= len(spec.end_ids))
+
+
+@struct.dataclass
+class FastDecodeResult:
+    tokens: Int[Array, "b t"]  # emitted model ids, 0 after a row is done
+    num_tokens: Int[Array, " b"]
+    valid: Bool[Array, " b"]  # the row is exactly prefix + FAST (horizon × dim coefficients) + end
+    logprobs: Float[Array, "b t"]  # unconstrained log-probability of each emitted token (0 after done)
+
+
+def parse_fast_sequence(tokens: Sequence[int], spec: FastDecodeSpec) -> list[int] | None:
+    """The FAST ids (FAST vocabulary, not model ids) of a valid decoded row, or None when it breaks the grammar."""
+    toks = [int(t) for t in tokens]
+    prefix, end = [int(t) for t in spec.action_prefix_ids], [int(t) for t in spec.end_ids]
+    coeffs = np.asarray(spec.coeffs_per_model_id)
+    if toks[: len(prefix)] != prefix:
+        return None
+    i, total, fast = len(prefix), 0, []
+    while i < len(toks) and 0 <= toks[i] < len(coeffs) and coeffs[toks[i]] > 0:
+        total += int(coeffs[toks[i]])
+        fast.append(toks[i])
+        i += 1
+    if total != spec.total_coefficients or toks[i : i + len(end)] != end:
+        return None
+    return spec.to_fast_ids(fast)
+
+
+def fast_tokens_to_actions(
+    tokens: Int[np.ndarray, "b t"],
+    spec: FastDecodeSpec,
+    fast_tokenizer: Any,
+    *,
+    norm_stats: Any | None = None,
+    norm_mode: str = "quantile",
+) -> tuple[Float[np.ndarray, "b h d"], Bool[np.ndarray, " b"]]:
+    """Decode rows of model ids into action chunks through ki_data's FAST tokenizer.
+
+    Returns (actions, valid): rows that break the grammar or that the tokenizer cannot decode are NaN and
+    valid=False, never zeros. Actions are normalized unless `norm_stats` (ki_data NormStats of the actions) is
+    given, then unnormalized with `ki_data.normalize.unnormalize(.., mode=norm_mode)`.
+    """
+    from ki_data import FastDecodeError
+
+    tokens = np.asarray(tokens)
+    out = np.full((tokens.shape[0], spec.horizon, spec.action_dim), np.nan, np.float32)
+    valid = np.zeros((tokens.shape[0],), bool)
+    for r, row in enumerate(tokens):
+        fast_ids = parse_fast_sequence(row, spec)
+        if fast_ids is None:
+            continue
+        try:
+            out[r] = fast_tokenizer.decode(fast_ids, spec.horizon, spec.action_dim)
+        except FastDecodeError:
+            continue
+        valid[r] = True
+    if norm_stats is not None:
+        from ki_data.normalize import unnormalize
+
+        out = np.asarray(unnormalize(out, norm_stats, mode=norm_mode), np.float32)
+    return out, valid
+
+
+def sample_token(
+    rng: jax.Array, scores: Float[Array, "b v"], temperature: float
+) -> Int[Array, " b"]:
+    """Greedy at temperature 0, else a draw from softmax(scores / temperature)."""
+    if temperature <= 0.0:
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, scores / temperature, axis=-1).astype(jnp.int32)

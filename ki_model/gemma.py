@@ -1,0 +1,269 @@
+"""Gemma decoder with several experts sharing attention (π0 / π0.5 style).
+
+Each expert (the backbone, the action expert) has its own weights: norms, Q/K/V/output projections and a GeGLU MLP.
+In every layer the experts project their own tokens, RoPE is applied, and ONE softmax spans the keys of all experts
+(plus a KV cache of earlier tokens). An expert marked `insulated` reads every key/value that it did not produce itself
+through `jax.lax.stop_gradient`: this is the knowledge-insulation cut, placed in every layer.
+
+Weight layouts follow big_vision/openpi Gemma (each maps to the HF PaliGemma weights by a reshape/transpose):
+  embedder.input_embedding [vocab, width]
+  layers[i].pre_attention_norm.scale [width]  (adaptive: .modulation.kernel [cond, 3*width], .bias [3*width])
+  layers[i].attn.q_einsum [heads, width, head_dim], .kv_einsum [2, kv_heads, width, head_dim],
+                 .attn_vec_einsum [heads, head_dim, width]
+  layers[i].pre_ffw_norm, layers[i].mlp.gating_einsum [2, width, mlp_dim], .mlp.linear [mlp_dim, width]
+  final_norm
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from ki_model.config import GemmaConfig
+from ki_model.nn import ZEROS, Dense, Init, fan_in_param, make_param
+
+# Stacked over layers: keys and values after RoPE, in the compute dtype.
+KVCache = tuple[Float[Array, "depth b s k h"], Float[Array, "depth b s k h"]]
+
+# A large finite negative (not -inf) so that a fully masked row stays finite.
+_MASK_VALUE = -2.3819763e38
+_ROPE_MAX_WAVELENGTH = 10_000
+_NORM_EPS = 1e-6
+
+
+class Embedder(nnx.Module):
+    """Token embedding, also the tied output head (logits = x @ input_embedding.T)."""
+
+    def __init__(self, vocab_size: int, width: int, *, rngs: nnx.Rngs):
+        init = Init("normal", width**-0.5)
+        self.input_embedding = make_param(rngs, init, (vocab_size, width), ("vocab", "embed"))
+
+    def encode(self, ids: Int[Array, "b l"], dtype: jnp.dtype) -> Float[Array, "b l d"]:
+        x = jnp.take(self.input_embedding[...], ids, axis=0).astype(dtype)
+        # Gemma scales the input embeddings by sqrt(width).
+        return x * jnp.sqrt(x.shape[-1]).astype(dtype)
+
+    def decode(self, x: Float[Array, "b l d"]) -> Float[Array, "b l v"]:
+        table = self.input_embedding[...].astype(x.dtype)
+        return jnp.einsum("bld,vd->blv", x, table, preferred_element_type=jnp.float32)
+
+
+def _rms_normalize(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _NORM_EPS)
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm: normalized * (1 + scale); returns no gate."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.scale = make_param(rngs, ZEROS, (width,), ("norm",))
+
+    def __call__(self, x: Float[Array, "b l d"], cond: None = None) -> tuple[Float[Array, "b l d"], None]:
+        y = _rms_normalize(x) * (1.0 + self.scale[...])
+        return y.astype(x.dtype), None
+
+
+class AdaptiveRMSNorm(nnx.Module):
+    """π0.5's adaRMS: scale, shift and a residual gate computed from the conditioning (flow-time) vector.
+
+    The modulation starts at zero (adaLN-Zero style), so at initialization the scale is 1, the shift 0 and the
+    residual gate 0.
+    """
+
+    def __init__(self, width: int, cond_dim: int, *, rngs: nnx.Rngs):
+        self.modulation = Dense(
+            cond_dim, 3 * width, axes=("embed", "modulation"), rngs=rngs, kernel_init=ZEROS
+        )
+
+    def __call__(
+        self, x: Float[Array, "b l d"], cond: Float[Array, "b c"]
+    ) -> tuple[Float[Array, "b l d"], Float[Array, "b 1 d"]]:
+        mod = self.modulation(cond, jnp.float32)[:, None, :]
+        scale, shift, gate = jnp.split(mod, 3, axis=-1)
+        y = _rms_normalize(x) * (1.0 + scale) + shift
+        return y.astype(x.dtype), gate.astype(x.dtype)
+
+
+def _gated_residual(x: Float[Array, "b l d"], y: Float[Array, "b l d"], gate: Float[Array, "b 1 d"] | None):
+    return x + y if gate is None else x + y * gate
+
+
+def apply_rope(x: Float[Array, "b l n h"], positions: Int[Array, "b l"]) -> Float[Array, "b l n h"]:
+    """Rotary embedding, Gemma's half-split convention (first half / second half of head_dim)."""
+    half = x.shape[-1] // 2
+    timescale = _ROPE_MAX_WAVELENGTH ** (2.0 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
+    angle = positions.astype(jnp.float32)[..., None, None] / timescale  # [b, l, 1, half]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """One expert's projections; the joint softmax lives in `attend`/`_layer`."""
+
+    def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
+        n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.width, cfg.head_dim
+        self.q_einsum = fan_in_param(rngs, (n, d, h), [1], ("heads", "embed", "head_dim"))
+        self.kv_einsum = fan_in_param(rngs, (2, k, d, h), [2], (None, "kv_heads", "embed", "head_dim"))
+        self.attn_vec_einsum = fan_in_param(rngs, (n, h, d), [0, 1], ("heads", "head_dim", "embed"))
+
+    def project(
+        self, x: Float[Array, "b l d"]
+    ) -> tuple[Float[Array, "b l n h"], Float[Array, "b l k h"], Float[Array, "b l k h"]]:
+        q = jnp.einsum("bld,ndh->blnh", x, self.q_einsum[...].astype(x.dtype))
+        k, v = jnp.einsum("bld,skdh->sblkh", x, self.kv_einsum[...].astype(x.dtype))
+        return q, k, v
+
+    def output(self, o: Float[Array, "b l n h"]) -> Float[Array, "b l d"]:
+        return jnp.einsum("blnh,nhd->bld", o, self.attn_vec_einsum[...].astype(o.dtype))
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_down."""
+
+    def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs):
+        self.gating_einsum = fan_in_param(rngs, (2, width, mlp_dim), [1], (None, "embed", "mlp"))
+        self.linear = fan_in_param(rngs, (mlp_dim, width), [0], ("mlp", "embed"))
+
+    def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+        gate, up = jnp.einsum("bld,sdf->sblf", x, self.gating_einsum[...].astype(x.dtype))
+        return jnp.einsum("blf,fd->bld", jax.nn.gelu(gate, approximate=True) * up, self.linear[...].astype(x.dtype))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GemmaConfig, cond_dim: int | None, *, rngs: nnx.Rngs):
+        norm = (lambda: AdaptiveRMSNorm(cfg.width, cond_dim, rngs=rngs)) if cond_dim else (
+            lambda: RMSNorm(cfg.width, rngs=rngs)
+        )
+        self.pre_attention_norm = norm()
+        self.attn = Attention(cfg, rngs=rngs)
+        self.pre_ffw_norm = norm()
+        self.mlp = FeedForward(cfg.width, cfg.mlp_dim, rngs=rngs)
+
+
+class Gemma(nnx.Module):
+    """One expert: optional embedder (the backbone's; also its tied output head), layers and final norm.
+
+    `cond_dim` set = adaptive RMSNorm everywhere (the action expert).
+    """
+
+    def __init__(self, cfg: GemmaConfig, *, vocab_size: int | None, cond_dim: int | None, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embedder = Embedder(vocab_size, cfg.width, rngs=rngs) if vocab_size else None
+        self.layers = nnx.List([Block(cfg, cond_dim, rngs=rngs) for _ in range(cfg.depth)])
+        self.final_norm = AdaptiveRMSNorm(cfg.width, cond_dim, rngs=rngs) if cond_dim else RMSNorm(cfg.width, rngs=rngs)
+
+
+def attend(
+    q: Float[Array, "b q n h"], k: Float[Array, "b s k h"], v: Float[Array, "b s k h"], mask: Bool[Array, "b q s"]
+) -> Float[Array, "b q n h"]:
+    """Grouped-query attention (num_kv_heads divides num_heads; MQA when it is 1); softmax in float32."""
+    b, lq, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, lq, kv_heads, n // kv_heads, h) * jnp.asarray(h**-0.5, q.dtype)
+    logits = jnp.einsum("bqkgh,bskh->bkgqs", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v)
+    return out.reshape(b, lq, n, h)
+
+
+def _cut(x: Array, stop: bool) -> Array:
+    return jax.lax.stop_gradient(x) if stop else x
+
+
+def _layer(
+    blocks: Sequence[Block],
+    xs: Sequence[Float[Array, "b l d"]],
+    conds: Sequence[Float[Array, "b c"] | None],
+    positions: Int[Array, "b n"],
+    mask: Bool[Array, "b n s"],
+    cache: tuple[Float[Array, "b c k h"], Float[Array, "b c k h"]] | None,
+    *,
+    insulated: Sequence[bool],
+) -> tuple[list[Float[Array, "b l d"]], tuple[Float[Array, "b n k h"], Float[Array, "b n k h"]]]:
+    """One decoder layer over the tokens of the active experts (concatenated in expert order)."""
+    bounds = [0]
+    for x in xs:
+        bounds.append(bounds[-1] + x.shape[1])
+    qs, ks, vs, gates = [], [], [], []
+    for e, (blk, x, cond) in enumerate(zip(blocks, xs, conds, strict=True)):
+        pos = positions[:, bounds[e] : bounds[e + 1]]
+        h, gate = blk.pre_attention_norm(x, cond)
+        q, k, v = blk.attn.project(h)
+        qs.append(apply_rope(q, pos))
+        ks.append(apply_rope(k, pos))
+        vs.append(v)
+        gates.append(gate)
+
+    outs = []
+    for e, (blk, x, cond) in enumerate(zip(blocks, xs, conds, strict=True)):
+        # Key/value sources in mask order: cache, then each expert's new tokens. An insulated expert reads all
+        # sources it did not produce through stop_gradient (its own K/V keep their gradient).
+        cut = [insulated[e] and f != e for f in range(len(ks))]
+        k_src = ([_cut(cache[0], insulated[e])] if cache is not None else []) + list(map(_cut, ks, cut))
+        v_src = ([_cut(cache[1], insulated[e])] if cache is not None else []) + list(map(_cut, vs, cut))
+        rows = mask[:, bounds[e] : bounds[e + 1]]
+        o = attend(qs[e], jnp.concatenate(k_src, axis=1), jnp.concatenate(v_src, axis=1), rows)
+        x = _gated_residual(x, blk.attn.output(o), gates[e])
+        h, gate = blk.pre_ffw_norm(x, cond)
+        outs.append(_gated_residual(x, blk.mlp(h), gate))
+    return outs, (jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1))
+
+
+def forward(
+    experts: Sequence[Gemma],
+    xs: Sequence[Float[Array, "b l d"] | None],
+    *,
+    positions: Int[Array, "b n"],
+    mask: Bool[Array, "b n s"],
+    conds: Sequence[Float[Array, "b c"] | None] | None = None,
+    cache: KVCache | None = None,
+    insulated: Sequence[bool] | None = None,
+    remat: bool = False,
+) -> tuple[list[Float[Array, "b l d"] | None], KVCache]:
+    """Run the experts jointly over their (already embedded) tokens.
+
+    xs[e] is expert e's token block or None when it has no tokens in this call; the new tokens are ordered by expert
+    (n = sum of lengths). `mask[:, i, j]`: new token i may read key j, keys ordered [cache (c) | new tokens (n)].
+    Returns each expert's final-normed outputs (None where it had no tokens) and the K/V of the new tokens, stacked
+    over layers (callers append them to a cache).
+    """
+    conds = list(conds) if conds is not None else [None] * len(experts)
+    insulated = list(insulated) if insulated is not None else [False] * len(experts)
+    active = [e for e, x in enumerate(xs) if x is not None]
+    if not active:
+        raise ValueError("forward needs tokens for at least one expert")
+    depth = experts[active[0]].cfg.depth
+    n_new = sum(xs[e].shape[1] for e in active)
+    n_cache = 0 if cache is None else cache[0].shape[2]
+    if positions.shape[1] != n_new or mask.shape[1:] != (n_new, n_cache + n_new):
+        raise ValueError(
+            f"positions {positions.shape} / mask {mask.shape} do not fit {n_new} new tokens after {n_cache} cached"
+        )
+
+    active_insulated = [insulated[e] for e in active]
+
+    def layer_fn(blocks, h, conds, positions, mask, layer_cache):
+        return _layer(blocks, h, conds, positions, mask, layer_cache, insulated=active_insulated)
+
+    if remat:
+        layer_fn = nnx.remat(layer_fn)
+    h = [xs[e] for e in active]
+    act_conds = [conds[e] for e in active]
+    ks, vs = [], []
+    for i in range(depth):
+        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+        h, (k, v) = layer_fn([experts[e].layers[i] for e in active], h, act_conds, positions, mask, layer_cache)
+        ks.append(k)
+        vs.append(v)
+
+    outs: list[Float[Array, "b l d"] | None] = [None] * len(experts)
+    for j, e in enumerate(active):
+        outs[e], _ = experts[e].final_norm(h[j], conds[e])
+    return outs, (jnp.stack(ks), jnp.stack(vs))

@@ -1,0 +1,112 @@
+"""Small building blocks shared by the Gemma and SigLIP modules.
+
+Every weight is an `nnx.Param` in float32 carrying logical axis names (`out_sharding` metadata) so that
+`ki_model.sharding.param_partition_specs` can map them onto a device mesh. Eager sharding is off: the
+model can be built without a mesh, and the trainer places the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+LogicalAxes = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """A parameter initializer that runs on the host (numpy) when its key is concrete and in jax when traced.
+
+    Host initialization avoids compiling one XLA program per random weight (tens of seconds for the tiny model on
+    CPU); under `nnx.eval_shape` / `nnx.jit` (abstract or sharded creation) the same distribution is drawn by jax.
+    """
+
+    kind: str  # "zeros", "ones", "normal", "truncated_normal" (within +-2 stddev)
+    stddev: float = 1.0
+
+    @classmethod
+    def fan_in(cls, shape: Sequence[int], in_axes: Sequence[int]) -> Init:
+        """LeCun normal (truncated) over the input axes, the variance scaling of Gemma/ViT dense layers."""
+        fan = int(np.prod([shape[a] for a in in_axes]))
+        # 0.8796...: stddev of a unit normal truncated to [-2, 2]; dividing keeps the variance at 1/fan_in.
+        return cls("truncated_normal", (1.0 / fan) ** 0.5 / 0.87962566103423978)
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        if self.kind in ("zeros", "ones"):
+            return (jnp.zeros if self.kind == "zeros" else jnp.ones)(shape, jnp.float32)
+        if isinstance(key, jax.core.Tracer):
+            if self.kind == "normal":
+                return self.stddev * jax.random.normal(key, shape, jnp.float32)
+            return self.stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if self.kind == "truncated_normal":
+            bad = np.abs(x) > 2.0
+            while bad.any():
+                x[bad] = rng.standard_normal(int(bad.sum()), dtype=np.float32)
+                bad = np.abs(x) > 2.0
+        return jnp.asarray(self.stddev * x)
+
+
+ZEROS, ONES = Init("zeros"), Init("ones")
+
+
+def make_param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: LogicalAxes) -> nnx.Param:
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match the shape {tuple(shape)}")
+    key = rngs.params() if init.kind not in ("zeros", "ones") else None
+    return nnx.Param(init(key, tuple(shape)), out_sharding=axes, eager_sharding=False)
+
+
+def fan_in_param(rngs: nnx.Rngs, shape: Sequence[int], in_axes: Sequence[int], axes: LogicalAxes) -> nnx.Param:
+    return make_param(rngs, Init.fan_in(shape, in_axes), shape, axes)
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel [in, out] (a transpose of torch's Linear weight)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: LogicalAxes,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        kernel_init: Init | None = None,
+    ):
+        shape = (in_features, out_features)
+        self.kernel = make_param(rngs, kernel_init or Init.fan_in(shape, [0]), shape, axes)
+        self.bias = make_param(rngs, ZEROS, (out_features,), axes[1:]) if use_bias else None
+
+    def __call__(self, x: Float[Array, "... i"], dtype: jnp.dtype) -> Float[Array, "... o"]:
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (SigLIP); statistics in float32."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, eps: float = 1e-6):
+        self.scale = make_param(rngs, ONES, (width,), ("norm",))
+        self.bias = make_param(rngs, ZEROS, (width,), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)

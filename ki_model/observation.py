@@ -1,0 +1,94 @@
+"""The model's input: images per camera, their masks, state and the token fields of the prompt (DESIGN §3/§4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int, UInt8
+
+IMAGE_PREFIX = "image."
+IMAGE_MASK_PREFIX = "image_mask."
+TOKEN_COLUMNS = (
+    "tokenized_prompt",
+    "tokenized_prompt_mask",
+    "token_ar_mask",
+    "token_loss_mask",
+    "text_prompt",
+    "text_prompt_mask",
+)
+
+
+class ObservationError(ValueError):
+    """A batch that cannot become an Observation (missing column, wrong dtype or shape)."""
+
+
+@struct.dataclass
+class Observation:
+    """A batch of observations (a pytree; dict keys are cameras, flattened in sorted order).
+
+    `state` is carried for completeness; π0.5 reads the state only through the discretized text prompt, so the
+    model never uses it and it may be None.
+    """
+
+    images: dict[str, UInt8[Array, "b s s 3"]]
+    image_masks: dict[str, Bool[Array, " b"]]
+    tokenized_prompt: Int[Array, "b l"]
+    tokenized_prompt_mask: Bool[Array, "b l"]
+    token_ar_mask: Bool[Array, "b l"]
+    token_loss_mask: Bool[Array, "b l"]
+    text_prompt: Int[Array, "b t"]
+    text_prompt_mask: Bool[Array, "b t"]
+    state: Float[Array, "b s"] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokenized_prompt.shape[0]
+
+    @classmethod
+    def from_batch(cls, columns: Mapping[str, np.ndarray]) -> Observation:
+        """From decoded shard columns: `image.<cam>` uint8 [b,S,S,3], optional `image_mask.<cam>` bool [b]
+        (default all True), optional `state`, and the six token columns under their shard names.
+
+        Other columns (episode_index, actions, task, ...) are ignored.
+        """
+        cams = sorted(k[len(IMAGE_PREFIX) :] for k in columns if k.startswith(IMAGE_PREFIX))
+        if not cams:
+            raise ObservationError(f"no `image.<camera>` column among {sorted(columns)}")
+        missing = [c for c in TOKEN_COLUMNS if c not in columns]
+        if missing:
+            raise ObservationError(f"token columns {missing} missing (have {sorted(columns)})")
+        tokens = {c: np.asarray(columns[c]) for c in TOKEN_COLUMNS}
+        b = tokens["tokenized_prompt"].shape[0]
+        images, masks = {}, {}
+        for cam in cams:
+            img = np.asarray(columns[IMAGE_PREFIX + cam])
+            if img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3 or img.shape[0] != b:
+                raise ObservationError(
+                    f"column `image.{cam}` must be decoded uint8 [{b}, S, S, 3], got {img.dtype} {img.shape}"
+                )
+            images[cam] = jnp.asarray(img)
+            mask = columns.get(IMAGE_MASK_PREFIX + cam)
+            mask = np.ones((b,), bool) if mask is None else np.asarray(mask)
+            if mask.shape != (b,):
+                raise ObservationError(f"column `image_mask.{cam}` must be bool [{b}], got {mask.shape}")
+            masks[cam] = jnp.asarray(mask.astype(bool))
+        lengths = {c: tokens[c].shape for c in TOKEN_COLUMNS}
+        for group in (TOKEN_COLUMNS[:4], TOKEN_COLUMNS[4:]):
+            shapes = {lengths[c] for c in group}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != b:
+                raise ObservationError(f"columns {list(group)} must share one [{b}, length] shape, got {lengths}")
+        state = columns.get("state")
+        return cls(
+            images=images,
+            image_masks=masks,
+            tokenized_prompt=jnp.asarray(tokens["tokenized_prompt"], jnp.int32),
+            tokenized_prompt_mask=jnp.asarray(tokens["tokenized_prompt_mask"], bool),
+            token_ar_mask=jnp.asarray(tokens["token_ar_mask"], bool),
+            token_loss_mask=jnp.asarray(tokens["token_loss_mask"], bool),
+            text_prompt=jnp.asarray(tokens["text_prompt"], jnp.int32),
+            text_prompt_mask=jnp.asarray(tokens["text_prompt_mask"], bool),
+            state=None if state is None else jnp.asarray(np.asarray(state), jnp.float32),
+        )

@@ -1,0 +1,243 @@
+"""Unit tests of the model's parts: config, Observation, the attention table, attention math, SigLIP patching,
+sharding specs and the FAST grammar."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ki_model import (
+    ConfigError,
+    FastDecodeSpec,
+    FastSpecError,
+    Observation,
+    ObservationError,
+    Pi05KIConfig,
+    param_partition_specs,
+    param_shardings,
+)
+from ki_model import attention, decoding, gemma
+from ki_model.siglip import PatchEmbed
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_config_json_round_trip_and_presets():
+    cfg = Pi05KIConfig.tiny(action_horizon=5, action_dim=2, vocab_size=123, cameras=("a", "b"), remat=True)
+    back = Pi05KIConfig.from_json(cfg.to_json())
+    assert back == cfg and isinstance(back.cameras, tuple)
+    assert json.loads(cfg.to_json())["cameras"] == ["a", "b"]
+    real = Pi05KIConfig.pi05()
+    assert (real.backbone.width, real.expert.width, real.vision.width) == (2048, 1024, 1152)
+    assert real.tokens_per_image == 256 and real.dtype == "bfloat16"
+
+
+def test_config_rejects_experts_that_cannot_share_attention():
+    with pytest.raises(ConfigError, match="depth"):
+        Pi05KIConfig(backbone_variant="gemma_2b", expert_variant="gemma_tiny_expert")
+    with pytest.raises(ConfigError, match="multiple of the patch"):
+        Pi05KIConfig.tiny(action_horizon=2, action_dim=2, vocab_size=10, image_size=40)
+    with pytest.raises(ConfigError, match="unknown Pi05KIConfig fields"):
+        Pi05KIConfig.from_dict({"nope": 1})
+
+
+def test_real_size_parameter_count_without_allocating():
+    model = nnx.eval_shape(lambda: Pi05KIConfig.pi05().create(nnx.Rngs(0)))
+    sizes = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(getattr(model, k), nnx.Param)))
+             for k in ("vision", "backbone", "action_expert")}
+    # PaliGemma: SigLIP So400m (~0.4B + projection), Gemma 2B (~2.5B with its 257k-token embedding). The expert is
+    # Gemma 300M (0.31B) plus adaRMS modulations (2 per layer and the final norm: 37 x 1024 x 3072 = 0.12B).
+    assert 0.40e9 < sizes["vision"] < 0.45e9
+    assert 2.45e9 < sizes["backbone"] < 2.55e9
+    assert 0.42e9 < sizes["action_expert"] < 0.44e9
+
+
+def test_param_partition_specs_use_logical_axes():
+    model = Pi05KIConfig.tiny(action_horizon=2, action_dim=2, vocab_size=50).create(nnx.Rngs(0))
+    specs = param_partition_specs(model)
+    flat = dict(nnx.to_flat_state(specs))
+    P = jax.sharding.PartitionSpec
+    assert flat[("backbone", "embedder", "input_embedding")].get_value() == P(None, "fsdp")
+    assert flat[("backbone", "layers", 0, "attn", "q_einsum")].get_value() == P(None, "fsdp", None)
+    assert flat[("action_expert", "layers", 1, "mlp", "linear")].get_value() == P(None, "fsdp")
+    assert flat[("vision", "blocks", 0, "mlp", "fc1", "kernel")].get_value() == P("fsdp", None)
+    mesh = jax.make_mesh((1,), ("fsdp",))
+    shardings = param_shardings(model, mesh)
+    placed = jax.device_put(nnx.state(model, nnx.Param), shardings)
+    assert len(jax.tree.leaves(placed)) == len(flat)
+
+
+# ---------------------------------------------------------------------------------------- observation
+
+
+def _token_columns(b: int, length: int = 6, text: int = 4) -> dict[str, np.ndarray]:
+    z = np.zeros((b, length), np.int32)
+    return {
+        "tokenized_prompt": z, "tokenized_prompt_mask": z.astype(bool), "token_ar_mask": z.astype(bool),
+        "token_loss_mask": z.astype(bool), "text_prompt": np.zeros((b, text), np.int32),
+        "text_prompt_mask": np.zeros((b, text), bool),
+    }
+
+
+def test_observation_from_batch_discovers_any_cameras():
+    cols = _token_columns(2)
+    for cam in ("cam_high", "wrist.left", "a"):
+        cols[f"image.{cam}"] = np.zeros((2, 8, 8, 3), np.uint8)
+    cols["image_mask.cam_high"] = np.array([True, False])
+    cols["episode_index"] = np.arange(2)
+    obs = Observation.from_batch(cols)
+    assert sorted(obs.images) == ["a", "cam_high", "wrist.left"]
+    assert obs.image_masks["cam_high"].tolist() == [True, False] and obs.image_masks["a"].tolist() == [True, True]
+    assert obs.state is None and obs.batch_size == 2
+
+
+def test_observation_from_batch_names_the_bad_column():
+    cols = _token_columns(2)
+    cols["image.top"] = np.array([b"png", b"png"], dtype=object)
+    with pytest.raises(ObservationError, match=r"image\.top"):
+        Observation.from_batch(cols)
+    cols["image.top"] = np.zeros((2, 8, 8, 3), np.uint8)
+    del cols["token_loss_mask"]
+    with pytest.raises(ObservationError, match="token_loss_mask"):
+        Observation.from_batch(cols)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def test_training_layout_is_the_design_table():
+    # I: 2 image tokens (the second of a masked camera); prompt: T T F F F pad; A: 2 action tokens.
+    image_valid = jnp.array([[True, False]])
+    prompt_mask = jnp.array([[1, 1, 1, 1, 1, 0]], bool)
+    prompt_ar = jnp.array([[0, 0, 1, 1, 1, 0]], bool)
+    layout = attention.training_layout(image_valid, prompt_mask, prompt_ar, horizon=2)
+    names = ["I", "i", "T", "T", "F1", "F2", "F3", "p", "A", "A"]  # i: masked image token, p: padding
+    readable = {  # DESIGN §5: who may read whom (rows: queries)
+        "I": {"I", "T"}, "i": {"I", "T"}, "T": {"I", "T"}, "p": {"I", "T"},
+        "F1": {"I", "T", "F1"}, "F2": {"I", "T", "F1", "F2"}, "F3": {"I", "T", "F1", "F2", "F3"},
+        "A": {"I", "T", "A"},
+    }
+    expected = np.array([[k in readable[q] for k in names] for q in names])
+    np.testing.assert_array_equal(np.asarray(layout.mask[0]), expected)
+    # I and T count over real tokens, F continues after T, A starts right after T.
+    assert np.asarray(layout.positions[0]).tolist() == [0, 0, 1, 2, 3, 4, 5, 5, 3, 4]
+
+
+def test_training_layout_backbone_part_matches_big_vision_prefix_lm():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        n_img, length = 3, 8
+        image_valid = rng.random((2, n_img)) < 0.7
+        n_text, n_fast = rng.integers(1, 4, 2), rng.integers(1, 4, 2)
+        mask = np.arange(length)[None] < (n_text + n_fast)[:, None]
+        ar = mask & (np.arange(length)[None] >= n_text[:, None])
+        ours = attention.training_layout(jnp.asarray(image_valid), jnp.asarray(mask), jnp.asarray(ar), horizon=3)
+        ref = attention.cumulative_ar_layout(
+            jnp.asarray(np.concatenate([image_valid, mask], 1)),
+            jnp.asarray(np.concatenate([np.zeros_like(image_valid), ar], 1)),
+        )
+        real = np.concatenate([image_valid, mask], 1)
+        n_bb = n_img + length
+        for r in range(2):
+            rows = np.flatnonzero(real[r])
+            ours_rows = np.asarray(ours.mask)[r][np.ix_(rows, np.arange(n_bb))]
+            np.testing.assert_array_equal(ours_rows, np.asarray(ref.mask)[r][rows])
+            np.testing.assert_array_equal(np.asarray(ours.positions)[r, rows], np.asarray(ref.positions)[r, rows])
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 5, 7)) < 0.6).at[:, :, 0].set(True)
+    for kv_heads in (1, 2):
+        k = jnp.asarray(rng.normal(size=(2, 7, kv_heads, 8)), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(2, 7, kv_heads, 8)), jnp.float32)
+        out = gemma.attend(q, k, v, mask)
+        rep = 4 // kv_heads
+        kk, vv = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        logits = jnp.einsum("bqnh,bknh->bnqk", q, kk) / np.sqrt(8)
+        probs = jax.nn.softmax(jnp.where(mask[:, None], logits, -jnp.inf), axis=-1)
+        ref = jnp.einsum("bnqk,bknh->bqnh", probs, vv)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    rng = np.random.default_rng(2)
+    q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))
+    def score(m, n):
+        return float(jnp.sum(gemma.apply_rope(q, jnp.array([[m]])) * gemma.apply_rope(k, jnp.array([[n]]))))
+    assert score(3, 1) == pytest.approx(score(10, 8), rel=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+    np.testing.assert_allclose(np.asarray(gemma.apply_rope(q, jnp.array([[0]]))), np.asarray(q), atol=1e-6)
+
+
+def test_patch_embedding_is_a_strided_convolution():
+    embed = PatchEmbed(4, 6, rngs=nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8, 3)), jnp.float32)
+    ours = embed(images, jnp.float32)
+    conv = jax.lax.conv_general_dilated(
+        images, embed.kernel[...], (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ) + embed.bias[...]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(conv.reshape(2, 4, 6)), atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- FAST grammar
+
+
+def _spec() -> FastDecodeSpec:
+    # Model vocab 20; FAST ids 0..3 at model ids 19, 18, 17, 16 expanding to 1, 2, 3, 1 coefficients.
+    return FastDecodeSpec.create(
+        action_prefix_ids=[5, 6], end_ids=[7, 1], fast_token_num_coefficients=[1, 2, 3, 1],
+        vocab_size=20, skip_tokens=0, horizon=2, action_dim=3,
+    )
+
+
+def _run_grammar(spec, tokens):
+    state = decoding.DecodeState.initial(spec, 1)
+    for t in tokens:
+        state = decoding.advance(spec, state, jnp.array([t]))
+    return bool(decoding.completed(state, spec)[0])
+
+
+@pytest.mark.parametrize(
+    "tokens, ok",
+    [
+        ([5, 6, 17, 17, 7, 1], True),  # 3 + 3 coefficients
+        ([5, 6, 19, 18, 16, 19, 19, 7, 1], True),  # 1 + 2 + 1 + 1 + 1
+        ([5, 6, 17, 7, 1], False),  # too few
+        ([5, 6, 17, 17, 19, 7, 1], False),  # too many
+        ([6, 5, 17, 17, 7, 1], False),  # wrong prefix
+        ([5, 6, 17, 17, 7], False),  # no EOS
+        ([5, 6, 17, 9, 17, 7, 1], False),  # a text token among the FAST ids
+    ],
+)
+def test_grammar_state_machine_agrees_with_the_parser(tokens, ok):
+    spec = _spec()
+    assert _run_grammar(spec, tokens) == ok
+    assert (decoding.parse_fast_sequence(tokens + [0, 0], spec) is not None) == ok
+
+
+def test_allowed_tokens_keep_the_count_reachable():
+    spec = _spec()
+    state = decoding.DecodeState.initial(spec, 1)
+    assert np.flatnonzero(np.asarray(decoding.allowed_tokens(spec, state)[0])).tolist() == [5]
+    for t in (5, 6, 17, 18):  # prefix, then 3 + 2 coefficients: one left
+        state = decoding.advance(spec, state, jnp.array([t]))
+    assert np.flatnonzero(np.asarray(decoding.allowed_tokens(spec, state)[0])).tolist() == [16, 19]
+    state = decoding.advance(spec, state, jnp.array([19]))
+    assert np.flatnonzero(np.asarray(decoding.allowed_tokens(spec, state)[0])).tolist() == [7]
+
+
+def test_fast_spec_rejects_ambiguous_grammars():
+    kw = dict(vocab_size=20, skip_tokens=0, horizon=2, action_dim=3)
+    with pytest.raises(FastSpecError, match="also FAST ids"):
+        FastDecodeSpec.create(action_prefix_ids=[19], end_ids=[1], fast_token_num_coefficients=[1, 2], **kw)
+    with pytest.raises(FastSpecError, match="exactly one coefficient"):
+        FastDecodeSpec.create(action_prefix_ids=[5], end_ids=[1], fast_token_num_coefficients=[2, 3], **kw)
+    with pytest.raises(FastSpecError, match="do not fit"):
+        FastDecodeSpec.create(action_prefix_ids=[5], end_ids=[1], fast_token_num_coefficients=[1] * 30, **kw)
