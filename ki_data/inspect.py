@@ -1,0 +1,724 @@
+"""Looking at token shards: one row's tokens aligned with their masks, its FAST postfix decoded back into
+actions, dataset-wide token counts, and (given a checkpoint) what a trained model predicts for the row.
+
+The notebook `notebooks/inspect_tokens.ipynb` and `python -m pipelines.inspect` are thin wrappers over these
+functions; rendering (terminal, HTML, plots) lives in `ki_data.inspect_render` and `ki_data.inspect_plots`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.fft
+from jaxtyping import Bool, Float, Int, UInt8
+from tqdm import tqdm
+
+from ki_data import FastTokenizer, TextTokenizer, build_prompt
+from ki_data.images import decode_image
+from ki_data.normalize import NormStats, load_norm_stats, unnormalize
+from ki_data.schema import load_manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_SHARDS = REPO_ROOT / "runs" / "demo" / "shards"
+DEMO_CHECKPOINT = REPO_ROOT / "runs" / "demo" / "checkpoint"
+
+# The token columns of a shard row, with their lengths taken from the manifest.
+TOKEN_COLUMNS = ("tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask", "token_loss_mask")
+TEXT_COLUMNS = ("text_prompt", "text_prompt_mask")
+
+
+class InspectError(ValueError):
+    """A shard directory, row or checkpoint cannot be inspected as asked (names what and where)."""
+
+
+class RowInconsistencyError(InspectError):
+    """A shard row's token columns disagree with each other, with its action chunk, or with the prompt builder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    """An opened shard directory: manifest, tokenizers and normalization statistics."""
+
+    root: Path
+    manifest: dict[str, Any]
+    text_tokenizer: TextTokenizer
+    fast_tokenizer: FastTokenizer
+    norm_stats: dict[str, NormStats]
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.manifest["cameras"])
+
+    @property
+    def horizon(self) -> int:
+        return int(self.manifest["action_horizon"])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.manifest["action_dim"])
+
+    @property
+    def max_token_len(self) -> int:
+        return int(self.manifest["max_token_len"])
+
+    @property
+    def max_text_len(self) -> int:
+        return int(self.manifest["max_text_len"])
+
+    @property
+    def norm_mode(self) -> str:
+        return str(self.manifest.get("norm_mode", "quantile"))
+
+    @property
+    def fast_id_top(self) -> int:
+        """Model id of FAST id 0; FAST id f sits at `fast_id_top - f` (DESIGN §3)."""
+        return int(self.manifest["vocab_size"]) - 1 - int(self.manifest["skip_tokens"])
+
+    def shard_paths(self, split: str | None = None) -> list[Path]:
+        return [self.root / s["path"] for s in self.manifest["shards"] if split is None or s["split"] == split]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One frame of a shard, decoded (images still PNG bytes) with its actions reshaped to [horizon, dim]."""
+
+    shard: Path
+    split: str
+    episode_index: int
+    frame_index: int
+    index: int
+    task: str
+    images: dict[str, bytes]
+    image_masks: dict[str, bool]
+    state: Float[np.ndarray, "s"]
+    actions: Float[np.ndarray, "h d"]
+    action_is_pad: Bool[np.ndarray, "h"]
+    tokenized_prompt: Int[np.ndarray, "l"]
+    tokenized_prompt_mask: Bool[np.ndarray, "l"]
+    token_ar_mask: Bool[np.ndarray, "l"]
+    token_loss_mask: Bool[np.ndarray, "l"]
+    text_prompt: Int[np.ndarray, "t"]
+    text_prompt_mask: Bool[np.ndarray, "t"]
+
+    @property
+    def where(self) -> str:
+        return f"episode {self.episode_index} frame {self.frame_index} (index {self.index}, {self.shard.name})"
+
+    def decoded_images(self) -> dict[str, UInt8[np.ndarray, "s s 3"]]:
+        return {cam: decode_image(b) for cam, b in self.images.items()}
+
+    def as_batch(self) -> dict[str, np.ndarray]:
+        """The row as a batch of one in shard-column layout, images decoded (what `Observation.from_batch` reads)."""
+        batch: dict[str, np.ndarray] = {
+            "episode_index": np.array([self.episode_index]),
+            "frame_index": np.array([self.frame_index]),
+            "index": np.array([self.index]),
+            "state": self.state[None],
+            "actions": self.actions[None],
+            "action_is_pad": self.action_is_pad[None],
+        }
+        for cam, img in self.decoded_images().items():
+            batch[f"image.{cam}"] = img[None]
+            batch[f"image_mask.{cam}"] = np.array([self.image_masks[cam]])
+        for name in TOKEN_COLUMNS + TEXT_COLUMNS:
+            batch[name] = getattr(self, name)[None]
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Opening shards and finding rows
+
+
+def open_shards(path: str | os.PathLike) -> ShardSet:
+    """Opens a preprocessing output directory (manifest, norm stats, both tokenizers)."""
+    root = Path(path)
+    if not (root / "manifest.json").is_file():
+        raise InspectError(f"{root}: not a shard directory (no manifest.json); run pipelines.preprocess first")
+    manifest = load_manifest(root)
+    tok = manifest["tokenizers"]
+    text_path = root / tok["text"].get("path", "tokenizer/text.model")
+    fast_path = root / tok["fast"].get("path", "tokenizer/fast")
+    return ShardSet(
+        root=root,
+        manifest=manifest,
+        text_tokenizer=TextTokenizer.load(text_path),
+        fast_tokenizer=FastTokenizer.load(fast_path),
+        norm_stats=load_norm_stats(root / "norm_stats.json"),
+    )
+
+
+def _read_columns(path: Path, columns: list[str], filters: list | None = None) -> dict[str, np.ndarray]:
+    """Columns of one shard as numpy ([n] or [n, k] for fixed-size lists; bytes/str as object arrays).
+
+    `filters` (pyarrow's) let parquet skip row groups, so one row does not cost a whole shard of images.
+    """
+    table = pq.read_table(path, columns=columns, filters=filters)
+    out: dict[str, np.ndarray] = {}
+    for name in columns:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        elif pa.types.is_binary(col.type) or pa.types.is_string(col.type):
+            out[name] = np.array(col.to_pylist(), dtype=object)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def _row_from_table(shards: ShardSet, shard: Path, split: str, cols: dict[str, np.ndarray], i: int) -> Row:
+    cams = shards.cameras
+    return Row(
+        shard=shard,
+        split=split,
+        episode_index=int(cols["episode_index"][i]),
+        frame_index=int(cols["frame_index"][i]),
+        index=int(cols["index"][i]),
+        task=str(cols["task"][i]),
+        images={c: bytes(cols[f"image.{c}"][i]) for c in cams},
+        image_masks={c: bool(cols[f"image_mask.{c}"][i]) for c in cams},
+        state=cols["state"][i].astype(np.float32),
+        actions=cols["actions"][i].astype(np.float32).reshape(shards.horizon, shards.action_dim),
+        action_is_pad=cols["action_is_pad"][i].astype(bool),
+        tokenized_prompt=cols["tokenized_prompt"][i].astype(np.int32),
+        tokenized_prompt_mask=cols["tokenized_prompt_mask"][i].astype(bool),
+        token_ar_mask=cols["token_ar_mask"][i].astype(bool),
+        token_loss_mask=cols["token_loss_mask"][i].astype(bool),
+        text_prompt=cols["text_prompt"][i].astype(np.int32),
+        text_prompt_mask=cols["text_prompt_mask"][i].astype(bool),
+    )
+
+
+def _all_columns(shards: ShardSet) -> list[str]:
+    cams = shards.cameras
+    return (
+        ["episode_index", "frame_index", "index", "task"]
+        + [f"image.{c}" for c in cams]
+        + [f"image_mask.{c}" for c in cams]
+        + ["state", "actions", "action_is_pad", *TOKEN_COLUMNS, *TEXT_COLUMNS]
+    )
+
+
+def load_row(
+    shards: ShardSet, *, episode: int | None = None, frame: int | None = None, index: int | None = None
+) -> Row:
+    """One shard row, by (episode, frame) or by the dataset-global `index`; with neither, the first row.
+
+    `episode` alone picks that episode's first frame.
+    """
+    if index is not None and (episode is not None or frame is not None):
+        raise InspectError("give either --index or --episode/--frame, not both")
+    if frame is not None and episode is None:
+        raise InspectError(f"frame {frame} given without an episode")
+    for entry in shards.manifest["shards"]:
+        path = shards.root / entry["path"]
+        if episode is not None and episode not in entry.get("episodes", [episode]):
+            continue
+        keys = _read_columns(path, ["episode_index", "frame_index", "index"])
+        if index is not None:
+            hits = np.flatnonzero(keys["index"] == index)
+        elif episode is not None:
+            in_episode = keys["episode_index"] == episode
+            if not in_episode.any():
+                continue
+            if frame is None:
+                frame_here = keys["frame_index"][in_episode].min()
+                hits = np.flatnonzero(in_episode & (keys["frame_index"] == frame_here))
+            else:
+                hits = np.flatnonzero(in_episode & (keys["frame_index"] == frame))
+                if not len(hits):
+                    frames = keys["frame_index"][in_episode]
+                    raise InspectError(
+                        f"{shards.root}: episode {episode} has no frame {frame} "
+                        f"(frames {frames.min()}..{frames.max()} in {entry['path']})"
+                    )
+        else:
+            hits = np.array([0]) if len(keys["index"]) else np.array([], dtype=int)
+        if len(hits):
+            wanted = int(keys["index"][hits[0]])
+            cols = _read_columns(path, _all_columns(shards), filters=[("index", "=", wanted)])
+            return _row_from_table(shards, path, entry["split"], cols, 0)
+    what = f"index {index}" if index is not None else f"episode {episode}" if episode is not None else "any row"
+    raise InspectError(f"{shards.root}: no shard holds {what}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The aligned token table
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRecord:
+    """One position of a row's token columns, `tokenized_prompt` and `text_prompt` side by side."""
+
+    position: int
+    segment: str  # "prefix" (text prompt, bidirectional), "postfix" (Action: FAST | EOS, causal) or "pad"
+    kind: str  # "text", "fast" or "pad"
+    token_id: int
+    piece: str  # the text piece, or "FAST#<fast_id>" for a FAST id
+    fast_id: int | None
+    text_id: int | None  # None past max_text_len
+    text_piece: str | None
+    tokenized_prompt_mask: bool
+    token_ar_mask: bool
+    token_loss_mask: bool
+    text_prompt_mask: bool | None
+
+
+def is_fast_id(shards: ShardSet, ids: Int[np.ndarray, "..."]) -> Bool[np.ndarray, "..."]:
+    """Whether each model id falls in the FAST range of the vocabulary (DESIGN §3)."""
+    ids = np.asarray(ids)
+    lowest = shards.fast_id_top - (shards.fast_tokenizer.vocab_size - 1)
+    return (ids >= lowest) & (ids <= shards.fast_id_top)
+
+
+def fast_ids_of(shards: ShardSet, row: Row) -> list[int]:
+    """The FAST ids of the row's postfix (model ids mapped back), in order."""
+    postfix = row.tokenized_prompt_mask & row.token_ar_mask
+    ids = row.tokenized_prompt[postfix]
+    return [int(shards.fast_id_top - i) for i in ids[is_fast_id(shards, ids)]]
+
+
+def segment_of(mask: bool, ar: bool) -> str:
+    return "pad" if not mask else "postfix" if ar else "prefix"
+
+
+def token_table(shards: ShardSet, row: Row) -> list[TokenRecord]:
+    """One record per position 0..max_token_len-1 of the row's token columns."""
+    text = shards.text_tokenizer
+    records = []
+    for p in range(len(row.tokenized_prompt)):
+        tid = int(row.tokenized_prompt[p])
+        mask, ar = bool(row.tokenized_prompt_mask[p]), bool(row.token_ar_mask[p])
+        segment = segment_of(mask, ar)
+        # Only postfix ids can be FAST: with PaliGemma the FAST range overlaps rare text ids.
+        fast = segment == "postfix" and bool(is_fast_id(shards, tid))
+        fast_id = shards.fast_id_top - tid if fast else None
+        in_text = p < len(row.text_prompt)
+        text_id = int(row.text_prompt[p]) if in_text else None
+        records.append(
+            TokenRecord(
+                position=p,
+                segment=segment,
+                kind="pad" if segment == "pad" else "fast" if fast else "text",
+                token_id=tid,
+                piece=f"FAST#{fast_id}" if fast else text.id_to_piece(tid),
+                fast_id=fast_id,
+                text_id=text_id,
+                text_piece=text.id_to_piece(text_id) if in_text else None,
+                tokenized_prompt_mask=mask,
+                token_ar_mask=ar,
+                token_loss_mask=bool(row.token_loss_mask[p]),
+                text_prompt_mask=bool(row.text_prompt_mask[p]) if in_text else None,
+            )
+        )
+    return records
+
+
+def token_table_frame(records: list[TokenRecord]):
+    """The token table as a pandas DataFrame indexed by position (for the notebook)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([dataclasses.asdict(r) for r in records]).set_index("position")
+    for col in ("fast_id", "text_id"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def decoded_segments(shards: ShardSet, row: Row) -> dict[str, str]:
+    """The row's prompt as text: prefix, the text around the FAST ids in the postfix, and text_prompt."""
+    text = shards.text_tokenizer
+    prefix = row.tokenized_prompt[row.tokenized_prompt_mask & ~row.token_ar_mask]
+    postfix = row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
+    fast = is_fast_id(shards, postfix)
+    first_fast = int(np.argmax(fast)) if fast.any() else len(postfix)
+    last_fast = len(postfix) - int(np.argmax(fast[::-1])) if fast.any() else len(postfix)
+    return {
+        "prefix": text.decode(prefix.tolist()),
+        "text_prompt": text.decode(row.text_prompt[row.text_prompt_mask].tolist()),
+        "postfix_head": text.decode(postfix[:first_fast].tolist()),
+        "postfix_tail": text.decode([i for i in postfix[last_fast:].tolist() if i != text.eos_id]),
+        "postfix_ends_with_eos": bool(len(postfix) and postfix[-1] == text.eos_id),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FAST postfix back to actions
+
+
+@dataclasses.dataclass(frozen=True)
+class FastDecode:
+    """The row's FAST postfix decoded next to the stored chunk, in normalized and in original units."""
+
+    fast_ids: list[int]
+    decoded: Float[np.ndarray, "h d"]  # normalized
+    stored: Float[np.ndarray, "h d"]  # normalized
+    decoded_actions: Float[np.ndarray, "h d"]  # unnormalized
+    stored_actions: Float[np.ndarray, "h d"]  # unnormalized
+    action_is_pad: Bool[np.ndarray, "h"]
+    bound: float  # the largest normalized error rounding the DCT coefficients can cause
+
+    @property
+    def max_error(self) -> float:
+        return float(np.abs(self.decoded - self.stored).max())
+
+    @property
+    def max_action_error(self) -> Float[np.ndarray, "d"]:
+        return np.abs(self.decoded_actions - self.stored_actions).max(axis=0)
+
+
+def fast_quantization_bound(horizon: int, scale: float) -> float:
+    """Worst-case error per normalized action value from rounding `scale * DCT` to integers.
+
+    Each coefficient is off by at most 0.5/scale; the inverse orthonormal DCT spreads that over time with
+    weights B[t, k], so a value is off by at most 0.5/scale * max_t sum_k |B[t, k]|.
+    """
+    inverse = scipy.fft.idct(np.eye(horizon), axis=0, norm="ortho")
+    return float(0.5 / scale * np.abs(inverse).sum(axis=1).max())
+
+
+def _unnormalize_actions(shards: ShardSet, x: Float[np.ndarray, "h d"]) -> Float[np.ndarray, "h d"]:
+    return np.asarray(unnormalize(x, shards.norm_stats["actions"], mode=shards.norm_mode), dtype=np.float32)
+
+
+def decode_fast_postfix(shards: ShardSet, row: Row) -> FastDecode:
+    """FastTokenizer.decode of the row's FAST ids, against the stored chunk (raises FastDecodeError if it can't)."""
+    ids = fast_ids_of(shards, row)
+    decoded = np.asarray(shards.fast_tokenizer.decode(ids, shards.horizon, shards.action_dim), dtype=np.float32)
+    return FastDecode(
+        fast_ids=ids,
+        decoded=decoded,
+        stored=row.actions,
+        decoded_actions=_unnormalize_actions(shards, decoded),
+        stored_actions=_unnormalize_actions(shards, row.actions),
+        action_is_pad=row.action_is_pad,
+        bound=fast_quantization_bound(shards.horizon, float(shards.fast_tokenizer.scale)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Consistency of one row
+
+
+def _is_leading_run(mask: Bool[np.ndarray, "l"]) -> bool:
+    """True for masks of the form 1…1 0…0."""
+    n = int(mask.sum())
+    return bool(mask[:n].all())
+
+
+def row_problems(shards: ShardSet, row: Row) -> list[str]:
+    """Everything wrong with a row's token columns, empty when the row is consistent.
+
+    Checks the mask layout, text_prompt == tokenized_prompt on the prefix (DESIGN §3), the postfix layout
+    `Action: ` FAST… `|` EOS, the loss mask, the FAST decode against the stored chunk, and that
+    `build_prompt` on the row's own task/state/actions gives the very same columns.
+    """
+    problems: list[str] = []
+    m, ar, loss = row.tokenized_prompt_mask, row.token_ar_mask, row.token_loss_mask
+    tmask = row.text_prompt_mask
+    if len(row.tokenized_prompt) != shards.max_token_len:
+        problems.append(f"tokenized_prompt has {len(row.tokenized_prompt)} positions, manifest says {shards.max_token_len}")
+    if len(row.text_prompt) != shards.max_text_len:
+        problems.append(f"text_prompt has {len(row.text_prompt)} positions, manifest says {shards.max_text_len}")
+    if not _is_leading_run(m):
+        problems.append("tokenized_prompt_mask is not a run of real tokens followed by padding")
+    if not _is_leading_run(tmask):
+        problems.append("text_prompt_mask is not a run of real tokens followed by padding")
+    if (ar & ~m).any():
+        problems.append(f"token_ar_mask set on padding at positions {np.flatnonzero(ar & ~m).tolist()}")
+    if (loss & ~(ar & m)).any():
+        problems.append(f"token_loss_mask set outside the postfix at positions {np.flatnonzero(loss & ~(ar & m)).tolist()}")
+    real_ar = ar[m]
+    if real_ar.any() and not real_ar[int(np.argmax(real_ar)) :].all():
+        problems.append("token_ar_mask is not 0 on the prefix then 1 on the postfix")
+    pad_id = shards.text_tokenizer.pad_id
+    if (row.tokenized_prompt[~m] != pad_id).any():
+        problems.append(f"tokenized_prompt padding holds ids other than pad ({pad_id})")
+    n_prefix, n_text = int((m & ~ar).sum()), int(tmask.sum())
+    if n_text != n_prefix:
+        problems.append(f"text_prompt has {n_text} real tokens but the tokenized_prompt prefix has {n_prefix}")
+    n = min(n_text, n_prefix)
+    if not np.array_equal(row.text_prompt[:n], row.tokenized_prompt[:n]):
+        first = int(np.flatnonzero(row.text_prompt[:n] != row.tokenized_prompt[:n])[0])
+        problems.append(f"text_prompt and tokenized_prompt differ at position {first} of the prefix")
+
+    text = decoded_segments(shards, row)
+    if not text["prefix"].startswith("Task: ") or "State: " not in text["prefix"]:
+        problems.append(f"prefix does not read 'Task: …, State: …': {text['prefix']!r}")
+    if text["postfix_head"].strip() != "Action:":
+        problems.append(f"postfix does not start with 'Action: ': {text['postfix_head']!r}")
+    if text["postfix_tail"].strip() != "|" or not text["postfix_ends_with_eos"]:
+        problems.append(f"postfix does not end with '|' EOS: {text['postfix_tail']!r}")
+    postfix = row.tokenized_prompt[m & ar]
+    if (~loss[m & ar][is_fast_id(shards, postfix)]).any():
+        problems.append("some FAST tokens of the postfix are not loss targets")
+
+    try:
+        dec = decode_fast_postfix(shards, row)
+        if dec.max_error > dec.bound + 1e-4:
+            problems.append(
+                f"FAST postfix decodes to a chunk {dec.max_error:.4f} away from the stored one (normalized), "
+                f"more than rounding allows ({dec.bound:.4f}); were actions clipped at encode?"
+            )
+    except ValueError as err:  # FastDecodeError: not exactly horizon x dim coefficients, or unknown ids
+        problems.append(f"FAST postfix does not decode: {err}")
+
+    try:
+        rebuilt = rebuild_prompt(shards, row)
+    except ValueError as err:  # PromptTooLongError, a FAST chunk that cannot be encoded
+        return problems + [f"build_prompt fails on the row's own task/state/actions: {err}"]
+    for name in TOKEN_COLUMNS + TEXT_COLUMNS:
+        if not np.array_equal(np.asarray(getattr(rebuilt, name)), getattr(row, name)):
+            problems.append(f"{name} differs from build_prompt on the row's own task/state/actions")
+    return problems
+
+
+def rebuild_prompt(shards: ShardSet, row: Row, *, with_actions: bool = True):
+    """build_prompt on the row's task, state and (optionally) actions, with the shard directory's tokenizers."""
+    return build_prompt(
+        row.task,
+        row.state,
+        row.actions if with_actions else None,
+        text_tokenizer=shards.text_tokenizer,
+        fast_tokenizer=shards.fast_tokenizer,
+        max_token_len=shards.max_token_len,
+        max_text_len=shards.max_text_len,
+        vocab_size=int(shards.manifest["vocab_size"]),
+        skip_tokens=int(shards.manifest["skip_tokens"]),
+    )
+
+
+def check_row_consistency(shards: ShardSet, row: Row) -> None:
+    """Raises RowInconsistencyError listing every problem of `row_problems`; silent on a consistent row."""
+    problems = row_problems(shards, row)
+    if problems:
+        raise RowInconsistencyError(f"{shards.root}, {row.where}:\n  - " + "\n  - ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset-wide token counts
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetTokenStats:
+    """Per-row token counts over every shard of a directory."""
+
+    split: np.ndarray  # object[n]
+    episode_index: Int[np.ndarray, "n"]
+    frame_index: Int[np.ndarray, "n"]
+    index: Int[np.ndarray, "n"]
+    prompt_length: Int[np.ndarray, "n"]  # real tokens of tokenized_prompt
+    text_length: Int[np.ndarray, "n"]  # real tokens of text_prompt
+    fast_tokens: Int[np.ndarray, "n"]  # FAST ids per action chunk
+    max_token_len: int
+    max_text_len: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.index)
+
+    def near_limit(self, fraction: float = 0.9, top: int = 10) -> list[dict[str, Any]]:
+        """The longest rows whose tokenized prompt fills at least `fraction` of max_token_len, longest first."""
+        close = np.flatnonzero(self.prompt_length >= fraction * self.max_token_len)
+        close = close[np.argsort(-self.prompt_length[close], kind="stable")][:top]
+        return [
+            {
+                "split": str(self.split[i]),
+                "episode_index": int(self.episode_index[i]),
+                "frame_index": int(self.frame_index[i]),
+                "index": int(self.index[i]),
+                "prompt_length": int(self.prompt_length[i]),
+                "fast_tokens": int(self.fast_tokens[i]),
+                "free": int(self.max_token_len - self.prompt_length[i]),
+            }
+            for i in close
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        def spread(x: np.ndarray) -> dict[str, float]:
+            return {"min": int(x.min()), "mean": round(float(x.mean()), 2), "max": int(x.max())}
+
+        return {
+            "rows": self.rows,
+            "fast_tokens": spread(self.fast_tokens),
+            "prompt_length": spread(self.prompt_length),
+            "text_length": spread(self.text_length),
+            "max_token_len": self.max_token_len,
+            "max_text_len": self.max_text_len,
+            "max_fill": round(float(self.prompt_length.max() / self.max_token_len), 3),
+        }
+
+
+def dataset_token_stats(shards: ShardSet, *, progress: bool = True) -> DatasetTokenStats:
+    """Reads only the token columns of every shard (no images) and counts tokens per row."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in DatasetTokenStats.__dataclass_fields__ if "max_" not in k}
+    names = ["episode_index", "frame_index", "index", "tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask",
+             "text_prompt_mask"]
+    for entry in tqdm(shards.manifest["shards"], desc="token stats", unit="shard", disable=not progress):
+        cols = _read_columns(shards.root / entry["path"], names)
+        postfix = cols["tokenized_prompt_mask"] & cols["token_ar_mask"]
+        parts["split"].append(np.full(len(cols["index"]), entry["split"], dtype=object))
+        for key in ("episode_index", "frame_index", "index"):
+            parts[key].append(cols[key])
+        parts["prompt_length"].append(cols["tokenized_prompt_mask"].sum(axis=1))
+        parts["text_length"].append(cols["text_prompt_mask"].sum(axis=1))
+        parts["fast_tokens"].append((postfix & is_fast_id(shards, cols["tokenized_prompt"])).sum(axis=1))
+    if not parts["index"]:
+        raise InspectError(f"{shards.root}: the manifest lists no shards")
+    return DatasetTokenStats(
+        **{k: np.concatenate(v) for k, v in parts.items()},
+        max_token_len=shards.max_token_len,
+        max_text_len=shards.max_text_len,
+    )
+
+
+def check_token_stats(stats: DatasetTokenStats) -> None:
+    """Raises InspectError if any row overflows its limits or has no FAST tokens (preprocess must never write one)."""
+    problems = []
+    over = np.flatnonzero(stats.prompt_length > stats.max_token_len)
+    if len(over):
+        problems.append(f"{len(over)} rows longer than max_token_len {stats.max_token_len}")
+    over_text = np.flatnonzero(stats.text_length > stats.max_text_len)
+    if len(over_text):
+        problems.append(f"{len(over_text)} rows with text_prompt longer than max_text_len {stats.max_text_len}")
+    empty = np.flatnonzero(stats.fast_tokens == 0)
+    if len(empty):
+        i = empty[0]
+        problems.append(
+            f"{len(empty)} rows without FAST tokens (first: episode {stats.episode_index[i]} frame {stats.frame_index[i]})"
+        )
+    if problems:
+        raise InspectError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model predictions for a row
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """A trained model's two action heads on one row, in original units, next to the stored chunk."""
+
+    truth: Float[np.ndarray, "h d"]
+    flow: Float[np.ndarray, "h d"]
+    fast: Float[np.ndarray, "h d"] | None  # None when the sampled FAST ids did not decode
+    fast_ids: list[int]
+    fast_error: str | None
+    action_is_pad: Bool[np.ndarray, "h"]
+
+    def errors(self) -> dict[str, float | None]:
+        """Mean absolute error of each head over the steps that are not padding."""
+        keep = ~self.action_is_pad
+
+        def mae(x):
+            return None if x is None else float(np.abs(x[keep] - self.truth[keep]).mean())
+
+        return {"flow_mae": mae(self.flow), "fast_mae": mae(self.fast)}
+
+
+def model_predictions(
+    shards: ShardSet,
+    row: Row,
+    checkpoint: str | os.PathLike | None,
+    *,
+    seed: int = 0,
+    num_steps: int | None = None,
+    constrained: bool = True,
+) -> Predictions:
+    """The flow head's actions and the backbone's greedy FAST tokens (decoded) for the row, from a training
+    checkpoint (`pipelines.train --checkpoint-dir`). The checkpoint must have been trained on these shards' layout,
+    tokenizers and normalization."""
+    if checkpoint is None or not str(checkpoint):
+        raise InspectError("model predictions need a checkpoint: pass one (or set KI_CHECKPOINT for the notebook)")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise InspectError(f"checkpoint {checkpoint} does not exist")
+    # JAX and the model load only when predictions are asked for.
+    import jax
+
+    from ki_model.decoding import parse_fast_sequence
+    from ki_model.observation import Observation
+    from ki_model.policy import Policy
+    from ki_model.train import check_same_data, check_same_norm_stats
+
+    policy = Policy.load(checkpoint, seed=seed)
+    if num_steps is not None:
+        policy.num_steps = num_steps
+    check_same_data(policy.manifest, shards.manifest, shards.root, doing="predict for")
+    check_same_norm_stats(checkpoint, shards.root, doing="predict for")
+    obs = Observation.from_batch(row.as_batch())
+    rng = jax.random.key(seed)
+    flow = policy.sample_normalized(obs, rng)[0]
+    spec = policy.fast_decode_spec()
+    tokens = policy.model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens
+    tokens = np.asarray(tokens)[0]
+    fast_ids = parse_fast_sequence(tokens, spec)
+    fast, fast_error = None, None
+    if fast_ids is None:
+        fast_ids, fast_error = [], f"the sampled tokens break the Action: FAST… | EOS grammar: {tokens.tolist()}"
+    else:
+        try:
+            fast = _unnormalize_actions(shards, shards.fast_tokenizer.decode(fast_ids, shards.horizon, shards.action_dim))
+        except ValueError as err:  # FastDecodeError: an unconstrained sample may not decode; show it, not fail
+            fast_error = str(err)
+    return Predictions(
+        truth=_unnormalize_actions(shards, row.actions),
+        flow=_unnormalize_actions(shards, flow),
+        fast=fast,
+        fast_ids=fast_ids,
+        fast_error=fast_error,
+        action_is_pad=row.action_is_pad,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the notebook looks
+
+
+def notebook_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path | None]:
+    """Shard directory and checkpoint for the notebook.
+
+    Shards: $KI_SHARDS, else the demo's runs/demo/shards. Checkpoint: $KI_CHECKPOINT (set but empty: none),
+    else runs/demo/checkpoint when it exists. Relative paths are taken from the repository root.
+    """
+    env = os.environ if env is None else env
+
+    def resolve(p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
+
+    shards = resolve(env["KI_SHARDS"]) if env.get("KI_SHARDS") else DEMO_SHARDS
+    if "KI_CHECKPOINT" in env:
+        checkpoint = resolve(env["KI_CHECKPOINT"]) if env["KI_CHECKPOINT"] else None
+    else:
+        checkpoint = DEMO_CHECKPOINT if DEMO_CHECKPOINT.exists() else None
+    return shards, checkpoint
+
+
+def row_summary(shards: ShardSet, row: Row) -> dict[str, Any]:
+    """A few facts about a row for headers: where it is, its task, lengths against the limits."""
+    m = row.tokenized_prompt_mask
+    return {
+        "dataset": shards.manifest.get("source", {}).get("repo_id"),
+        "split": row.split,
+        "episode": row.episode_index,
+        "frame": row.frame_index,
+        "index": row.index,
+        "task": row.task,
+        "prompt_length": int(m.sum()),
+        "max_token_len": shards.max_token_len,
+        "text_length": int(row.text_prompt_mask.sum()),
+        "max_text_len": shards.max_text_len,
+        "fast_tokens": len(fast_ids_of(shards, row)),
+        "padded_steps": int(row.action_is_pad.sum()),
+    }
+
+
+def to_json(obj: Any) -> str:
+    """JSON for summaries holding numpy scalars."""
+    return json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -1,0 +1,185 @@
+"""Token shard layout (DESIGN §4): file names, column names, the Arrow schema, manifest and row reading.
+
+One row per frame. Vector columns are Arrow fixed-size lists; `actions` is the [horizon, action_dim] chunk
+flattened row-major, and `read_rows` gives it back as [n, horizon, action_dim].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ki_data.shard_writer import atomic_write_json
+
+SCHEMA_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+NORM_STATS_FILE = "norm_stats.json"
+FAST_TOKENIZER_DIR = "tokenizer/fast"
+TEXT_TOKENIZER_FILE = "tokenizer/text.model"
+SHARDS_DIR = "shards"
+SPLITS = ("train", "val")
+
+EPISODE_INDEX = "episode_index"
+FRAME_INDEX = "frame_index"
+INDEX = "index"
+TASK = "task"
+STATE = "state"
+ACTIONS = "actions"
+ACTION_IS_PAD = "action_is_pad"
+TOKENIZED_PROMPT = "tokenized_prompt"
+TOKENIZED_PROMPT_MASK = "tokenized_prompt_mask"
+TOKEN_AR_MASK = "token_ar_mask"
+TOKEN_LOSS_MASK = "token_loss_mask"
+TEXT_PROMPT = "text_prompt"
+TEXT_PROMPT_MASK = "text_prompt_mask"
+
+IMAGE_PREFIX = "image."
+IMAGE_MASK_PREFIX = "image_mask."
+
+# Arrow schema metadata keys: let `read_rows` reshape `actions` without the manifest.
+_META_VERSION = b"ki.schema_version"
+_META_HORIZON = b"ki.action_horizon"
+_META_ACTION_DIM = b"ki.action_dim"
+
+
+class ManifestError(ValueError):
+    """A shard directory whose manifest is missing, unreadable, or from another schema version."""
+
+
+def image_column(camera: str) -> str:
+    return IMAGE_PREFIX + camera
+
+
+def image_mask_column(camera: str) -> str:
+    return IMAGE_MASK_PREFIX + camera
+
+
+def camera_name(feature_key: str) -> str:
+    """`observation.images.top_cam` -> `top_cam`, `observation.image` -> `image`."""
+    for prefix in ("observation.images.", "observation."):
+        if feature_key.startswith(prefix):
+            return feature_key[len(prefix) :]
+    return feature_key
+
+
+def shard_file(split: str, number: int) -> str:
+    """Path of a shard relative to the output directory."""
+    return f"{SHARDS_DIR}/{split}-{number:05d}.parquet"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+    """Everything the Arrow schema depends on."""
+
+    cameras: tuple[str, ...]
+    state_dim: int
+    action_dim: int
+    action_horizon: int
+    max_token_len: int
+    max_text_len: int
+
+    def column_names(self) -> list[str]:
+        return [f.name for f in self.arrow_schema()]
+
+    def arrow_schema(self) -> pa.Schema:
+        def fixed(t: pa.DataType, n: int) -> pa.DataType:
+            return pa.list_(pa.field("element", t, nullable=False), n)
+
+        fields = [
+            pa.field(EPISODE_INDEX, pa.int64(), nullable=False),
+            pa.field(FRAME_INDEX, pa.int64(), nullable=False),
+            pa.field(INDEX, pa.int64(), nullable=False),
+            pa.field(TASK, pa.string(), nullable=False),
+        ]
+        for cam in self.cameras:
+            fields.append(pa.field(image_column(cam), pa.binary(), nullable=False))
+            fields.append(pa.field(image_mask_column(cam), pa.bool_(), nullable=False))
+        L, T = self.max_token_len, self.max_text_len
+        fields += [
+            pa.field(STATE, fixed(pa.float32(), self.state_dim), nullable=False),
+            pa.field(ACTIONS, fixed(pa.float32(), self.action_horizon * self.action_dim), nullable=False),
+            pa.field(ACTION_IS_PAD, fixed(pa.bool_(), self.action_horizon), nullable=False),
+            pa.field(TOKENIZED_PROMPT, fixed(pa.int32(), L), nullable=False),
+            pa.field(TOKENIZED_PROMPT_MASK, fixed(pa.bool_(), L), nullable=False),
+            pa.field(TOKEN_AR_MASK, fixed(pa.bool_(), L), nullable=False),
+            pa.field(TOKEN_LOSS_MASK, fixed(pa.bool_(), L), nullable=False),
+            pa.field(TEXT_PROMPT, fixed(pa.int32(), T), nullable=False),
+            pa.field(TEXT_PROMPT_MASK, fixed(pa.bool_(), T), nullable=False),
+        ]
+        metadata = {
+            _META_VERSION: str(SCHEMA_VERSION).encode(),
+            _META_HORIZON: str(self.action_horizon).encode(),
+            _META_ACTION_DIM: str(self.action_dim).encode(),
+        }
+        return pa.schema(fields, metadata=metadata)
+
+    def table(self, columns: dict[str, Any]) -> pa.Table:
+        """Arrow table from numpy columns (vectors as [n, k] arrays, `actions` as [n, h, d], images as bytes)."""
+        schema = self.arrow_schema()
+        arrays = []
+        for field in schema:
+            value = columns[field.name]
+            if pa.types.is_fixed_size_list(field.type):
+                size = field.type.list_size
+                flat = np.asarray(value, dtype=field.type.value_type.to_pandas_dtype()).reshape(-1)
+                if flat.size != size * len(value):
+                    raise ValueError(f"column {field.name}: expected {size} values per row, got {np.shape(value)}")
+                values = pa.array(flat, type=field.type.value_type)
+                arrays.append(pa.FixedSizeListArray.from_arrays(values, type=field.type))
+            else:
+                arrays.append(pa.array(value, type=field.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def read_rows(path: Path | str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Decoded columns of one shard: int64 / bool / float32 / int32 arrays ([n] or [n, k]; `actions` [n, h, d]),
+    `task` as an object array of str, images still encoded (object array of bytes)."""
+    table = pq.read_table(path, columns=columns)
+    meta = table.schema.metadata or {}
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        arr = table.column(name).combine_chunks()
+        typ = arr.type
+        if pa.types.is_fixed_size_list(typ):
+            values = arr.flatten().to_numpy(zero_copy_only=False)
+            out[name] = values.reshape(len(arr), typ.list_size)
+        elif pa.types.is_binary(typ) or pa.types.is_string(typ):
+            out[name] = np.array(arr.to_pylist(), dtype=object)
+        else:
+            out[name] = arr.to_numpy(zero_copy_only=False)
+    if ACTIONS in out and _META_HORIZON in meta:
+        horizon, action_dim = int(meta[_META_HORIZON]), int(meta[_META_ACTION_DIM])
+        out[ACTIONS] = out[ACTIONS].reshape(-1, horizon, action_dim)
+    return out
+
+
+def write_manifest(out_dir: Path | str, manifest: dict) -> None:
+    atomic_write_json(Path(out_dir) / MANIFEST_FILE, manifest)
+
+
+def load_manifest(out_dir: Path | str) -> dict:
+    """The manifest of a finished preprocessing run, checked for the schema version this code reads."""
+    path = Path(out_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{path} does not exist: {out_dir} is not a finished preprocessing output")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from None
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{path} has schema_version {version!r}; this code reads version {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_paths(out_dir: Path | str, split: str | None = None) -> list[Path]:
+    """Absolute shard paths listed in the manifest, optionally of one split."""
+    manifest = load_manifest(out_dir)
+    return [Path(out_dir) / s["path"] for s in manifest["shards"] if split is None or s["split"] == split]

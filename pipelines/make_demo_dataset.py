@@ -1,0 +1,56 @@
+"""Record the demo LeRobot dataset from the gym-pusht simulator with a scripted pushing policy.
+
+    python -m pipelines.make_demo_dataset [--repo-id ki/pusht_demo] [--root DIR] [--episodes 20] [--seed 0]
+
+Lands under $HF_LEROBOT_HOME/<repo_id> (unless --root) so `python -m pipelines.preprocess <repo_id>` finds it offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ki_data.demo_pusht import DEFAULT_REPO_ID, DemoConfig, record_demo_dataset
+from ki_data.lerobot_source import lerobot_home
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
+    p = argparse.ArgumentParser(prog="python -m pipelines.make_demo_dataset", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="dataset id (default: %(default)s)")
+    p.add_argument("--root", default=None, help="dataset directory (default: $HF_LEROBOT_HOME/<repo-id>)")
+    p.add_argument("--episodes", type=int, default=20, help="number of episodes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial states and policy noise")
+    p.add_argument("--max-steps", type=int, default=150, help="episode length cap at 10 fps (default: %(default)s)")
+    p.add_argument("--image-storage", choices=("video", "image"), default="video",
+                   help="cameras as mp4 video (default, like lerobot/pusht) or PNG frames")
+    p.add_argument("--image-size", type=int, default=96, help="rendered image side (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at the destination")
+    p.add_argument("--skip-existing", action="store_true", help="do nothing when the dataset already exists")
+    a = p.parse_args(argv)
+    if a.episodes < 1 or a.max_steps < 1:
+        p.error("--episodes and --max-steps must be positive")
+    if a.overwrite and a.skip_existing:
+        p.error("--overwrite and --skip-existing exclude each other")
+    cfg = DemoConfig(repo_id=a.repo_id, root=a.root, episodes=a.episodes, seed=a.seed, max_steps=a.max_steps,
+                     image_storage=a.image_storage, image_size=a.image_size, overwrite=a.overwrite)
+    return cfg, a.skip_existing
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, skip_existing = parse_args(argv)
+    root = Path(cfg.root) if cfg.root else lerobot_home() / cfg.repo_id
+    if skip_existing and (root / "meta" / "info.json").is_file():
+        print(f"demo dataset {cfg.repo_id} already at {root}; skipping (--overwrite records it again)")
+        return 0
+    try:
+        summary = record_demo_dataset(cfg)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The demo dataset: gym-pusht + scripted policy, written as a LeRobot v3.0 dataset like lerobot/pusht."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ki_data.demo_pusht import PUSHT_TASK, DemoConfig, make_env, record_demo_dataset, run_episode
+from ki_data.lerobot_source import EpisodeReader, open_lerobot_dataset
+from pipelines import make_demo_dataset as cli
+
+
+def _columns(root: Path) -> dict:
+    table = pq.read_table(next((root / "data").rglob("*.parquet")))
+    return {k: np.asarray(table.column(k).to_pylist()) for k in ("observation.state", "action", "episode_index")}
+
+
+def _frames(repo_id: str, root: Path) -> list[np.ndarray]:
+    spec = open_lerobot_dataset(repo_id, root)
+    reader = EpisodeReader(spec)
+    return [f for e in spec.episodes for f in reader.iter_frames(e.index, "observation.image")]
+
+
+def test_the_scripted_policy_pushes_the_block_toward_the_target():
+    env = make_env(max_steps=150)
+    records = [run_episode(env, seed=s, policy_seed=(0, s), max_steps=150) for s in (2, 3, 5)]
+    start = np.mean([r.start_coverage for r in records])
+    final = np.mean([r.final_coverage for r in records])
+    assert final > start + 0.3, (start, final)
+    assert all(r.final_distance < r.start_distance for r in records)
+
+
+def test_recording_is_a_lerobot_pusht_dataset_and_deterministic(tmp_path):
+    cfg = DemoConfig(repo_id="tests/pusht_a", root=str(tmp_path / "a"), episodes=2, max_steps=12, seed=7)
+    summary = record_demo_dataset(cfg, progress=False)
+    record_demo_dataset(DemoConfig(**{**cfg.__dict__, "repo_id": "tests/pusht_b", "root": str(tmp_path / "b")}),
+                                progress=False)
+    record_demo_dataset(DemoConfig(**{**cfg.__dict__, "repo_id": "tests/pusht_c", "root": str(tmp_path / "c"),
+                                              "seed": 8}), progress=False)
+    assert summary.frames == 24 and len(summary.episodes) == 2
+    info = json.loads((tmp_path / "a" / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 10
+    feats = info["features"]
+    assert feats["observation.image"]["dtype"] == "video" and feats["observation.image"]["shape"] == [96, 96, 3]
+    assert feats["observation.state"]["shape"] == [2] and feats["action"]["shape"] == [2]
+    spec = open_lerobot_dataset("tests/pusht_a", tmp_path / "a")
+    assert list(spec.tasks.values()) == [PUSHT_TASK]
+
+    a, b, c = _columns(tmp_path / "a"), _columns(tmp_path / "b"), _columns(tmp_path / "c")
+    np.testing.assert_array_equal(a["observation.state"], b["observation.state"])
+    np.testing.assert_array_equal(a["action"], b["action"])
+    assert not np.array_equal(a["observation.state"], c["observation.state"])
+    fa, fb = _frames("tests/pusht_a", tmp_path / "a"), _frames("tests/pusht_b", tmp_path / "b")
+    assert len(fa) == 24 and fa[0].shape == (96, 96, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(fa, fb, strict=True))
+    # the state is the agent position the action drives toward (512 x 512 arena)
+    assert ((a["observation.state"] >= 0) & (a["observation.state"] <= 512)).all()
+
+
+def test_png_storage_and_cli_refuses_to_overwrite(tmp_path, capsys):
+    root = tmp_path / "png"
+    argv = ["--repo-id", "tests/pusht_png", "--root", str(root), "--episodes", "1", "--max-steps", "5",
+            "--image-storage", "image"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "episodes 1, frames 5" in out and "coverage" in out
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["features"]["observation.image"]["dtype"] == "image"
+    assert cli.main(argv) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli.main([*argv, "--skip-existing"]) == 0
+    assert "skipping" in capsys.readouterr().out
+    assert cli.main([*argv, "--overwrite"]) == 0
+
+
+def test_demo_shards_fixture_is_ready_for_the_tiny_model(demo_shards):
+    from ki_data.schema import ManifestError, load_manifest, read_rows
+
+    m = load_manifest(demo_shards)
+    assert (m["image_size"], m["action_horizon"], m["max_token_len"], m["max_text_len"]) == (32, 10, 64, 32)
+    assert m["cameras"] == ["image"] and m["splits"]["val"] and m["splits"]["train"]
+    rows = read_rows(demo_shards / m["shards"][0]["path"])
+    assert rows["actions"].shape[1:] == (10, 2) and rows["state"].shape[1] == 2
+    with pytest.raises(ManifestError, match="not a finished preprocessing output"):
+        load_manifest(demo_shards / "nope")
