@@ -1,0 +1,208 @@
+"""Evaluation of a checkpoint on the manifest's validation episodes: both action heads in the dataset's units.
+
+- flow head: `sample_actions` (the action expert), unnormalized with norm_stats.json;
+- FAST head: `sample_fast_tokens` (greedy) -> ki_data FastTokenizer decode -> unnormalized, constrained to the
+  FAST grammar and not; the share of rows that decode is the validity rate;
+- teacher-forced FAST token accuracy and both losses, as in training;
+- a baseline that always predicts the dataset's mean action, to read the errors against.
+Errors cover real action steps only (`action_is_pad` steps are the last action repeated, not data).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jaxtyping import Bool, Float
+from tqdm import tqdm
+
+from ki_data.loader import LoaderConfig, ShardLoader
+from ki_data.schema import load_manifest
+from ki_model.decoding import fast_tokens_to_actions
+from ki_model.observation import Observation
+from ki_model.policy import Policy
+from ki_model.train import check_same_data, check_same_norm_stats
+
+REPORT_FILE = "eval_report.json"
+PLOT_FILE = "eval_plot.png"
+
+
+class _ErrorSum:
+    """Running squared / absolute error over real (non-pad) action values, per dimension."""
+
+    def __init__(self, dim: int):
+        self.sq = np.zeros(dim)
+        self.abs = np.zeros(dim)
+        self.count = np.zeros(dim)
+
+    def add(self, pred: Float[np.ndarray, "b h d"], true: Float[np.ndarray, "b h d"], real: Bool[np.ndarray, "b h"]) -> None:
+        w = real[..., None].astype(np.float64)
+        err = (pred.astype(np.float64) - true) * w
+        self.sq += (err**2).sum((0, 1))
+        self.abs += np.abs(err).sum((0, 1))
+        self.count += w.sum((0, 1))
+
+    def summary(self) -> dict[str, Any]:
+        """Means over the counted values; None where nothing was counted (e.g. no FAST row decoded)."""
+        total = self.count.sum()
+        per_dim = lambda x: [float(v) if c else None for v, c in zip(x / np.maximum(self.count, 1), self.count)]  # noqa: E731
+        return {
+            "mse": float(self.sq.sum() / total) if total else None,
+            "mae": float(self.abs.sum() / total) if total else None,
+            "mse_per_dim": per_dim(self.sq),
+            "mae_per_dim": per_dim(self.abs),
+            "values": int(total),
+        }
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
+    """Repeat the last row up to `size` rows (one compiled shape for every batch); returns the real row count."""
+    n = len(batch["actions"])
+    if n == size:
+        return batch, n
+    idx = np.concatenate([np.arange(n), np.full(size - n, n - 1)])
+    return {k: v[idx] for k, v in batch.items()}, n
+
+
+def evaluate(
+    checkpoint_dir: str | Path,
+    shards_dir: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    batches: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    plot_frames: int = 4,
+    progress: bool = True,
+    fast_compile: bool = False,
+) -> dict[str, Any]:
+    """Writes `eval_report.json` and `eval_plot.png` into `output_dir` (default `<checkpoint_dir>/eval`)."""
+    policy = Policy.load(checkpoint_dir, seed=seed, fast_compile=fast_compile)
+    shards_manifest = load_manifest(shards_dir)
+    check_same_data(policy.manifest, shards_manifest, shards_dir, doing="evaluate")
+    check_same_norm_stats(checkpoint_dir, shards_dir, doing="evaluate")
+    out = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+
+    spec = policy.fast_decode_spec()
+    graphdef, params = nnx.split(policy.model, nnx.Param)
+    actions_stats = policy.norm_stats["actions"]
+
+    @functools.partial(jax.jit, static_argnums=(3,), compiler_options=policy.compiler_options)
+    def decode_fast(params, rng, obs: Observation, constrained: bool):
+        model = nnx.merge(graphdef, params)
+        return model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens
+
+    @functools.partial(jax.jit, compiler_options=policy.compiler_options)
+    def losses(params, rng, obs: Observation, actions, pad):
+        return nnx.merge(graphdef, params).compute_loss(rng, obs, actions, pad, train=False)
+
+    dim = policy.config.action_dim
+    errors = {k: _ErrorSum(dim) for k in ("flow", "fast_constrained", "fast_unconstrained", "mean_action_baseline")}
+    valid = {"fast_constrained": [0, 0], "fast_unconstrained": [0, 0]}
+    loss_sums: dict[str, float] = {"flow": 0.0, "fast": 0.0, "fast_accuracy": 0.0}
+    frames, plots = 0, []
+    key = jax.random.key(seed)
+    loader = ShardLoader(
+        shards_dir,
+        "val",
+        LoaderConfig(batch_size=batch_size, seed=seed, shuffle=False, augment=False, repeat=False),
+        process_index=0,
+        process_count=1,
+    )
+    total = -(-loader.num_rows // batch_size)
+    total = min(total, batches) if batches else total
+    with loader:
+        for i, raw in enumerate(tqdm(loader, total=total, desc="evaluate", disable=not progress)):
+            if batches is not None and i >= batches:
+                break
+            batch, n = _pad_batch(raw, batch_size)
+            obs = Observation.from_batch(batch)
+            rng = jax.random.fold_in(key, i)
+            true_n = batch["actions"].astype(np.float32)
+            real = ~batch["action_is_pad"].astype(bool)
+            real[n:] = False  # padding rows of a short last batch
+            true = policy.unnormalize_actions(true_n)
+            flow = policy.unnormalize_actions(policy.sample_normalized(obs, rng))
+            errors["flow"].add(flow, true, real)
+            errors["mean_action_baseline"].add(np.broadcast_to(actions_stats.mean, true.shape), true, real)
+            fast_pred = {}
+            for name, constrained in (("fast_constrained", True), ("fast_unconstrained", False)):
+                tokens = np.asarray(decode_fast(params, rng, obs, constrained))
+                pred, ok = fast_tokens_to_actions(tokens, spec, policy.fast_tokenizer, norm_stats=actions_stats, norm_mode=policy.norm_mode)
+                ok[n:] = False
+                valid[name][0] += int(ok.sum())
+                valid[name][1] += n
+                errors[name].add(np.nan_to_num(pred), true, real & ok[:, None])
+                fast_pred[name] = pred
+            m = jax.device_get(losses(params, rng, obs, true_n, batch["action_is_pad"].astype(bool)))
+            for k in loss_sums:
+                loss_sums[k] += float(m[k]) * n  # padded rows repeat a real row: a small bias on the last batch only
+            frames += n
+            for r in range(0, n, max(1, batch_size // 2)):
+                if len(plots) < plot_frames:
+                    plots.append(
+                        {
+                            "episode": int(batch["episode_index"][r]),
+                            "frame": int(batch["frame_index"][r]),
+                            "true": true[r],
+                            "real": real[r],
+                            "flow": flow[r],
+                            "fast": fast_pred["fast_constrained"][r],
+                        }
+                    )
+    if frames == 0:
+        raise ValueError(f"{shards_dir}: no validation frames to evaluate")
+
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint_dir),
+        "shards": str(shards_dir),
+        "frames": frames,
+        "units": "dataset (unnormalized with norm_stats.json)",
+        "flow": errors["flow"].summary(),
+        "fast_constrained": errors["fast_constrained"].summary() | {"validity_rate": valid["fast_constrained"][0] / frames},
+        "fast_unconstrained": errors["fast_unconstrained"].summary() | {"validity_rate": valid["fast_unconstrained"][0] / frames},
+        "mean_action_baseline": errors["mean_action_baseline"].summary(),
+        "token_accuracy": loss_sums["fast_accuracy"] / frames,
+        "flow_loss": loss_sums["flow"] / frames,
+        "fast_loss": loss_sums["fast"] / frames,
+        "num_flow_steps": policy.num_steps,
+    }
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    plot_chunks(plots, out / PLOT_FILE)
+    report["report_path"] = str(out / REPORT_FILE)
+    report["plot_path"] = str(out / PLOT_FILE)
+    return report
+
+
+def plot_chunks(frames: list[dict[str, Any]], path: Path) -> None:
+    """One row per frame, one column per action dimension: true chunk, flow head, FAST head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dim = frames[0]["true"].shape[-1]
+    fig, axes = plt.subplots(len(frames), dim, figsize=(3.2 * dim, 2.2 * len(frames)), squeeze=False)
+    for r, f in enumerate(frames):
+        t = np.arange(len(f["true"]))
+        for d in range(dim):
+            ax = axes[r, d]
+            ax.plot(t, f["true"][:, d], "k-", lw=2, label="true")
+            ax.plot(t, f["flow"][:, d], "C0--", label="flow")
+            if np.all(np.isfinite(f["fast"][:, d])):
+                ax.plot(t, f["fast"][:, d], "C1:", lw=2, label="FAST")
+            pad = np.flatnonzero(~f["real"])
+            if len(pad):
+                ax.axvspan(pad[0] - 0.5, t[-1] + 0.5, color="0.9", zorder=0)
+            ax.set_title(f"ep {f['episode']} frame {f['frame']}  dim {d}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,78 @@
+"""ki_model.evaluate / pipelines.evaluate: both heads on the validation episodes, in the dataset's units."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ki_data.normalize import load_norm_stats, unnormalize
+from ki_data.schema import load_manifest, read_rows, shard_paths
+from ki_model.evaluate import evaluate
+from ki_model.train import OptimizerConfig, TrainConfig, TrainError, enable_compilation_cache, train
+
+TEST_OPTIMIZER = OptimizerConfig(peak_lr=3e-3, warmup_steps=4, decay_steps=200, decay_lr=3e-4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo_shards, tmp_path_factory) -> Path:
+    enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
+    out = tmp_path_factory.mktemp("evaluate") / "ckpt"
+    train(TrainConfig(shards=str(demo_shards), checkpoint_dir=str(out), steps=2, batch_size=8, log_every=1,
+                      save_every=2, num_workers=0, progress=False, optimizer=TEST_OPTIMIZER, ema_decay=0.9,
+                      fast_compile=True))  # the settings of test_train.py: its compiled programs are reused
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(checkpoint, demo_shards, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("evaluate") / "report"
+    return evaluate(checkpoint, demo_shards, output_dir=out, batches=1, batch_size=8, progress=False, fast_compile=True)
+
+
+def test_report_and_plot_are_written(report):
+    saved = json.loads(Path(report["report_path"]).read_text())
+    assert saved["frames"] == report["frames"] == 8
+    assert Path(report["plot_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_are_consistent(report, demo_shards):
+    m = load_manifest(demo_shards)
+    for head in ("flow", "fast_constrained", "mean_action_baseline"):
+        e = report[head]
+        assert e["mse"] >= e["mae"] ** 2 - 1e-9 and e["mae"] > 0  # Jensen: a wrong MSE/MAE pairing would break it
+        assert len(e["mae_per_dim"]) == m["action_dim"]
+    # Constrained decoding always yields horizon x dim coefficients, so every row decodes.
+    assert report["fast_constrained"]["validity_rate"] == 1.0
+    assert 0.0 <= report["fast_unconstrained"]["validity_rate"] <= 1.0
+    assert 0.0 <= report["token_accuracy"] <= 1.0 and report["flow_loss"] > 0 and report["fast_loss"] > 0
+
+
+def test_errors_are_in_the_datasets_units(report, demo_shards):
+    """The baseline error recomputed by hand from the first 8 validation rows, unnormalized with norm_stats.json."""
+    m = load_manifest(demo_shards)
+    rows = read_rows(shard_paths(demo_shards, "val")[0])
+    stats = load_norm_stats(demo_shards / "norm_stats.json")["actions"]
+    true = unnormalize(rows["actions"][:8], stats, mode=m["norm_mode"])
+    real = ~rows["action_is_pad"][:8]
+    err = (stats.mean - true)[real]
+    assert report["mean_action_baseline"]["mse"] == pytest.approx(float(np.mean(err**2)), rel=1e-5)
+    assert report["mean_action_baseline"]["mae"] == pytest.approx(float(np.mean(np.abs(err))), rel=1e-5)
+    assert report["mean_action_baseline"]["values"] == real.sum() * m["action_dim"]
+
+
+def test_shards_of_another_layout_are_refused(checkpoint, demo_shards, tmp_path, capsys):
+    from pipelines.evaluate import main
+
+    other = tmp_path / "shards"
+    shutil.copytree(demo_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["max_text_len"] += 1
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainError, match="cannot evaluate: .*max_text_len"):
+        evaluate(checkpoint, other, output_dir=tmp_path / "r", progress=False)
+    assert main(["--checkpoint", str(checkpoint), "--shards", str(other)]) == 2
+    assert "max_text_len" in capsys.readouterr().err
