@@ -1,0 +1,68 @@
+"""Speed and memory ratios of the pipeline, each of two things measured in the same run.
+
+    python -m pipelines.benchmark [--quick] [--json PATH] [--cache-dir DIR] [--loader-workers N]
+
+Records the gym-pusht demo dataset into --cache-dir when absent (fewer episodes with --quick), then measures in one
+process per phase: preprocess vs a LeRobotDataset[i] loop vs decoding alone, the loader vs the train step (tiny and
+mid configs), the single-pass vs the two-pass train step, sample_actions vs sample_fast_tokens, cached vs uncached
+sampling, and peak host memory. Prints a table (figure, the two measurements, ratio, target, met) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipelines.benchmark_lib import SETTINGS, BenchOptions, notes, run_benchmark, table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few minutes on 2 cores: 4 episodes, mid config only for "
+                   "the model comparisons, fewer repeats")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: everything shrunk
+    p.add_argument("--json", help="write the figures, targets, raw measurements and machine to this file")
+    p.add_argument("--cache-dir", default="runs/benchmark_cache",
+                   help="demo dataset, shards and compiled programs are kept here (default: %(default)s)")
+    p.add_argument("--repo-id", help="benchmark this LeRobot dataset instead of recording the demo one")
+    p.add_argument("--root", help="its directory (default: $HF_LEROBOT_HOME/<repo-id>)")
+    p.add_argument("--loader-workers", type=int, default=0, help="grain worker processes of the loader (default: 0)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled XLA programs in --cache-dir (compilation is never timed either way)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if a.root and not a.repo_id:
+        p.error("--root needs --repo-id")
+    if a.loader_workers < 0:
+        p.error("--loader-workers must be >= 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    opts = BenchOptions(
+        settings=SETTINGS[mode],
+        cache_dir=Path(a.cache_dir),
+        repo_id=a.repo_id,
+        root=a.root,
+        loader_workers=a.loader_workers,
+        compile_cache=not a.no_compile_cache,
+        progress=not a.no_progress,
+    )
+    doc = run_benchmark(opts)
+    print(table(doc))
+    print()
+    print(notes(doc))
+    if a.json:
+        path = Path(a.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2))
+        print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
