@@ -12,25 +12,14 @@ import pytest
 from ki_data.normalize import load_norm_stats, unnormalize
 from ki_data.schema import load_manifest, read_rows, shard_paths
 from ki_model.evaluate import evaluate
-from ki_model.train import OptimizerConfig, TrainConfig, TrainError, enable_compilation_cache, train
-
-TEST_OPTIMIZER = OptimizerConfig(peak_lr=3e-3, warmup_steps=4, decay_steps=200, decay_lr=3e-4)
+from ki_model.train import TrainError
 
 
 @pytest.fixture(scope="module")
-def checkpoint(demo_shards, tmp_path_factory) -> Path:
-    enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
-    out = tmp_path_factory.mktemp("evaluate") / "ckpt"
-    train(TrainConfig(shards=str(demo_shards), checkpoint_dir=str(out), steps=2, batch_size=8, log_every=1,
-                      save_every=2, num_workers=0, progress=False, optimizer=TEST_OPTIMIZER, ema_decay=0.9,
-                      fast_compile=True))  # the settings of test_train.py: its compiled programs are reused
-    return out
-
-
-@pytest.fixture(scope="module")
-def report(checkpoint, demo_shards, tmp_path_factory) -> dict:
+def report(trained_checkpoint, demo_shards, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("evaluate") / "report"
-    return evaluate(checkpoint, demo_shards, output_dir=out, batches=1, batch_size=8, progress=False, fast_compile=True)
+    return evaluate(trained_checkpoint, demo_shards, output_dir=out, batches=1, batch_size=8, progress=False,
+                    fast_compile=True)
 
 
 def test_report_and_plot_are_written(report):
@@ -64,7 +53,7 @@ def test_errors_are_in_the_datasets_units(report, demo_shards):
     assert report["mean_action_baseline"]["values"] == real.sum() * m["action_dim"]
 
 
-def test_shards_of_another_layout_are_refused(checkpoint, demo_shards, tmp_path, capsys):
+def test_shards_of_another_layout_are_refused(trained_checkpoint, demo_shards, tmp_path, capsys):
     from pipelines.evaluate import main
 
     other = tmp_path / "shards"
@@ -73,6 +62,6 @@ def test_shards_of_another_layout_are_refused(checkpoint, demo_shards, tmp_path,
     manifest["max_text_len"] += 1
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TrainError, match="cannot evaluate: .*max_text_len"):
-        evaluate(checkpoint, other, output_dir=tmp_path / "r", progress=False)
-    assert main(["--checkpoint", str(checkpoint), "--shards", str(other)]) == 2
+        evaluate(trained_checkpoint, other, output_dir=tmp_path / "r", progress=False)
+    assert main(["--checkpoint", str(trained_checkpoint), "--shards", str(other)]) == 2
     assert "max_text_len" in capsys.readouterr().err

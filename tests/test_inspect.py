@@ -291,20 +291,9 @@ def test_notebook_runs_top_to_bottom(demo_shards, tmp_path, monkeypatch):
     assert "no checkpoint" in text and str(demo_shards) in text
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(demo_shards, tmp_path_factory) -> Path:
-    """The tiny model trained for one step on the test shards: enough to exercise the prediction path."""
-    from ki_model.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("inspect_ckpt") / "ckpt"
-    train(TrainConfig(shards=str(demo_shards), checkpoint_dir=str(out), config="tiny", steps=1, batch_size=4,
-                      save_every=1, log_every=1, num_workers=0, augment=False, progress=False))
-    return out
-
-
 @pytest.mark.slow
-def test_model_predictions_from_a_checkpoint(shards, known, tiny_checkpoint):
-    pred = ki_inspect.model_predictions(shards, known, tiny_checkpoint)
+def test_model_predictions_from_a_checkpoint(shards, known, trained_checkpoint):
+    pred = ki_inspect.model_predictions(shards, known, trained_checkpoint)
     horizon_dim = (shards.horizon, shards.action_dim)
     assert pred.truth.shape == pred.flow.shape == horizon_dim
     np.testing.assert_allclose(pred.truth, unnormalize(known.actions, shards.norm_stats["actions"]), rtol=1e-6)
@@ -323,7 +312,7 @@ def test_model_predictions_from_a_checkpoint(shards, known, tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_notebook_shows_predictions_with_a_checkpoint(demo_shards, tiny_checkpoint, tmp_path, monkeypatch):
-    outputs = run_notebook(demo_shards, tiny_checkpoint, tmp_path, monkeypatch)
+def test_notebook_shows_predictions_with_a_checkpoint(demo_shards, trained_checkpoint, tmp_path, monkeypatch):
+    outputs = run_notebook(demo_shards, trained_checkpoint, tmp_path, monkeypatch)
     assert pngs(outputs) == 4  # ... and the model's predictions
     assert "flow_mae" in "".join(o.get("text", "") for o in outputs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,24 +13,11 @@ from ki_data.schema import load_manifest, read_rows, shard_paths
 from ki_model import Policy
 from ki_model.checkpoint import CheckpointError
 from ki_model.policy import FrameError
-from ki_model.train import OptimizerConfig, TrainConfig, enable_compilation_cache, train
-
-TEST_OPTIMIZER = OptimizerConfig(peak_lr=3e-3, warmup_steps=4, decay_steps=200, decay_lr=3e-4)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(demo_shards, tmp_path_factory) -> Path:
-    enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
-    out = tmp_path_factory.mktemp("policy") / "ckpt"
-    train(TrainConfig(shards=str(demo_shards), checkpoint_dir=str(out), steps=2, batch_size=8, log_every=1,
-                      save_every=2, num_workers=0, progress=False, optimizer=TEST_OPTIMIZER, ema_decay=0.9,
-                      fast_compile=True))  # the settings of test_train.py: its compiled programs are reused
-    return out
-
-
-@pytest.fixture(scope="module")
-def policy(checkpoint) -> Policy:
-    return Policy.load(checkpoint, fast_compile=True)
+def policy(trained_checkpoint) -> Policy:
+    return Policy.load(trained_checkpoint, fast_compile=True)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +71,7 @@ def test_prepare_builds_the_shard_rows_tensors(policy, lerobot_frames, demo_shar
         assert obs.batch_size == 1 and np.array_equal(np.asarray(obs.text_prompt[0]), row["text_prompt"])
 
 
-def test_infer_returns_the_chunk_in_dataset_units(policy, lerobot_frames, checkpoint):
+def test_infer_returns_the_chunk_in_dataset_units(policy, lerobot_frames, trained_checkpoint):
     _, frame = lerobot_frames[0]
     m = policy.manifest
     actions = policy.infer(frame)
@@ -94,7 +80,7 @@ def test_infer_returns_the_chunk_in_dataset_units(policy, lerobot_frames, checkp
     # infer = unnormalize(flow sample) with the checkpoint's norm stats, nothing else.
     rng = jax.random.key(5)
     normalized = policy.sample_normalized(policy.prepare(frame), rng)[0]
-    expected = unnormalize(normalized, load_norm_stats(checkpoint / "norm_stats.json")["actions"], mode=m["norm_mode"])
+    expected = unnormalize(normalized, load_norm_stats(trained_checkpoint / "norm_stats.json")["actions"], mode=m["norm_mode"])
     assert np.array_equal(policy.unnormalize_actions(policy.sample_normalized(policy.prepare(frame), rng))[0], expected)
 
 
