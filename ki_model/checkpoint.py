@@ -31,7 +31,9 @@ STEPS = "steps"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that is missing something or does not fit what is asked of it."""
+    """A checkpoint that cannot be used as asked: a ki training directory missing something or not fitting the run,
+    or pretrained weights (PaliGemma, openpi) with a missing file, tensor or config field, an unexpected tensor, a
+    wrong shape, an unreadable file, or an architecture that differs from the model config."""
 
 
 def copy_artifacts(shards_dir: str | Path, checkpoint_dir: str | Path) -> None:

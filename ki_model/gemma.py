@@ -48,8 +48,9 @@ class Embedder(nnx.Module):
         return x * jnp.sqrt(x.shape[-1]).astype(dtype)
 
     def decode(self, x: Float[Array, "b l d"]) -> Float[Array, "b l v"]:
-        table = self.input_embedding[...].astype(x.dtype)
-        return jnp.einsum("bld,vd->blv", x, table, preferred_element_type=jnp.float32)
+        # In float32 against the float32 table (as openpi's jnp.dot promotes): casting the table to a bf16 compute
+        # dtype would copy all of it (1 GiB at PaliGemma size) on every call. Training uses ki_model.losses instead.
+        return jnp.einsum("bld,vd->blv", x.astype(jnp.float32), self.input_embedding[...])
 
 
 def _rms_normalize(x: Float[Array, "... d"]) -> Float[Array, "... d"]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ki_model import attention, decoding, gemma
+from ki_model import attention, decoding, gemma, losses
 from ki_model.config import Pi05KIConfig
 from ki_model.nn import Dense, compute_dtype
 from ki_model.observation import Observation
@@ -180,25 +180,14 @@ class Pi05KI(nnx.Module):
         self, prompt_out: Float[Array, "b l w"], obs: Observation
     ) -> tuple[Float[Array, ""], Float[Array, ""]]:
         """Next-token CE on the targets: the output at prompt index j-1 predicts token j where token_loss_mask[j]."""
-        logits = self.backbone.embedder.decode(prompt_out[:, :-1])  # [b, l-1, vocab] float32
-        targets = obs.tokenized_prompt[:, 1:]
-        weight = obs.token_loss_mask[:, 1:].astype(jnp.float32)
-        # logsumexp - target logit: no second [b, l, vocab] array (the vocabulary is 257k for PaliGemma).
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        count = jnp.maximum(jnp.sum(weight), 1.0)
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-        return jnp.sum(nll * weight) / count, jnp.sum(correct * weight) / count
+        table = self.backbone.embedder.input_embedding[...]
+        return losses.fast_cross_entropy(prompt_out, table, obs.tokenized_prompt, obs.token_loss_mask.astype(bool))
 
     @staticmethod
     def _flow_loss(
         velocity: Float[Array, "b h d"], target: Float[Array, "b h d"], action_is_pad: Bool[Array, "b h"] | None
     ) -> Float[Array, ""]:
-        """MSE over the real (non-pad) steps and all dims."""
-        err = jnp.square(velocity - target.astype(jnp.float32))
-        if action_is_pad is None:
-            return jnp.mean(err)
-        keep = (~action_is_pad.astype(bool)).astype(jnp.float32)[..., None]
-        return jnp.sum(err * keep) / jnp.maximum(jnp.sum(keep) * err.shape[-1], 1.0)
+        return losses.flow_matching_loss(velocity, target, action_is_pad)
 
     def _draw_noise_time(
         self, rng: jax.Array, actions: Float[Array, "b h d"]

@@ -30,7 +30,9 @@ from ki_model import checkpoint as ckpt
 from ki_model import sharding
 from ki_model.config import Pi05KIConfig
 from ki_model.observation import Observation
-from ki_model.weights import CheckpointError, PaliGemmaCheckpoint, load_paligemma, parse_init
+from ki_model.pi05_ki import param_group
+from ki_model.checkpoint import CheckpointError
+from ki_model.weights import PaliGemmaCheckpoint, load_paligemma, parse_init
 
 Params = dict[str, Any]  # nnx.to_pure_dict of the model's nnx.Param state
 
@@ -87,11 +89,29 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     )
 
 
+SIDES = ("backbone", "action_expert")
+
+
+def param_labels(params: Params) -> Params:
+    """The insulation side (`param_group`) of every parameter leaf, as a tree shaped like `params`."""
+    return {name: jax.tree.map(lambda _, n=name: param_group((n,)), sub) for name, sub in params.items()}
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
-    )
+    """AdamW with clipping, run separately on each side of the insulation cut (DESIGN §5).
+
+    A global-norm clip over all gradients would let the flow loss rescale every backbone update (and the FAST loss
+    every expert update) whenever it clips; each side therefore has its own clip and its own optimizer state. AdamW,
+    weight decay and the schedule are per-element or per-step and couple nothing.
+    """
+
+    def side() -> optax.GradientTransformation:
+        return optax.chain(
+            optax.clip_by_global_norm(cfg.clip_norm),
+            optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        )
+
+    return optax.partition({name: side() for name in SIDES}, param_labels)
 
 
 @struct.dataclass
@@ -261,15 +281,20 @@ def init_train_state(
 
 
 def _mirror_shardings(tree: Any, p_shard: Params, default: NamedSharding) -> Any:
-    p_struct = jax.tree.structure(p_shard)
+    """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path (Adam's moments, inside
+    whatever wrappers the optimizer adds) gets that parameter's sharding; counters and the like get `default`."""
+    by_path = {tuple(map(str, path)): s for path, s in jax.tree_util.tree_leaves_with_path(p_shard)}
+    depth = max(len(k) for k in by_path)
 
-    def is_params_like(x: Any) -> bool:
-        try:
-            return jax.tree.structure(x) == p_struct
-        except Exception:
-            return False
+    def one(path: tuple, leaf: Any) -> NamedSharding:
+        keys = tuple(map(str, path))
+        for n in range(min(depth, len(keys)), 0, -1):
+            s = by_path.get(keys[-n:])
+            if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+                return s
+        return default
 
-    return jax.tree.map(lambda x: p_shard if is_params_like(x) else default, tree, is_leaf=is_params_like)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def _train_step(
@@ -304,6 +329,8 @@ def _train_step(
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
     }
+    for side in SIDES:  # the norm each side's clip sees
+        metrics[f"grad_norm_{side}"] = optax.tree.norm({k: g for k, g in grads.items() if param_group((k,)) == side})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
 
@@ -402,17 +429,39 @@ def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PaliGemmaCheckpoin
     return pretrained
 
 
-def _prepare_dir(cfg: TrainConfig) -> None:
+def _check_dir(cfg: TrainConfig) -> None:
+    """Refuse an output directory that a run may not use, before anything is computed or written."""
     out = Path(cfg.checkpoint_dir)
     if cfg.resume:
         if not (out / ckpt.STEPS).is_dir():
             raise TrainError(f"--resume: {out} holds no checkpoint")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise TrainError(f"{out} is not empty; pass --resume to continue it or --overwrite to start over")
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise TrainError(f"{out} is not empty; pass --resume to continue it or --overwrite to start over")
+
+
+def _fresh_dir(out: Path) -> None:
+    if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
+
+
+def _fresh_state(
+    cfg: TrainConfig, model_cfg: Pi05KIConfig, tx: optax.GradientTransformation, mesh: Mesh,
+    pretrained: PaliGemmaCheckpoint | None,
+) -> tuple[TrainState, TrainState, nnx.GraphDef]:
+    """The initial state of a new run, with the `--init` weights in place."""
+    state, shardings, graphdef = init_train_state(model_cfg, tx, mesh, seed=cfg.seed, ema=cfg.ema_decay is not None)
+    if pretrained is not None:
+        # In place, tensor by tensor, each keeping its sharding; the EMA starts from the loaded weights.
+        try:
+            params = pretrained.apply_to_params(state.params, progress=cfg.progress)
+        except CheckpointError as e:
+            raise TrainError(f"--init {cfg.init}: {e}") from e
+        state = state.replace(params=params, ema_params=None)
+        if cfg.ema_decay is not None:
+            state = state.replace(ema_params=jax.device_put(jax.tree.map(jnp.copy, params), shardings.params))
+        print(pretrained.report.summary())
+    return state, shardings, graphdef
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -426,7 +475,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _format(m: dict[str, float]) -> str:
     return (
         f"step {m['step']:>6d}  flow {m['flow_loss']:.4f}  fast {m['fast_loss']:.4f}  acc {m['fast_accuracy']:.3f}  "
-        f"|g| {m['grad_norm']:.3f}  lr {m['learning_rate']:.2e}  {m['steps_per_s']:.2f} it/s  "
+        f"|g| backbone {m['grad_norm_backbone']:.3f} expert {m['grad_norm_action_expert']:.3f}  lr {m['learning_rate']:.2e}  {m['steps_per_s']:.2f} it/s  "
         f"{m['samples_per_s']:.1f} samples/s"
     )
 
@@ -447,21 +496,25 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
         raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {mesh.size} devices")
     is_main = jax.process_index() == 0  # one process writes the files; orbax coordinates the checkpoint itself
     out = Path(cfg.checkpoint_dir)
-    if cfg.resume or is_main:
-        _prepare_dir(cfg)
+    _check_dir(cfg)
+    opt_cfg = cfg.optimizer_config()
+    ema = cfg.ema_decay is not None
+    tx = make_optimizer(opt_cfg)
     if cfg.resume:
         check_same_data(ckpt.load_manifest(out), manifest, cfg.shards)
         check_same_norm_stats(out, cfg.shards)
         check_resume_config(ckpt.load_model_config(out), model_cfg)
-    elif is_main:
-        ckpt.copy_artifacts(cfg.shards, out)
-        (out / ckpt.MODEL_CONFIG).write_text(model_cfg.to_json())
-        train_json = dataclasses.asdict(cfg) | {"optimizer": dataclasses.asdict(cfg.optimizer_config())}
-        ckpt.write_json(out / ckpt.TRAIN_CONFIG, train_json)
+    else:
+        # The whole initial state (with --init weights) exists before the directory is touched: a failure up to
+        # here leaves it as it was.
+        state, shardings, graphdef = _fresh_state(cfg, model_cfg, tx, mesh, pretrained)
+        if is_main:
+            _fresh_dir(out)
+            ckpt.copy_artifacts(cfg.shards, out)
+            (out / ckpt.MODEL_CONFIG).write_text(model_cfg.to_json())
+            train_json = dataclasses.asdict(cfg) | {"optimizer": dataclasses.asdict(opt_cfg)}
+            ckpt.write_json(out / ckpt.TRAIN_CONFIG, train_json)
 
-    opt_cfg = cfg.optimizer_config()
-    ema = cfg.ema_decay is not None
-    tx = make_optimizer(opt_cfg)
     loader = ShardLoader(
         cfg.shards,
         "train",
@@ -499,15 +552,6 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
             print(f"resumed from {out} at step {start}")
         else:
             start = 0
-            state, shardings, graphdef = init_train_state(model_cfg, tx, mesh, seed=cfg.seed, ema=ema)
-            if pretrained is not None:
-                # In place, tensor by tensor, each keeping its sharding; the EMA starts from the loaded weights.
-                params = pretrained.apply_to_params(state.params, progress=cfg.progress)
-                state = state.replace(params=params, ema_params=None)
-                if ema:
-                    ema_params = jax.device_put(jax.tree.map(jnp.copy, params), shardings.params)
-                    state = state.replace(ema_params=ema_params)
-                print(pretrained.report.summary())
         step_fn = make_train_step(
             graphdef, opt_cfg, shardings, mesh, seed=cfg.seed, ema_decay=cfg.ema_decay, fast_compile=cfg.fast_compile
         )

@@ -44,6 +44,7 @@ from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from ki_model.checkpoint import CheckpointError
 from ki_model.config import ConfigError, GemmaConfig, Pi05KIConfig, SiglipConfig
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,6 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids")
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new")
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors dtype names we convert to float32
 _LIST_LIMIT = 12
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the model: missing file, tensor or config field, unexpected tensor,
-    wrong shape, unreadable file, or an architecture that differs from the model config."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -241,3 +241,49 @@ def test_fast_spec_rejects_ambiguous_grammars():
         FastDecodeSpec.create(action_prefix_ids=[5], end_ids=[1], fast_token_num_coefficients=[2, 3], **kw)
     with pytest.raises(FastSpecError, match="do not fit"):
         FastDecodeSpec.create(action_prefix_ids=[5], end_ids=[1], fast_token_num_coefficients=[1] * 30, **kw)
+
+
+# ---------------------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("vocab, chunk", [(1000, 200), (1000, 64), (1000, None), (37, None)])
+def test_chunked_fast_cross_entropy_equals_full_logits(vocab, chunk):
+    """Chunked log-sum-exp over the vocabulary (divisor chunks, a padded last chunk, one chunk): the same loss,
+    accuracy and gradients as the whole [b, l, vocab] logits."""
+    from ki_model import losses, reference
+
+    rng = np.random.default_rng(0)
+    b, length, width = 3, 11, 16
+    hidden = jnp.asarray(rng.normal(size=(b, length, width)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(vocab, width)) * 0.5, jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, vocab, (b, length)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, length)) < 0.6)
+    # Some targets predicted exactly (the accuracy counts them) and a target in the last chunk.
+    best = jnp.argmax(hidden @ table.T, axis=-1)
+    tokens = tokens.at[:, 1:5].set(best[:, 0:4]).at[0, 6].set(vocab - 1)
+    mask = mask.at[:, 1:7].set(True)
+
+    def chunked(h, t):
+        nll, pred = losses.token_nll(h[:, :-1], t, tokens[:, 1:], chunk=chunk)
+        weight = mask[:, 1:].astype(jnp.float32)
+        count = jnp.sum(weight)
+        return jnp.sum(nll * weight) / count, jnp.sum((pred == tokens[:, 1:]) * weight) / count
+
+    full = lambda h, t: reference.fast_cross_entropy_full_logits(h, t, tokens, mask)  # noqa: E731
+    (loss_c, acc_c), grads_c = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, table)
+    (loss_f, acc_f), grads_f = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, table)
+    assert float(acc_f) > 0.2 and float(acc_c) == float(acc_f)
+    np.testing.assert_allclose(loss_c, loss_f, rtol=1e-6)
+    for gc, gf in zip(grads_c, grads_f):
+        np.testing.assert_allclose(gc, gf, rtol=1e-5, atol=1e-7)
+    if chunk is None:  # the model's entry point is the same computation
+        loss_m, acc_m = losses.fast_cross_entropy(hidden, table, tokens, mask)
+        assert float(loss_m) == pytest.approx(float(loss_c), rel=1e-6) and float(acc_m) == float(acc_c)
+
+
+def test_vocab_chunk_prefers_divisors():
+    from ki_model.losses import vocab_chunk
+
+    assert vocab_chunk(257152) == 4018 and 257152 % 4018 == 0  # PaliGemma: 64 chunks, no padded copy
+    assert vocab_chunk(940) == 940
+    assert vocab_chunk(8191) == 4096  # a prime: padded

@@ -4,6 +4,9 @@ loaded by ki_model.weights, gives our vision features and backbone logits equal 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from ki_data import TextTokenizer
 from ki_model import Observation, Pi05KIConfig
 from ki_model.config import ConfigError
 from ki_model.gemma import forward as gemma_forward
-from ki_model.weights import CheckpointError, init_from_paligemma, load_paligemma, parse_init
+from ki_model.checkpoint import CheckpointError
+from ki_model.weights import init_from_paligemma, load_paligemma, parse_init
 
 # Mirrors PaliGemma's 257152-token vocabulary stored as 257216 rows: 64 padding rows past the model's vocabulary.
 VOCAB, ROWS = 256, 320
@@ -375,3 +379,36 @@ def test_parse_init():
     for bad in ("/data/pg", "paligemma:", "gemma:/x"):
         with pytest.raises(CheckpointError, match="paligemma:PATH"):
             parse_init(bad)
+
+
+def test_train_cli_refuses_a_broken_init_checkpoint_in_one_line(ckpt_dir, demo_shards, tmp_path):
+    """`pipelines.train --init paligemma:DIR` on a truncated or mis-shaped file: one line naming it, exit non-zero,
+    and the checkpoint directory (even with --overwrite) left as it was."""
+    truncated = tmp_path / "truncated"
+    shutil.copytree(ckpt_dir, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    # Mis-shaped: otherwise fit for the shards (their vocabulary, the tiny preset), one tensor one row short.
+    vocab = json.loads((demo_shards / "manifest.json").read_text())["vocab_size"]
+    bad, embed = "vision_tower.post_layernorm.weight", "language_model.model.embed_tokens.weight"
+    tensors = _state(ckpt_dir) | {bad: np.zeros((63,), "f4"), embed: np.ones((vocab, 64), "f4")}
+    misshaped = _copy_with(ckpt_dir, tmp_path / "misshaped", tensors)
+    config = json.loads((misshaped / "config.json").read_text())
+    config["text_config"]["vocab_size"] = vocab
+    (misshaped / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("an earlier run's notes")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    for init, names in ((truncated, str(truncated / "model.safetensors")), (misshaped, bad)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipelines.train", "--shards", str(demo_shards), "--checkpoint-dir", str(out),
+             "--overwrite", "--steps", "1", "--init", f"paligemma:{init}"],
+            capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1],
+        )
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and names in errors[0], proc.stderr[-3000:]
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+        assert (out / "notes.txt").read_text() == "an earlier run's notes"
