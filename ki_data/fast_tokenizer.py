@@ -9,6 +9,11 @@ Two flavours share one class, told apart by the `tokenizer.json` they come with:
 * ours (`FastTokenizer.fit`): a plain BPE with no normalizer, pre-tokenizer or byte-level step, whose initial
   alphabet is every value of [min_token, max_token]. Every in-range value has a token, so every chunk round-trips
   to exactly h*d coefficients; values beyond the range are clipped and counted (or rejected with strict=True).
+  Its decoder concatenates the pieces (`tokenizers.decoders.Fuse`), so the published processor's path
+  (transformers' `PreTrainedTokenizerFast.decode`, then `ord(c) + min_token`) gives exactly our coefficients;
+  without a decoder the library would join pieces with spaces. Directories saved before we wrote one get it on load.
+  The published processor's encode gives our ids for chunks within the range; it clips only below min_token, so a
+  value above max_token (which we clip and count) is dropped there.
 * the published `physical-intelligence/fast` layout: a byte-level BPE (GPT-2 style) over the same characters.
   Loading it reproduces its ids; because its fit gave the trainer raw characters as the initial alphabet, some
   values have no token at all, and such an encoding is refused (`FastEncodeError`) instead of losing coefficients.
@@ -26,12 +31,14 @@ import numpy as np
 import scipy.fft
 import tokenizers
 from jaxtyping import Float, Int
-from tokenizers import models, trainers
+from tokenizers import decoders, models, trainers
 
 logger = logging.getLogger(__name__)
 
 PROCESSOR_CONFIG = "processor_config.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Read by transformers when it opens the directory (AutoTokenizer, as the published processor's from_pretrained does).
+TOKENIZER_CONFIG = "tokenizer_config.json"
 PROCESSOR_CLASS = "UniversalActionProcessor"
 # Written into our processor_config.json so a reader can tell our fits from the published one.
 KI_FORMAT = "ki-fast-v1"
@@ -108,6 +115,9 @@ class FastTokenizer:
         self.time_horizon = time_horizon
         self.action_dim = action_dim
         self.byte_level = _is_byte_level(tokenizer)
+        if not self.byte_level and tokenizer.decoder is None:
+            # Pieces are runs of coefficient characters: decoding must concatenate them, never insert spaces.
+            tokenizer.decoder = decoders.Fuse()
         self.extra_config = dict(extra_config or {})
         # Coefficients clipped into [min_token, max_token] by encode() since this object was made.
         self.out_of_range_count = 0
@@ -317,10 +327,17 @@ class FastTokenizer:
         return cfg
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write processor_config.json and tokenizer.json (the published FAST layout) into `directory`."""
+        """Write processor_config.json, tokenizer.json and tokenizer_config.json (the published FAST layout, less
+        its code) into `directory`.
+
+        tokenizer_config.json turns transformers' `clean_up_tokenization_spaces` off, as the published fit does: the
+        clean-up deletes the space before ".", ",", "!", "?" and some apostrophes, and here a space is a coefficient.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _atomic_write(directory / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
+        tokenizer_config = {"clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+        _atomic_write(directory / TOKENIZER_CONFIG, json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
         _atomic_write(directory / PROCESSOR_CONFIG, json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
 
     @classmethod

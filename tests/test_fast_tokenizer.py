@@ -5,8 +5,10 @@ import pytest
 import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.fft import dct, idct
 from tokenizers import ByteLevelBPETokenizer
 from tokenizers.trainers import BpeTrainer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ki_data import FastDecodeError, FastEncodeError, FastTokenizer
 from ki_data.fast_tokenizer import chunk_from_coefficients, dct_coefficients
@@ -161,7 +163,7 @@ def test_save_load_identical(smooth_fit, tmp_path):
     assert {"scale", "vocab_size", "min_token", "time_horizon", "action_dim"} <= set(cfg)
     assert (cfg["time_horizon"], cfg["action_dim"]) == (50, 2)
     loaded.save(tmp_path / "b")
-    for name in ("processor_config.json", "tokenizer.json"):
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
@@ -170,6 +172,100 @@ def test_fit_is_deterministic(tmp_path):
     FastTokenizer.fit(chunks, vocab_size=512).save(tmp_path / "a")
     FastTokenizer.fit(chunks, vocab_size=512).save(tmp_path / "b")
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+# ------------------------------------------------- our files through the published processor's code path
+# The steps of physical-intelligence/fast's UniversalActionProcessor (processing_action_tokenizer.py), over
+# transformers' own tokenizer class, with the parameters it would get from processor_config.json.
+
+
+def transformers_tokenizer(directory) -> PreTrainedTokenizerFast:
+    """The tokenizer as transformers builds it from the directory's tokenizer.json and tokenizer_config.json."""
+    options = json.loads((directory / "tokenizer_config.json").read_text())
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"),
+        clean_up_tokenization_spaces=options["clean_up_tokenization_spaces"],
+    )
+
+
+def published_encode(bpe, cfg: dict, chunk: np.ndarray) -> list[int]:
+    """The processor's __call__ for one chunk: DCT over time, scale, round, chr(v - min_token), tokenizer(text)."""
+    coeffs = np.around(dct(chunk[None], axis=1, norm="ortho") * cfg["scale"])[0]
+    text = "".join(map(chr, np.maximum(coeffs.flatten() - cfg["min_token"], 0).astype(int)))
+    return bpe(text)["input_ids"]
+
+
+def published_decode(bpe, cfg: dict, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The processor's decode for one id sequence: (coefficients [h, d], inverse DCT [h, d])."""
+    text = bpe.decode(ids)
+    coeffs = np.array(list(map(ord, text))) + cfg["min_token"]
+    coeffs = coeffs.reshape(-1, cfg["action_dim"])  # fails unless a multiple of action_dim
+    assert coeffs.shape == (cfg["time_horizon"], cfg["action_dim"])
+    return coeffs, idct(coeffs / cfg["scale"], axis=0, norm="ortho")
+
+
+@pytest.mark.parametrize("family", ["smooth", "noisy"])
+def test_saved_files_decode_through_the_published_path(family, tmp_path):
+    rng = np.random.default_rng(5)
+    make = smooth_chunks if family == "smooth" else noisy_chunks
+    horizon, dim = (50, 2) if family == "smooth" else (10, 7)
+    fast = FastTokenizer.fit(make(rng, 300, horizon, dim), vocab_size=1024, scale=10.0)
+    fast.save(tmp_path / "fast")
+    cfg = json.loads((tmp_path / "fast" / "processor_config.json").read_text())
+    assert (cfg["time_horizon"], cfg["action_dim"], cfg["min_token"], cfg["scale"]) == (
+        horizon, dim, fast.min_token, fast.scale
+    )
+    assert cfg["vocab_size"] == fast.vocab_size
+
+    # Held-out chunks, plus one whose stream holds the characters transformers' clean-up would change
+    # (" ." " ," " !" " ?" " ' "): a space and its neighbour are two coefficients.
+    tricky = fast.min_token + np.array([ord(c) for c in " . , ! ? ' "])
+    assert tricky.max() <= fast.max_token
+    stream = np.resize(np.concatenate([tricky, np.zeros(horizon * dim, np.int64)]), horizon * dim)
+    chunks = [*make(rng, 50, horizon, dim), chunk_from_coefficients(stream.reshape(horizon, dim), fast.scale)]
+
+    bpe = transformers_tokenizer(tmp_path / "fast")
+    auto = AutoTokenizer.from_pretrained(str(tmp_path / "fast"))  # as ProcessorMixin.from_pretrained opens it
+    for chunk in chunks:
+        ids = fast.encode(chunk, strict=True)
+        for tokenizer in (bpe, auto):
+            coeffs, actions = published_decode(tokenizer, cfg, ids)
+            np.testing.assert_array_equal(coeffs, fast.decode_coefficients(ids))
+            np.testing.assert_array_equal(actions, fast.decode(ids))
+            assert published_encode(tokenizer, cfg, chunk) == ids
+    np.testing.assert_array_equal(fast.decode_coefficients(ids), stream.reshape(horizon, dim))
+    # transformers' clean-up (applied by versions before 5 unless tokenizer_config.json turns it off, as ours does)
+    # would have lost coefficients of the last chunk.
+    options = json.loads((tmp_path / "fast" / "tokenizer_config.json").read_text())
+    assert options["clean_up_tokenization_spaces"] is False
+    assert len(bpe.clean_up_tokenization(bpe.decode(ids))) < horizon * dim
+
+
+def test_directory_saved_without_decoder_still_loads(tmp_path):
+    rng = np.random.default_rng(6)
+    fast = FastTokenizer.fit(noisy_chunks(rng, 200, 10, 7), vocab_size=512)
+    held = noisy_chunks(rng, 20, 10, 7)
+    fast.save(tmp_path / "old")
+    # What save wrote before it set a decoder: no decoder and no tokenizer_config.json.
+    spec = json.loads((tmp_path / "old" / "tokenizer.json").read_text())
+    assert spec["decoder"] == {"type": "Fuse"}
+    spec["decoder"] = None
+    (tmp_path / "old" / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "old" / "tokenizer_config.json").unlink()
+    old_bpe = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "old" / "tokenizer.json"))
+    ids = [fast.encode(c) for c in held]
+    assert all(len(old_bpe.decode(i)) > 70 for i in ids)  # the defect: pieces joined with spaces
+
+    loaded = FastTokenizer.load(tmp_path / "old")
+    assert [loaded.encode(c) for c in held] == ids
+    for i in ids:
+        np.testing.assert_array_equal(loaded.decode_coefficients(i), fast.decode_coefficients(i))
+    # Saving it again writes files the published path reads.
+    loaded.save(tmp_path / "new")
+    cfg = json.loads((tmp_path / "new" / "processor_config.json").read_text())
+    bpe = transformers_tokenizer(tmp_path / "new")
+    for i in ids:
+        np.testing.assert_array_equal(published_decode(bpe, cfg, i)[1], fast.decode(i))
 
 
 # --------------------------------------------------------------------------- the published layout
@@ -214,6 +310,11 @@ def test_published_layout_loads_and_reproduces_ids(tmp_path):
     ours = FastTokenizer.load(tmp_path / "fast")
     assert ours.byte_level and ours.min_token == lo and ours.time_horizon is None
     reference = tokenizers.Tokenizer.from_file(str(tmp_path / "fast" / "tokenizer.json"))
+    # As the published fit builds it; the directory records no horizon or dim, so the processor is told them.
+    bpe = PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "fast" / "tokenizer.json"), clean_up_tokenization_spaces=False
+    )
+    cfg = {"min_token": lo, "scale": scale, "time_horizon": horizon, "action_dim": dim}
 
     held = rng.choice(values, size=(40, horizon * dim))
     held[:5, 7] = -15  # five chunks with the unseen value
@@ -231,6 +332,7 @@ def test_published_layout_loads_and_reproduces_ids(tmp_path):
                 ours.decode_coefficients(ref_ids, horizon, dim), np.maximum(stream, lo).reshape(horizon, dim)
             )
             assert int(ours.token_num_coefficients[ref_ids].sum()) == horizon * dim
+            np.testing.assert_array_equal(published_decode(bpe, cfg, ref_ids)[1], ours.decode(ref_ids, horizon, dim))
         else:
             lossy += 1
             assert len(reference.decode(ref_ids)) < len(text)  # the published path loses a coefficient...
