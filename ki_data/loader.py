@@ -10,6 +10,10 @@ decoding and augmentation run in grain's worker processes (`random_map`, seeded 
 JAX processes by grain's `ElasticIterator` (process p takes positions p, p + P, ...), and the loader state is just the
 global position reached, a small JSON dict saved with each checkpoint. A resumed job sees exactly the batches it would
 have seen, whatever its number of loader workers.
+
+Row groups are read with parquet page checksums verified. A row that cannot be read or decoded stops the stream with a
+`ShardReadError` naming the shard file, the row (episode, frame, row group, position) and the column; no batch ever
+holds it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import pyarrow.parquet as pq
 from absl import flags
 
 from ki_data.augment import AugmentConfig, augment_image, is_wrist_camera
+from ki_data.schema import EPISODE_INDEX, FRAME_INDEX
+from ki_data.shard_writer import READ_OPTIONS
 
 Batch = dict[str, np.ndarray]
 
@@ -38,6 +44,43 @@ SPLITS = ("train", "val")
 
 class LoaderError(ValueError):
     """The shards or a saved loader state cannot be used as asked."""
+
+
+class ShardReadError(LoaderError):
+    """A shard, or one row of it, that cannot be read or decoded. The message names the file, the row and the column;
+    the same facts are attributes (None where unknown). Pickles whole, so it crosses grain's worker processes."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        shard: str | None = None,
+        row_group: int | None = None,
+        row: int | None = None,
+        episode: int | None = None,
+        frame: int | None = None,
+        column: str | None = None,
+    ):
+        super().__init__(message)
+        self.shard, self.row_group, self.row = shard, row_group, row
+        self.episode, self.frame, self.column = episode, frame, column
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"  # pyarrow's messages span lines
+
+
+def _row_error(
+    verb: str, cause: BaseException, *, shard: str, row_group: int, row: int, episode: int | None,
+    frame: int | None, column: str | None,
+) -> ShardReadError:
+    where = f"episode {episode}, frame {frame} (row group {row_group}, row {row})" if episode is not None else (
+        f"row group {row_group}, row {row} (episode and frame unreadable too)")
+    what = f"column {column}" if column else "the row group"
+    return ShardReadError(
+        f"shard {shard}: {where}: {what} cannot be {verb} ({_one_line(cause)})",
+        shard=shard, row_group=row_group, row=row, episode=episode, frame=frame, column=column,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +149,10 @@ class ShardSpec:
 def list_row_groups(files: tuple[str, ...]) -> list[RowGroup]:
     groups = []
     for path in files:
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path, **READ_OPTIONS).metadata
+        except Exception as e:  # a damaged footer: nothing of this file can be read
+            raise ShardReadError(f"shard {path}: cannot be opened ({_one_line(e)})", shard=path) from e
         groups += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     return [g for g in groups if g.rows > 0]
 
@@ -130,6 +176,44 @@ def block_shuffle_order(groups: list[RowGroup], seed: int, epoch: int, buffer: i
     for lo in range(0, len(order), buffer):
         order[lo : lo + buffer] = rng.permutation(order[lo : lo + buffer])
     return order
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unreadable:
+    """A row group that failed to read: the first column that fails alone, and whatever episode/frame columns read."""
+
+    column: str | None
+    cause: BaseException
+    episodes: np.ndarray | None
+    frames: np.ndarray | None
+
+
+def _read_group(g: RowGroup) -> dict[str, Any] | _Unreadable:
+    try:
+        table = pq.ParquetFile(g.path, **READ_OPTIONS).read_row_group(g.index)
+        return {name: _column_to_numpy(table.column(name)) for name in table.column_names}
+    except Exception as e:  # any failure: named below, never handed on as data
+        cause = e
+    # Column by column, to name the damaged one and to recover the rows' episode and frame if their pages are sound.
+    cols: dict[str, np.ndarray | None] = {}
+    failed: str | None = None
+    try:
+        f = pq.ParquetFile(g.path, **READ_OPTIONS)
+        names = f.schema_arrow.names
+    except Exception:
+        names, f = [], None
+    for name in names:
+        try:
+            cols[name] = _column_to_numpy(f.read_row_group(g.index, columns=[name]).column(0))
+        except Exception as e:
+            cols[name] = None
+            if failed is None:
+                failed, cause = name, e
+    return _Unreadable(failed, cause, cols.get(EPISODE_INDEX), cols.get(FRAME_INDEX))
+
+
+# Key of a raw row's origin (shard, row group, row in the group), read by DecodeRow to name a failed decode.
+SOURCE_KEY = "__source__"
 
 
 class ShardRows(grain.MapDataset):
@@ -177,14 +261,12 @@ class ShardRows(grain.MapDataset):
                 self._orders[epoch] = block_shuffle_order(self._groups, self._seed, epoch, self._buffer)
             return self._orders[epoch]
 
-    def _group(self, gi: int) -> dict[str, Any]:
+    def _group(self, gi: int) -> dict[str, Any] | _Unreadable:
         with self._lock:
             if gi in self._cache:
                 self._cache.move_to_end(gi)
                 return self._cache[gi]
-        g = self._groups[gi]
-        table = pq.ParquetFile(g.path).read_row_group(g.index)
-        cols = {name: _column_to_numpy(table.column(name)) for name in table.column_names}
+        cols = _read_group(self._groups[gi])
         with self._lock:
             self._cache[gi] = cols
             while len(self._cache) > self._cache_size:
@@ -199,7 +281,16 @@ class ShardRows(grain.MapDataset):
         gi = int(np.searchsorted(self._starts, row_id, side="right")) - 1
         cols = self._group(gi)
         i = row_id - int(self._starts[gi])
-        return {name: values[i] for name, values in cols.items()}
+        g = self._groups[gi]
+        if isinstance(cols, _Unreadable):
+            known = cols.episodes is not None and cols.frames is not None
+            raise _row_error(
+                "read", cols.cause, shard=g.path, row_group=g.index, row=i, column=cols.column,
+                episode=int(cols.episodes[i]) if known else None, frame=int(cols.frames[i]) if known else None,
+            ) from cols.cause
+        row = {name: values[i] for name, values in cols.items()}
+        row[SOURCE_KEY] = (g.path, g.index, i)
+        return row
 
 
 class DecodeRow(grain.transforms.RandomMap):
@@ -214,17 +305,26 @@ class DecodeRow(grain.transforms.RandomMap):
     def random_map(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         from ki_data.images import decode_image  # the preprocess engineer's decoder, the same one Policy uses
 
+        row = dict(row)
+        source = row.pop(SOURCE_KEY)
         out: dict[str, np.ndarray] = {}
         for name, value in row.items():
-            if name.startswith("image."):
-                img = decode_image(value)
-                if self._augment:
-                    img = augment_image(img, rng, wrist=is_wrist_camera(name[6:]), cfg=self._augment_config)
-                out[name] = img
-            elif name == "actions":
-                out[name] = np.asarray(value, np.float32).reshape(self._shape)
-            else:
-                out[name] = np.asarray(value)
+            try:
+                if name.startswith("image."):
+                    img = decode_image(value)
+                    if self._augment:
+                        img = augment_image(img, rng, wrist=is_wrist_camera(name[6:]), cfg=self._augment_config)
+                    out[name] = img
+                elif name == "actions":
+                    out[name] = np.asarray(value, np.float32).reshape(self._shape)
+                else:
+                    out[name] = np.asarray(value)
+            except Exception as e:  # a damaged image (PIL) or value: named, and the stream stops here
+                shard, row_group, i = source
+                raise _row_error(
+                    "decoded", e, shard=shard, row_group=row_group, row=i, column=name,
+                    episode=int(row[EPISODE_INDEX]), frame=int(row[FRAME_INDEX]),
+                ) from e
         return out
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ki_data.shard_writer import atomic_write_json
+from ki_data.shard_writer import READ_OPTIONS, atomic_write_json
 
 SCHEMA_VERSION = 1
 
@@ -141,7 +141,11 @@ class ShardLayout:
 def read_rows(path: Path | str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
     """Decoded columns of one shard: int64 / bool / float32 / int32 arrays ([n] or [n, k]; `actions` [n, h, d]),
     `task` as an object array of str, images still encoded (object array of bytes)."""
-    table = pq.read_table(path, columns=columns)
+    try:
+        table = pq.read_table(path, columns=columns, **READ_OPTIONS)
+    except (OSError, pa.ArrowException) as e:  # pyarrow's message does not name the file
+        cause = " ".join(str(e).split())
+        raise OSError(f"{path}: cannot read the shard ({type(e).__name__}: {cause})") from e
     meta = table.schema.metadata or {}
     out: dict[str, np.ndarray] = {}
     for name in table.column_names:

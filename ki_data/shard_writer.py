@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 TMP_MARKER = ".tmp."
 # Rows per parquet row group: small enough for cheap random access, large enough to amortize page headers.
 ROW_GROUP_SIZE = 256
+# Every reader of shards passes these to pyarrow (`pq.ParquetFile`, `pq.read_table`): a page whose CRC32 does not
+# match raises OSError instead of handing damaged bytes on. Files written without checksums still read.
+READ_OPTIONS = {"page_checksum_verification": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,8 @@ def write_parquet_atomic(table: pa.Table, path: Path | str, row_group_size: int 
             # Encoded images do not repeat: a dictionary only costs time there.
             use_dictionary=[f.name for f in table.schema if not pa.types.is_binary(f.type)],
             write_statistics=False,
+            # A CRC32 per page: a reader that verifies them (see READ_OPTIONS) finds a flipped byte where it reads.
+            write_page_checksum=True,
         )
         _commit(tmp, path)
     finally:

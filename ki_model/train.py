@@ -411,6 +411,7 @@ class TrainConfig:
     progress: bool = True
     # "paligemma:PATH": vision encoder + backbone from a Hugging Face PaliGemma checkpoint (not applied on resume).
     init: str | None = None
+    verify: bool = False  # hash every shard against manifest.json before anything else (ki_data.verify)
 
     def explicit(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in MANIFEST_FIELDS if k != "cameras" and hasattr(self, k)}
@@ -487,6 +488,10 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
     """
     from ki_data.schema import load_manifest
 
+    if cfg.verify:  # before anything is written: damaged shards leave the checkpoint directory alone
+        from ki_data.verify import check_shards
+
+        print(check_shards(cfg.shards, progress=cfg.progress).one_line())
     manifest = load_manifest(cfg.shards)
     model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model_overrides)
     # Checked before anything is written, so a bad checkpoint leaves the output directory alone.

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--fsdp-devices", type=int, default=1, help="devices each parameter is sharded over")
     p.add_argument("--workers", type=int, default=2, help="grain loader worker processes (0: in-process)")
     p.add_argument("--shuffle-buffer", type=int, default=2048, help="rows shuffled together")
+    p.add_argument("--verify", action="store_true",
+                   help="first check every shard's size and sha256 against manifest.json (reads all the shards)")
     p.add_argument("--no-augment", action="store_true", help="train without image augmentation")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
     p.add_argument("--fast-compile", action="store_true",
@@ -74,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         model_overrides={"remat": True} if a.remat else {},
         fast_compile=a.fast_compile,
         init=a.init,
+        verify=a.verify,
     )
 
 

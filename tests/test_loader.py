@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ki_data.augment import AugmentConfig, augment_image, is_wrist_camera
@@ -14,10 +17,12 @@ from ki_data.loader import (
     LoaderError,
     RowGroup,
     ShardLoader,
+    ShardReadError,
     block_shuffle_order,
     measure_throughput,
 )
 from ki_data.schema import load_manifest, read_rows, shard_paths
+from ki_data.shard_writer import READ_OPTIONS, write_parquet_atomic
 
 
 def _loader(shards, split="train", **kw) -> ShardLoader:
@@ -175,3 +180,96 @@ def test_augment_geometry_only_off_wrist():
 def test_measure_throughput_reports_samples_per_second(demo_shards):
     r = measure_throughput(demo_shards, batch_size=4, num_batches=3, warmup_batches=1)
     assert r["samples_per_s"] > 0 and r["batch_size"] == 4 and r["num_batches"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ damaged shards
+
+
+def _copy_with_train_shard(demo_shards, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(demo_shards, out)
+    return out, shard_paths(out, "train")[0]
+
+
+def _read_until_error(loader) -> tuple[list[dict], ShardReadError]:
+    batches = []
+    with pytest.raises(ShardReadError) as info:
+        for _ in range(100):
+            batches.append(next(loader))
+    return batches, info.value
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_flipped_bytes_in_a_shard_are_named_not_read(demo_shards, tmp_path, num_workers):
+    out, path = _copy_with_train_shard(demo_shards, tmp_path)
+    intact = read_rows(path)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    path.write_bytes(bytes(data))
+    # Which column the flip hit, found independently: the one whose pages fail their checksum when read alone.
+    f = pq.ParquetFile(path, **READ_OPTIONS)
+    assert f.metadata.num_row_groups == 1  # so the loader's first row (shuffle off) is the group's row 0
+
+    def fails(name):
+        try:
+            f.read_row_group(0, columns=[name])
+        except OSError:
+            return True
+        return False
+
+    damaged = [name for name in f.schema_arrow.names if fails(name)]
+    assert len(damaged) == 1
+    with _loader(out, batch_size=4, shuffle=False, num_workers=num_workers) as loader:
+        batches, err = _read_until_error(loader)
+    assert batches == []  # the shard has one row group: not one of its rows is handed on
+    e, fr = int(intact["episode_index"][0]), int(intact["frame_index"][0])
+    assert (err.shard, err.column, err.row_group, err.row) == (str(path), damaged[0], 0, 0)
+    assert (err.episode, err.frame) == (e, fr)
+    msg = str(err)
+    assert "\n" not in msg and str(path) in msg and f"episode {e}, frame {fr}" in msg and f"column {damaged[0]}" in msg
+    assert "CRC checksum verification failed" in msg
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_undecodable_image_in_a_sound_shard_is_named_and_never_batched(demo_shards, tmp_path, num_workers):
+    out, path = _copy_with_train_shard(demo_shards, tmp_path)
+    cam = load_manifest(out)["cameras"][0]
+    table = pq.read_table(path)
+    bad_row = 9  # in the third batch of 4
+    images = table.column(f"image.{cam}").to_pylist()
+    images[bad_row] = images[bad_row][:8] + b"not a png, garbage bytes"  # PNG signature, then nonsense
+    table = table.set_column(table.schema.get_field_index(f"image.{cam}"), table.schema.field(f"image.{cam}"),
+                             pa.array(images, pa.binary()))
+    write_parquet_atomic(table, path)  # a valid parquet file with valid checksums: only the image is broken
+    e, fr = int(table["episode_index"][bad_row].as_py()), int(table["frame_index"][bad_row].as_py())
+    with _loader(out, batch_size=4, shuffle=False, augment=False, num_workers=num_workers) as loader:
+        batches, err = _read_until_error(loader)
+    assert len(batches) == bad_row // 4  # every batch before the damaged row, none from it on
+    assert (e, fr) not in _rows(batches)
+    assert (err.shard, err.column, err.episode, err.frame, err.row) == (str(path), f"image.{cam}", e, fr, bad_row)
+    msg = str(err)
+    assert f"shard {path}: episode {e}, frame {fr}" in msg and f"column image.{cam} cannot be decoded" in msg
+
+
+def test_damaged_shard_in_an_evaluation_pass_is_named(demo_shards, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(demo_shards, out)
+    path = shard_paths(out, "val")[0]
+    cam = load_manifest(out)["cameras"][0]
+    table = pq.read_table(path)
+    images = [b"\x00" * 16] * table.num_rows
+    table = table.set_column(table.schema.get_field_index(f"image.{cam}"), table.schema.field(f"image.{cam}"),
+                             pa.array(images, pa.binary()))
+    write_parquet_atomic(table, path)
+    with _loader(out, "val", batch_size=5, shuffle=False, augment=False, repeat=False, num_workers=2) as loader:
+        batches, err = _read_until_error(loader)
+    assert batches == [] and err.shard == str(path) and err.column == f"image.{cam}"
+    assert (err.episode, err.frame) == (table["episode_index"][0].as_py(), table["frame_index"][0].as_py())
+
+
+def test_unopenable_shard_is_named(demo_shards, tmp_path):
+    out, path = _copy_with_train_shard(demo_shards, tmp_path)
+    path.write_bytes(path.read_bytes()[:100])  # truncated: no footer
+    with pytest.raises(ShardReadError, match=f"shard {path}: cannot be opened"):
+        _loader(out)
