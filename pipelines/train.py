@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
     p.add_argument("--fast-compile", action="store_true",
                    help="CPU: compile the train step without XLA backend optimisation (~3x faster compile, ~2x slower steps)")
-    p.add_argument("--init", metavar="paligemma:PATH", help="start the vision encoder and backbone from a Hugging Face "
-                   "PaliGemma checkpoint directory (the shards must use its text tokenizer)")
+    p.add_argument("--init", metavar="{paligemma,openpi}:PATH",
+                   help="paligemma:PATH starts the vision encoder and backbone from a Hugging Face PaliGemma directory; "
+                   "openpi:PATH the whole model, architecture included, from an openpi pi0.5 checkpoint (the "
+                   "directory holding params/). The shards must use the checkpoint's text tokenizer (PaliGemma's)")
     opt = p.add_argument_group("optimizer (default: the preset's schedule; pi05 = openpi's)")
     opt.add_argument("--peak-lr", type=float)
     opt.add_argument("--warmup-steps", type=int)
