@@ -1,4 +1,8 @@
-"""Pretrained PaliGemma weights from a local Hugging Face checkpoint directory into the π0.5-KI model.
+"""Pretrained weights into the π0.5-KI model: a Hugging Face PaliGemma directory, or an openpi π0.5 checkpoint.
+
+openpi (`params/`, an orbax tree; see the section below): `openpi_config(path, **data_fields)` reads the
+architecture from the stored shapes, `load_openpi(path, config)` checks every name and shape (metadata only) and
+returns a checkpoint with the same `apply_to` / `apply_to_params` as PaliGemma's; it fills the whole model.
 
 A PaliGemma directory (`config.json` + `model.safetensors`, or shards listed by `model.safetensors.index.json`,
 e.g. a copy of `google/paligemma-3b-pt-224`) fills our SigLIP encoder with its projection (`vision`) and the Gemma
@@ -930,6 +934,9 @@ def openpi_config_from_shapes(shapes: dict[str, Shape], where: str = "openpi che
 
 
 def _config_from_found(found: dict[str, _StoredArray], where: Path, fields: dict[str, Any]) -> Pi05KIConfig:
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Pi05KIConfig)})
+    if unknown:
+        raise ConfigError(f"unknown Pi05KIConfig fields {unknown}")
     arch = _openpi_architecture(found, where)
     if fields.get("vocab_size") not in (None, arch["vocab_size"]):  # the likeliest mismatch: say it first
         raise CheckpointError(
@@ -949,8 +956,9 @@ def _config_from_found(found: dict[str, _StoredArray], where: Path, fields: dict
             raise CheckpointError(f"{key} = {value} but the openpi checkpoint {where} has {key} = {arch[key]}")
     try:
         return Pi05KIConfig(**{**fields, **arch})
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{where}: the checkpoint's sizes make no valid model config: {e}") from e
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: the checkpoint's sizes with the given fields make no valid model config: "
+                              f"{e}") from e
 
 
 def openpi_config(params_dir: str | os.PathLike, **fields: Any) -> Pi05KIConfig:
@@ -1126,7 +1134,7 @@ def load_openpi(params_dir: str | os.PathLike, config: Pi05KIConfig) -> OpenpiCh
         num_arrays=mapping.num_arrays,
         num_params=mapping.num_params,
         stored_dtypes=tuple(sorted({a.dtype for a in found.values()})),
-        value_suffix=any(a.key[-1] == "value" and n.split("/")[-1] != "value" for n, a in found.items()),
+        value_suffix=any(len(a.key) == len(n.split("/")) + 2 for n, a in found.items()),  # params/<name>/value
     )
     return OpenpiCheckpoint(path, config, report, found, mapping.rules)
 
