@@ -1,4 +1,4 @@
-"""FAST action tokenizer: DCT over time, scale and round, BPE over the integer stream (DESIGN §3).
+"""FAST action tokenizer: DCT over time, scale and round, BPE over the integer stream (docs/DESIGN.md §3).
 
 A chunk [h, d] becomes h*d integer DCT coefficients, flattened frequency-major (row-major of the [h, d]
 coefficient matrix: every dimension's lowest frequency first). Each integer v is written as the character
@@ -119,8 +119,6 @@ class FastTokenizer:
             # Pieces are runs of coefficient characters: decoding must concatenate them, never insert spaces.
             tokenizer.decoder = decoders.Fuse()
         self.extra_config = dict(extra_config or {})
-        # Coefficients clipped into [min_token, max_token] by encode() since this object was made.
-        self.out_of_range_count = 0
 
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         pieces = [tokenizer.id_to_token(i) for i in range(self.vocab_size)]
@@ -231,22 +229,27 @@ class FastTokenizer:
         return dct_coefficients(chunk, self.scale)
 
     def encode(self, chunk: Float[np.ndarray, "h d"], *, strict: bool = False) -> list[int]:
-        """FAST ids of one chunk. Out-of-range coefficients are clipped and counted, or raise with strict=True."""
-        stream = self._clip(self.coefficients(chunk).reshape(-1), strict=strict)
+        """FAST ids of one chunk. Out-of-range coefficients are clipped (see `encode_counted`), or raise with strict."""
+        return self.encode_counted(chunk, strict=strict)[0]
+
+    def encode_counted(self, chunk: Float[np.ndarray, "h d"], *, strict: bool = False) -> tuple[list[int], int]:
+        """(FAST ids of one chunk, how many of its coefficients were clipped into [min_token, max_token])."""
+        stream, clipped = self._clip(self.coefficients(chunk).reshape(-1), strict=strict)
         text = _to_chars(stream - self.min_token)
         ids = self.tokenizer.encode(text).ids
         self._check_lossless(ids, text)
-        return ids
+        return ids, clipped
 
     def encode_batch(self, chunks: Float[np.ndarray, "n h d"], *, strict: bool = False) -> list[list[int]]:
         """`encode` over many chunks, with the tokenizer's parallel batch path."""
-        texts = [_to_chars(self._clip(self.coefficients(c).reshape(-1), strict=strict) - self.min_token) for c in chunks]
+        texts = [_to_chars(self._clip(self.coefficients(c).reshape(-1), strict=strict)[0] - self.min_token)
+                 for c in chunks]
         out = [e.ids for e in self.tokenizer.encode_batch(texts)]
         for ids, text in zip(out, texts, strict=True):
             self._check_lossless(ids, text)
         return out
 
-    def _clip(self, stream: Int[np.ndarray, " n"], *, strict: bool) -> Int[np.ndarray, " n"]:
+    def _clip(self, stream: Int[np.ndarray, " n"], *, strict: bool) -> tuple[Int[np.ndarray, " n"], int]:
         hi = np.iinfo(np.int64).max if self.max_token is None else self.max_token
         outside = int(np.count_nonzero((stream < self.min_token) | (stream > hi)))
         if outside:
@@ -255,9 +258,8 @@ class FastTokenizer:
                     f"FAST encode: {outside} of {stream.size} coefficients outside the fitted range "
                     f"[{self.min_token}, {self.max_token}] (values {stream.min()}..{stream.max()})"
                 )
-            self.out_of_range_count += outside
             stream = np.clip(stream, self.min_token, hi)
-        return stream
+        return stream, outside
 
     def _check_lossless(self, ids: list[int], text: str) -> None:
         decoded = self._ids_to_text(ids)

@@ -60,3 +60,9 @@ def decode_image(data: bytes) -> UInt8[np.ndarray, "h w 3"]:
 def decode_images(blobs: list[bytes] | np.ndarray) -> UInt8[np.ndarray, "n h w 3"]:
     """Stack of decoded images (all the same size, as in a shard column)."""
     return np.stack([decode_image(b) for b in blobs])
+
+
+def shard_image(img: UInt8[np.ndarray, "h w 3"], size: int) -> bytes:
+    """What a shard stores for one camera frame (and what the Policy round-trips a live frame through): resized with
+    padding to the model resolution, then encoded."""
+    return encode_image(resize_with_pad(img, size))

@@ -20,18 +20,18 @@ import scipy.fft
 from jaxtyping import Bool, Float, Int, UInt8
 from tqdm import tqdm
 
-from ki_data import FastTokenizer, TextTokenizer, build_prompt
+from ki_data.artifacts import DataArtifacts
 from ki_data.images import decode_image
-from ki_data.normalize import NormStats, load_norm_stats, unnormalize
-from ki_data.schema import load_manifest
+from ki_data.manifest import MANIFEST_FILE, ManifestError
+from ki_data.prompt import ACTION_PREFIX, COLUMNS, PromptTokens
+from ki_data.shard_writer import READ_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SHARDS = REPO_ROOT / "runs" / "demo" / "shards"
 DEMO_CHECKPOINT = REPO_ROOT / "runs" / "demo" / "checkpoint"
 
 # The token columns of a shard row, with their lengths taken from the manifest.
-TOKEN_COLUMNS = ("tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask", "token_loss_mask")
-TEXT_COLUMNS = ("text_prompt", "text_prompt_mask")
+TOKEN_COLUMNS, TEXT_COLUMNS = COLUMNS[:4], COLUMNS[4:]
 
 
 class InspectError(ValueError):
@@ -40,49 +40,6 @@ class InspectError(ValueError):
 
 class RowInconsistencyError(InspectError):
     """A shard row's token columns disagree with each other, with its action chunk, or with the prompt builder."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardSet:
-    """An opened shard directory: manifest, tokenizers and normalization statistics."""
-
-    root: Path
-    manifest: dict[str, Any]
-    text_tokenizer: TextTokenizer
-    fast_tokenizer: FastTokenizer
-    norm_stats: dict[str, NormStats]
-
-    @property
-    def cameras(self) -> list[str]:
-        return list(self.manifest["cameras"])
-
-    @property
-    def horizon(self) -> int:
-        return int(self.manifest["action_horizon"])
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.manifest["action_dim"])
-
-    @property
-    def max_token_len(self) -> int:
-        return int(self.manifest["max_token_len"])
-
-    @property
-    def max_text_len(self) -> int:
-        return int(self.manifest["max_text_len"])
-
-    @property
-    def norm_mode(self) -> str:
-        return str(self.manifest.get("norm_mode", "quantile"))
-
-    @property
-    def fast_id_top(self) -> int:
-        """Model id of FAST id 0; FAST id f sits at `fast_id_top - f` (DESIGN §3)."""
-        return int(self.manifest["vocab_size"]) - 1 - int(self.manifest["skip_tokens"])
-
-    def shard_paths(self, split: str | None = None) -> list[Path]:
-        return [self.root / s["path"] for s in self.manifest["shards"] if split is None or s["split"] == split]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,22 +93,15 @@ class Row:
 # Opening shards and finding rows
 
 
-def open_shards(path: str | os.PathLike) -> ShardSet:
+def open_shards(path: str | os.PathLike) -> DataArtifacts:
     """Opens a preprocessing output directory (manifest, norm stats, both tokenizers)."""
     root = Path(path)
-    if not (root / "manifest.json").is_file():
+    if not (root / MANIFEST_FILE).is_file():
         raise InspectError(f"{root}: not a shard directory (no manifest.json); run pipelines.preprocess first")
-    manifest = load_manifest(root)
-    tok = manifest["tokenizers"]
-    text_path = root / tok["text"].get("path", "tokenizer/text.model")
-    fast_path = root / tok["fast"].get("path", "tokenizer/fast")
-    return ShardSet(
-        root=root,
-        manifest=manifest,
-        text_tokenizer=TextTokenizer.load(text_path),
-        fast_tokenizer=FastTokenizer.load(fast_path),
-        norm_stats=load_norm_stats(root / "norm_stats.json"),
-    )
+    try:
+        return DataArtifacts.open(root)
+    except ManifestError as e:
+        raise InspectError(str(e)) from None
 
 
 def _read_columns(path: Path, columns: list[str], filters: list | None = None) -> dict[str, np.ndarray]:
@@ -159,7 +109,7 @@ def _read_columns(path: Path, columns: list[str], filters: list | None = None) -
 
     `filters` (pyarrow's) let parquet skip row groups, so one row does not cost a whole shard of images.
     """
-    table = pq.read_table(path, columns=columns, filters=filters)
+    table = pq.read_table(path, columns=columns, filters=filters, **READ_OPTIONS)
     out: dict[str, np.ndarray] = {}
     for name in columns:
         col = table.column(name).combine_chunks()
@@ -172,8 +122,8 @@ def _read_columns(path: Path, columns: list[str], filters: list | None = None) -
     return out
 
 
-def _row_from_table(shards: ShardSet, shard: Path, split: str, cols: dict[str, np.ndarray], i: int) -> Row:
-    cams = shards.cameras
+def _row_from_table(shards: DataArtifacts, shard: Path, split: str, cols: dict[str, np.ndarray], i: int) -> Row:
+    cams = shards.manifest.cameras
     return Row(
         shard=shard,
         split=split,
@@ -184,7 +134,7 @@ def _row_from_table(shards: ShardSet, shard: Path, split: str, cols: dict[str, n
         images={c: bytes(cols[f"image.{c}"][i]) for c in cams},
         image_masks={c: bool(cols[f"image_mask.{c}"][i]) for c in cams},
         state=cols["state"][i].astype(np.float32),
-        actions=cols["actions"][i].astype(np.float32).reshape(shards.horizon, shards.action_dim),
+        actions=cols["actions"][i].astype(np.float32).reshape(shards.manifest.action_horizon, shards.manifest.action_dim),
         action_is_pad=cols["action_is_pad"][i].astype(bool),
         tokenized_prompt=cols["tokenized_prompt"][i].astype(np.int32),
         tokenized_prompt_mask=cols["tokenized_prompt_mask"][i].astype(bool),
@@ -195,8 +145,8 @@ def _row_from_table(shards: ShardSet, shard: Path, split: str, cols: dict[str, n
     )
 
 
-def _all_columns(shards: ShardSet) -> list[str]:
-    cams = shards.cameras
+def _all_columns(shards: DataArtifacts) -> list[str]:
+    cams = shards.manifest.cameras
     return (
         ["episode_index", "frame_index", "index", "task"]
         + [f"image.{c}" for c in cams]
@@ -206,7 +156,7 @@ def _all_columns(shards: ShardSet) -> list[str]:
 
 
 def load_row(
-    shards: ShardSet, *, episode: int | None = None, frame: int | None = None, index: int | None = None
+    shards: DataArtifacts, *, episode: int | None = None, frame: int | None = None, index: int | None = None
 ) -> Row:
     """One shard row, by (episode, frame) or by the dataset-global `index`; with neither, the first row.
 
@@ -216,9 +166,9 @@ def load_row(
         raise InspectError("give either --index or --episode/--frame, not both")
     if frame is not None and episode is None:
         raise InspectError(f"frame {frame} given without an episode")
-    for entry in shards.manifest["shards"]:
-        path = shards.root / entry["path"]
-        if episode is not None and episode not in entry.get("episodes", [episode]):
+    for entry in shards.manifest.shards:
+        path = shards.root / entry.path
+        if episode is not None and episode not in entry.episodes:
             continue
         keys = _read_columns(path, ["episode_index", "frame_index", "index"])
         if index is not None:
@@ -236,14 +186,14 @@ def load_row(
                     frames = keys["frame_index"][in_episode]
                     raise InspectError(
                         f"{shards.root}: episode {episode} has no frame {frame} "
-                        f"(frames {frames.min()}..{frames.max()} in {entry['path']})"
+                        f"(frames {frames.min()}..{frames.max()} in {entry.path})"
                     )
         else:
             hits = np.array([0]) if len(keys["index"]) else np.array([], dtype=int)
         if len(hits):
             wanted = int(keys["index"][hits[0]])
             cols = _read_columns(path, _all_columns(shards), filters=[("index", "=", wanted)])
-            return _row_from_table(shards, path, entry["split"], cols, 0)
+            return _row_from_table(shards, path, entry.split, cols, 0)
     what = f"index {index}" if index is not None else f"episode {episode}" if episode is not None else "any row"
     raise InspectError(f"{shards.root}: no shard holds {what}")
 
@@ -270,35 +220,27 @@ class TokenRecord:
     text_prompt_mask: bool | None
 
 
-def is_fast_id(shards: ShardSet, ids: Int[np.ndarray, "..."]) -> Bool[np.ndarray, "..."]:
-    """Whether each model id falls in the FAST range of the vocabulary (DESIGN §3)."""
-    ids = np.asarray(ids)
-    lowest = shards.fast_id_top - (shards.fast_tokenizer.vocab_size - 1)
-    return (ids >= lowest) & (ids <= shards.fast_id_top)
-
-
-def fast_ids_of(shards: ShardSet, row: Row) -> list[int]:
+def fast_ids_of(shards: DataArtifacts, row: Row) -> list[int]:
     """The FAST ids of the row's postfix (model ids mapped back), in order."""
-    postfix = row.tokenized_prompt_mask & row.token_ar_mask
-    ids = row.tokenized_prompt[postfix]
-    return [int(shards.fast_id_top - i) for i in ids[is_fast_id(shards, ids)]]
+    ids = row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
+    return shards.prompt.model_to_fast(ids[shards.prompt.is_fast(ids)]).tolist()
 
 
 def segment_of(mask: bool, ar: bool) -> str:
     return "pad" if not mask else "postfix" if ar else "prefix"
 
 
-def token_table(shards: ShardSet, row: Row) -> list[TokenRecord]:
+def token_table(shards: DataArtifacts, row: Row) -> list[TokenRecord]:
     """One record per position 0..max_token_len-1 of the row's token columns."""
-    text = shards.text_tokenizer
+    text = shards.prompt.text
     records = []
     for p in range(len(row.tokenized_prompt)):
         tid = int(row.tokenized_prompt[p])
         mask, ar = bool(row.tokenized_prompt_mask[p]), bool(row.token_ar_mask[p])
         segment = segment_of(mask, ar)
         # Only postfix ids can be FAST: with PaliGemma the FAST range overlaps rare text ids.
-        fast = segment == "postfix" and bool(is_fast_id(shards, tid))
-        fast_id = shards.fast_id_top - tid if fast else None
+        fast = segment == "postfix" and bool(shards.prompt.is_fast(tid))
+        fast_id = shards.prompt.fast_id_top - tid if fast else None
         in_text = p < len(row.text_prompt)
         text_id = int(row.text_prompt[p]) if in_text else None
         records.append(
@@ -330,19 +272,31 @@ def token_table_frame(records: list[TokenRecord]):
     return frame
 
 
-def decoded_segments(shards: ShardSet, row: Row) -> dict[str, str]:
+def decoded_segments(shards: DataArtifacts, row: Row) -> dict[str, str]:
     """The row's prompt as text: prefix, the text around the FAST ids in the postfix, and text_prompt."""
-    text = shards.text_tokenizer
+    text = shards.prompt.text
     prefix = row.tokenized_prompt[row.tokenized_prompt_mask & ~row.token_ar_mask]
     postfix = row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
-    fast = is_fast_id(shards, postfix)
+    fast = shards.prompt.is_fast(postfix)
     first_fast = int(np.argmax(fast)) if fast.any() else len(postfix)
     last_fast = len(postfix) - int(np.argmax(fast[::-1])) if fast.any() else len(postfix)
+
+    def readable(ids: list[int]) -> str:
+        # A damaged row may hold ids the text tokenizer does not have (FAST ids in the prefix): shown, not decoded.
+        out, run = [], []
+        for i in ids:
+            if 0 <= i < text.vocab_size:
+                run.append(i)
+            else:
+                out += [text.decode(run), f"<id {i}>"]
+                run = []
+        return "".join(out + [text.decode(run)])
+
     return {
-        "prefix": text.decode(prefix.tolist()),
-        "text_prompt": text.decode(row.text_prompt[row.text_prompt_mask].tolist()),
-        "postfix_head": text.decode(postfix[:first_fast].tolist()),
-        "postfix_tail": text.decode([i for i in postfix[last_fast:].tolist() if i != text.eos_id]),
+        "prefix": readable(prefix.tolist()),
+        "text_prompt": readable(row.text_prompt[row.text_prompt_mask].tolist()),
+        "postfix_head": readable(postfix[:first_fast].tolist()),
+        "postfix_tail": readable([i for i in postfix[last_fast:].tolist() if i != text.eos_id]),
         "postfix_ends_with_eos": bool(len(postfix) and postfix[-1] == text.eos_id),
     }
 
@@ -382,22 +336,18 @@ def fast_quantization_bound(horizon: int, scale: float) -> float:
     return float(0.5 / scale * np.abs(inverse).sum(axis=1).max())
 
 
-def _unnormalize_actions(shards: ShardSet, x: Float[np.ndarray, "h d"]) -> Float[np.ndarray, "h d"]:
-    return np.asarray(unnormalize(x, shards.norm_stats["actions"], mode=shards.norm_mode), dtype=np.float32)
-
-
-def decode_fast_postfix(shards: ShardSet, row: Row) -> FastDecode:
+def decode_fast_postfix(shards: DataArtifacts, row: Row) -> FastDecode:
     """FastTokenizer.decode of the row's FAST ids, against the stored chunk (raises FastDecodeError if it can't)."""
     ids = fast_ids_of(shards, row)
-    decoded = np.asarray(shards.fast_tokenizer.decode(ids, shards.horizon, shards.action_dim), dtype=np.float32)
+    decoded = np.asarray(shards.prompt.fast.decode(ids, shards.manifest.action_horizon, shards.manifest.action_dim), dtype=np.float32)
     return FastDecode(
         fast_ids=ids,
         decoded=decoded,
         stored=row.actions,
-        decoded_actions=_unnormalize_actions(shards, decoded),
-        stored_actions=_unnormalize_actions(shards, row.actions),
+        decoded_actions=shards.unnormalize_actions(decoded),
+        stored_actions=shards.unnormalize_actions(row.actions),
         action_is_pad=row.action_is_pad,
-        bound=fast_quantization_bound(shards.horizon, float(shards.fast_tokenizer.scale)),
+        bound=fast_quantization_bound(shards.manifest.action_horizon, float(shards.prompt.fast.scale)),
     )
 
 
@@ -411,20 +361,20 @@ def _is_leading_run(mask: Bool[np.ndarray, "l"]) -> bool:
     return bool(mask[:n].all())
 
 
-def row_problems(shards: ShardSet, row: Row) -> list[str]:
+def row_problems(shards: DataArtifacts, row: Row) -> list[str]:
     """Everything wrong with a row's token columns, empty when the row is consistent.
 
-    Checks the mask layout, text_prompt == tokenized_prompt on the prefix (DESIGN §3), the postfix layout
-    `Action: ` FAST… `|` EOS, the loss mask, the FAST decode against the stored chunk, and that
-    `build_prompt` on the row's own task/state/actions gives the very same columns.
+    Checks the mask layout, text_prompt == tokenized_prompt on the prefix (docs/DESIGN.md §3), the postfix layout
+    of its layout ([`Action: `] FAST… `|` EOS), the loss mask, the FAST decode against the stored chunk, and that the
+    prompt builder on the row's own task/state/actions gives the very same columns.
     """
     problems: list[str] = []
     m, ar, loss = row.tokenized_prompt_mask, row.token_ar_mask, row.token_loss_mask
     tmask = row.text_prompt_mask
-    if len(row.tokenized_prompt) != shards.max_token_len:
-        problems.append(f"tokenized_prompt has {len(row.tokenized_prompt)} positions, manifest says {shards.max_token_len}")
-    if len(row.text_prompt) != shards.max_text_len:
-        problems.append(f"text_prompt has {len(row.text_prompt)} positions, manifest says {shards.max_text_len}")
+    if len(row.tokenized_prompt) != shards.manifest.max_token_len:
+        problems.append(f"tokenized_prompt has {len(row.tokenized_prompt)} positions, manifest says {shards.manifest.max_token_len}")
+    if len(row.text_prompt) != shards.manifest.max_text_len:
+        problems.append(f"text_prompt has {len(row.text_prompt)} positions, manifest says {shards.manifest.max_text_len}")
     if not _is_leading_run(m):
         problems.append("tokenized_prompt_mask is not a run of real tokens followed by padding")
     if not _is_leading_run(tmask):
@@ -436,7 +386,7 @@ def row_problems(shards: ShardSet, row: Row) -> list[str]:
     real_ar = ar[m]
     if real_ar.any() and not real_ar[int(np.argmax(real_ar)) :].all():
         problems.append("token_ar_mask is not 0 on the prefix then 1 on the postfix")
-    pad_id = shards.text_tokenizer.pad_id
+    pad_id = shards.prompt.text.pad_id
     if (row.tokenized_prompt[~m] != pad_id).any():
         problems.append(f"tokenized_prompt padding holds ids other than pad ({pad_id})")
     n_prefix, n_text = int((m & ~ar).sum()), int(tmask.sum())
@@ -450,12 +400,15 @@ def row_problems(shards: ShardSet, row: Row) -> list[str]:
     text = decoded_segments(shards, row)
     if not text["prefix"].startswith("Task: ") or "State: " not in text["prefix"]:
         problems.append(f"prefix does not read 'Task: …, State: …': {text['prefix']!r}")
-    if text["postfix_head"].strip() != "Action:":
-        problems.append(f"postfix does not start with 'Action: ': {text['postfix_head']!r}")
-    if text["postfix_tail"].strip() != "|" or not text["postfix_ends_with_eos"]:
-        problems.append(f"postfix does not end with '|' EOS: {text['postfix_tail']!r}")
     postfix = row.tokenized_prompt[m & ar]
-    if (~loss[m & ar][is_fast_id(shards, postfix)]).any():
+    start, end = shards.prompt.start_ids, shards.prompt.end_ids
+    if shards.manifest.prompt_layout == "pi05" and not text["prefix"].endswith(ACTION_PREFIX):
+        problems.append(f"prefix does not end with {ACTION_PREFIX!r} (layout pi05): {text['prefix']!r}")
+    if tuple(postfix[: len(start)].tolist()) != start:
+        problems.append(f"postfix does not start with {ACTION_PREFIX!r} (layout fast): {text['postfix_head']!r}")
+    if tuple(postfix[len(postfix) - len(end) :].tolist()) != end:
+        problems.append(f"postfix does not end with '|' EOS: {text['postfix_tail']!r}")
+    if (~loss[m & ar][shards.prompt.is_fast(postfix)]).any():
         problems.append("some FAST tokens of the postfix are not loss targets")
 
     try:
@@ -471,29 +424,19 @@ def row_problems(shards: ShardSet, row: Row) -> list[str]:
     try:
         rebuilt = rebuild_prompt(shards, row)
     except ValueError as err:  # PromptTooLongError, a FAST chunk that cannot be encoded
-        return problems + [f"build_prompt fails on the row's own task/state/actions: {err}"]
+        return problems + [f"the prompt builder fails on the row's own task/state/actions: {err}"]
     for name in TOKEN_COLUMNS + TEXT_COLUMNS:
         if not np.array_equal(np.asarray(getattr(rebuilt, name)), getattr(row, name)):
-            problems.append(f"{name} differs from build_prompt on the row's own task/state/actions")
+            problems.append(f"{name} differs from the prompt builder on the row's own task/state/actions")
     return problems
 
 
-def rebuild_prompt(shards: ShardSet, row: Row, *, with_actions: bool = True):
-    """build_prompt on the row's task, state and (optionally) actions, with the shard directory's tokenizers."""
-    return build_prompt(
-        row.task,
-        row.state,
-        row.actions if with_actions else None,
-        text_tokenizer=shards.text_tokenizer,
-        fast_tokenizer=shards.fast_tokenizer,
-        max_token_len=shards.max_token_len,
-        max_text_len=shards.max_text_len,
-        vocab_size=int(shards.manifest["vocab_size"]),
-        skip_tokens=int(shards.manifest["skip_tokens"]),
-    )
+def rebuild_prompt(shards: DataArtifacts, row: Row, *, with_actions: bool = True) -> PromptTokens:
+    """The shard directory's prompt builder on the row's task, state and (optionally) actions."""
+    return shards.prompt.build(row.task, row.state, row.actions if with_actions else None)
 
 
-def check_row_consistency(shards: ShardSet, row: Row) -> None:
+def check_row_consistency(shards: DataArtifacts, row: Row) -> None:
     """Raises RowInconsistencyError listing every problem of `row_problems`; silent on a consistent row."""
     problems = row_problems(shards, row)
     if problems:
@@ -554,26 +497,26 @@ class DatasetTokenStats:
         }
 
 
-def dataset_token_stats(shards: ShardSet, *, progress: bool = True) -> DatasetTokenStats:
+def dataset_token_stats(shards: DataArtifacts, *, progress: bool = True) -> DatasetTokenStats:
     """Reads only the token columns of every shard (no images) and counts tokens per row."""
     parts: dict[str, list[np.ndarray]] = {k: [] for k in DatasetTokenStats.__dataclass_fields__ if "max_" not in k}
     names = ["episode_index", "frame_index", "index", "tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask",
              "text_prompt_mask"]
-    for entry in tqdm(shards.manifest["shards"], desc="token stats", unit="shard", disable=not progress):
-        cols = _read_columns(shards.root / entry["path"], names)
+    for entry in tqdm(shards.manifest.shards, desc="token stats", unit="shard", disable=not progress):
+        cols = _read_columns(shards.root / entry.path, names)
         postfix = cols["tokenized_prompt_mask"] & cols["token_ar_mask"]
-        parts["split"].append(np.full(len(cols["index"]), entry["split"], dtype=object))
+        parts["split"].append(np.full(len(cols["index"]), entry.split, dtype=object))
         for key in ("episode_index", "frame_index", "index"):
             parts[key].append(cols[key])
         parts["prompt_length"].append(cols["tokenized_prompt_mask"].sum(axis=1))
         parts["text_length"].append(cols["text_prompt_mask"].sum(axis=1))
-        parts["fast_tokens"].append((postfix & is_fast_id(shards, cols["tokenized_prompt"])).sum(axis=1))
+        parts["fast_tokens"].append((postfix & shards.prompt.is_fast(cols["tokenized_prompt"])).sum(axis=1))
     if not parts["index"]:
         raise InspectError(f"{shards.root}: the manifest lists no shards")
     return DatasetTokenStats(
         **{k: np.concatenate(v) for k, v in parts.items()},
-        max_token_len=shards.max_token_len,
-        max_text_len=shards.max_text_len,
+        max_token_len=shards.manifest.max_token_len,
+        max_text_len=shards.manifest.max_text_len,
     )
 
 
@@ -594,86 +537,6 @@ def check_token_stats(stats: DatasetTokenStats) -> None:
         )
     if problems:
         raise InspectError("; ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model predictions for a row
-
-
-@dataclasses.dataclass(frozen=True)
-class Predictions:
-    """A trained model's two action heads on one row, in original units, next to the stored chunk."""
-
-    truth: Float[np.ndarray, "h d"]
-    flow: Float[np.ndarray, "h d"]
-    fast: Float[np.ndarray, "h d"] | None  # None when the sampled FAST ids did not decode
-    fast_ids: list[int]
-    fast_error: str | None
-    action_is_pad: Bool[np.ndarray, "h"]
-
-    def errors(self) -> dict[str, float | None]:
-        """Mean absolute error of each head over the steps that are not padding."""
-        keep = ~self.action_is_pad
-
-        def mae(x):
-            return None if x is None else float(np.abs(x[keep] - self.truth[keep]).mean())
-
-        return {"flow_mae": mae(self.flow), "fast_mae": mae(self.fast)}
-
-
-def model_predictions(
-    shards: ShardSet,
-    row: Row,
-    checkpoint: str | os.PathLike | None,
-    *,
-    seed: int = 0,
-    num_steps: int | None = None,
-    constrained: bool = True,
-) -> Predictions:
-    """The flow head's actions and the backbone's greedy FAST tokens (decoded) for the row, from a training
-    checkpoint (`pipelines.train --checkpoint-dir`). The checkpoint must have been trained on these shards' layout,
-    tokenizers and normalization."""
-    if checkpoint is None or not str(checkpoint):
-        raise InspectError("model predictions need a checkpoint: pass one (or set KI_CHECKPOINT for the notebook)")
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise InspectError(f"checkpoint {checkpoint} does not exist")
-    # JAX and the model load only when predictions are asked for.
-    import jax
-
-    from ki_model.decoding import parse_fast_sequence
-    from ki_model.observation import Observation
-    from ki_model.policy import Policy
-    from ki_model.train import check_same_data, check_same_norm_stats
-
-    policy = Policy.load(checkpoint, seed=seed)
-    if num_steps is not None:
-        policy.num_steps = num_steps
-    check_same_data(policy.manifest, shards.manifest, shards.root, doing="predict for")
-    check_same_norm_stats(checkpoint, shards.root, doing="predict for")
-    obs = Observation.from_batch(row.as_batch())
-    rng = jax.random.key(seed)
-    flow = policy.sample_normalized(obs, rng)[0]
-    spec = policy.fast_decode_spec()
-    tokens = policy.model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens
-    tokens = np.asarray(tokens)[0]
-    fast_ids = parse_fast_sequence(tokens, spec)
-    fast, fast_error = None, None
-    if fast_ids is None:
-        fast_ids, fast_error = [], f"the sampled tokens break the Action: FAST… | EOS grammar: {tokens.tolist()}"
-    else:
-        try:
-            fast = _unnormalize_actions(shards, shards.fast_tokenizer.decode(fast_ids, shards.horizon, shards.action_dim))
-        except ValueError as err:  # FastDecodeError: an unconstrained sample may not decode; show it, not fail
-            fast_error = str(err)
-    return Predictions(
-        truth=_unnormalize_actions(shards, row.actions),
-        flow=_unnormalize_actions(shards, flow),
-        fast=fast,
-        fast_ids=fast_ids,
-        fast_error=fast_error,
-        action_is_pad=row.action_is_pad,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -700,20 +563,20 @@ def notebook_paths(env: Mapping[str, str] | None = None) -> tuple[Path, Path | N
     return shards, checkpoint
 
 
-def row_summary(shards: ShardSet, row: Row) -> dict[str, Any]:
+def row_summary(shards: DataArtifacts, row: Row) -> dict[str, Any]:
     """A few facts about a row for headers: where it is, its task, lengths against the limits."""
     m = row.tokenized_prompt_mask
     return {
-        "dataset": shards.manifest.get("source", {}).get("repo_id"),
+        "dataset": shards.manifest.source.get("repo_id"),
         "split": row.split,
         "episode": row.episode_index,
         "frame": row.frame_index,
         "index": row.index,
         "task": row.task,
         "prompt_length": int(m.sum()),
-        "max_token_len": shards.max_token_len,
+        "max_token_len": shards.manifest.max_token_len,
         "text_length": int(row.text_prompt_mask.sum()),
-        "max_text_len": shards.max_text_len,
+        "max_text_len": shards.manifest.max_text_len,
         "fast_tokens": len(fast_ids_of(shards, row)),
         "padded_steps": int(row.action_is_pad.sum()),
     }

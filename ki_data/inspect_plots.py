@@ -7,11 +7,24 @@ a notebook shows them with `display(fig)`, a script saves them with `fig.savefig
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
-from jaxtyping import Bool, UInt8
+from jaxtyping import Bool, Float, UInt8
 from matplotlib.figure import Figure
 
-from ki_data.inspect import DatasetTokenStats, FastDecode, Predictions
+from ki_data.inspect import DatasetTokenStats, FastDecode
+
+
+class HeadPredictions(Protocol):
+    """A model's two action heads on one row (what `ki_model.evaluate.predict_row` returns), in the dataset's units."""
+
+    truth: Float[np.ndarray, "h d"]
+    flow: Float[np.ndarray, "h d"]
+    fast: Float[np.ndarray, "h d"] | None
+    action_is_pad: Bool[np.ndarray, " h"]
+
+    def errors(self) -> dict[str, float | None]: ...
 
 TRUTH = "#111827"
 FAST = "#c026d3"
@@ -94,7 +107,7 @@ def token_stats_figure(stats: DatasetTokenStats) -> Figure:
     return fig
 
 
-def predictions_figure(pred: Predictions, dim_names: list[str] | None = None) -> Figure:
+def predictions_figure(pred: HeadPredictions, dim_names: list[str] | None = None) -> Figure:
     """Per action dimension: the stored chunk, the flow head's actions and the decoded FAST prediction."""
     horizon, dims = pred.truth.shape
     err = pred.errors()

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import json
 import threading
 import time
 from pathlib import Path
@@ -34,12 +32,11 @@ import pyarrow.parquet as pq
 from absl import flags
 
 from ki_data.augment import AugmentConfig, augment_image, is_wrist_camera
+from ki_data.manifest import Manifest, ManifestError
 from ki_data.schema import EPISODE_INDEX, FRAME_INDEX
 from ki_data.shard_writer import READ_OPTIONS
 
 Batch = dict[str, np.ndarray]
-
-SPLITS = ("train", "val")
 
 
 class LoaderError(ValueError):
@@ -106,43 +103,38 @@ class RowGroup:
 
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
-    """What a reader needs from manifest.json."""
+    """What a reader needs from the manifest, picklable into grain's workers."""
 
     root: str
     cameras: tuple[str, ...]
     action_horizon: int
     action_dim: int
     files: tuple[str, ...]  # absolute paths of the split's shards, in manifest order
-    fingerprint: str  # sha256 over the split's shard hashes: a saved loader state only fits the same shards
+    fingerprint: str  # a saved loader state only fits the same shards (Manifest.fingerprint)
 
     @classmethod
     def from_dir(cls, shards_dir: str | Path, split: str) -> "ShardSpec":
-        if split not in SPLITS:
-            raise LoaderError(f"unknown split {split!r}; expected one of {SPLITS}")
         root = Path(shards_dir)
-        manifest_path = root / "manifest.json"
-        if not manifest_path.is_file():
-            raise LoaderError(f"{root}: no manifest.json (is this a pipelines.preprocess output directory?)")
-        from ki_data.schema import load_manifest
-
-        manifest = load_manifest(root)
-        entries = [s for s in manifest["shards"] if s["split"] == split]
+        try:
+            manifest = Manifest.load(root)
+            entries = manifest.shard_entries(split)
+        except ManifestError as e:
+            raise LoaderError(str(e)) from None
         if not entries:
             raise LoaderError(f"{root}: the manifest lists no {split!r} shards")
         files = []
         for s in entries:
-            p = Path(s["path"]) if Path(s["path"]).is_absolute() else root / s["path"]
+            p = root / s.path
             if not p.is_file():
-                raise LoaderError(f"{root}: shard {s['path']} listed in manifest.json is missing")
+                raise LoaderError(f"{root}: shard {s.path} listed in manifest.json is missing")
             files.append(str(p))
-        digest = hashlib.sha256("".join(s.get("sha256", s["path"]) for s in entries).encode()).hexdigest()
         return cls(
             root=str(root),
-            cameras=tuple(manifest["cameras"]),
-            action_horizon=int(manifest["action_horizon"]),
-            action_dim=int(manifest["action_dim"]),
+            cameras=manifest.cameras,
+            action_horizon=manifest.action_horizon,
+            action_dim=manifest.action_dim,
             files=tuple(files),
-            fingerprint=digest,
+            fingerprint=manifest.fingerprint(split),
         )
 
 

@@ -1,4 +1,4 @@
-"""LeRobot dataset -> token shards (DESIGN §3-4): the library behind `python -m pipelines.preprocess`.
+"""LeRobot dataset -> token shards (docs/DESIGN.md §3-4): the library behind `python -m pipelines.preprocess`.
 
 Pass 1 (tabular columns only, every selected episode): row checks, normalization statistics, the offline text
 tokenizer (unless one is given) and the FAST tokenizer (unless one is given) fitted on every row's normalized
@@ -35,7 +35,7 @@ from jaxtyping import Bool, Float, Int
 
 from ki_data import schema
 from ki_data.fast_tokenizer import FastTokenizer, dct_coefficients
-from ki_data.images import encode_image, resize_with_pad
+from ki_data.images import shard_image
 from ki_data.lerobot_source import (
     ACTION_KEY,
     STATE_KEY,
@@ -45,16 +45,9 @@ from ki_data.lerobot_source import (
     ensure_local,
     open_lerobot_dataset,
 )
-from ki_data.normalize import NormStats, compute_stats, load_norm_stats, normalize, save_norm_stats, unnormalize
-from ki_data.prompt import (
-    PromptTokens,
-    PromptTooLongError,
-    build_prompt,
-    format_text_prompt,
-    model_to_fast_ids,
-    model_vocab_size,
-    postfix_pieces,
-)
+from ki_data.normalize import NormStats, compute_stats, load_norm_stats, normalize, save_norm_stats
+from ki_data.manifest import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, Manifest, ShardEntry, TokenizerEntry
+from ki_data.prompt import DEFAULT_LAYOUT, LAYOUTS, PromptBuilder, PromptTokens, PromptTooLongError, prefix_text, vocab_layout
 from ki_data.shard_writer import atomic_copy, atomic_write_json, remove_temp_files, sha256_file, write_parquet_atomic
 from ki_data.text_tokenizer import TextTokenizer
 
@@ -62,9 +55,6 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".ki_progress"
 STATE_FILE = "state.json"
-# PaliGemma's tokenizer: FAST ids overlay the top of its vocabulary, skipping its 128 special tokens (openpi).
-PALIGEMMA_VOCAB_SIZE = 257152
-PALIGEMMA_SKIP_TOKENS = 128
 # Prompts the offline text tokenizer is trained on (evenly spaced over all rows): plenty for a small vocabulary.
 TEXT_TRAIN_MAX_TEXTS = 20_000
 # Above this many chunks the FAST fit uses an even subsample plus the chunks holding each extreme coefficient,
@@ -114,6 +104,7 @@ class PreprocessConfig:
     seed: int = 0
     shard_rows: int = 1000  # target rows per shard (a shard holds whole episodes)
     norm_mode: str = "quantile"
+    prompt_layout: str = DEFAULT_LAYOUT  # ki_data.prompt.LAYOUTS
     skip_bad_rows: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -140,6 +131,7 @@ class PreprocessConfig:
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.shard_rows >= 1, f"shard_rows must be >= 1, got {self.shard_rows}"),
             (self.norm_mode in ("quantile", "zscore"), f"norm_mode must be quantile or zscore, got {self.norm_mode}"),
+            (self.prompt_layout in LAYOUTS, f"prompt_layout must be one of {LAYOUTS}, got {self.prompt_layout}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -169,9 +161,8 @@ class ShardResult:
     fast_clipped: int
     reused: bool = False
 
-    def manifest_entry(self) -> dict:
-        return {"path": self.path, "split": self.split, "rows": self.rows, "sha256": self.sha256,
-                "bytes": self.bytes, "episodes": self.episodes}
+    def manifest_entry(self) -> ShardEntry:
+        return ShardEntry(self.path, self.split, self.rows, self.sha256, self.bytes, tuple(self.episodes))
 
 
 # ------------------------------------------------------------------------------------------------ row checks
@@ -314,7 +305,7 @@ def split_episodes(episodes: list[int], val_fraction: float, seed: int) -> tuple
 def plan_shards(spec: DatasetSpec, splits: dict[str, list[int]], shard_rows: int) -> list[ShardPlan]:
     """Consecutive episodes of a split grouped until a shard reaches `shard_rows` frames."""
     plans = []
-    for split in schema.SPLITS:
+    for split in SPLITS:
         group, frames, number = [], 0, 0
         for ep in splits.get(split, []):
             group.append(ep)
@@ -436,7 +427,7 @@ def run_pass1(
         lo, hi = np.searchsorted(text_pick, [offset, offset + len(rows)])
         for r in rows[text_pick[lo:hi] - offset]:
             state = normalize(cols.state[r], stats["state"], cfg.norm_mode)
-            corpus.append(format_text_prompt(spec.tasks[int(cols.task_index[r])], state))
+            corpus.append(prefix_text(spec.tasks[int(cols.task_index[r])], state, cfg.prompt_layout))
         offset += len(rows)
 
     text_dst = out / schema.TEXT_TOKENIZER_FILE
@@ -460,13 +451,6 @@ def run_pass1(
     return Pass1Result(stats=stats, rejected=dict(rejected), frames=frames)
 
 
-def vocab_layout(text: TextTokenizer, fast: FastTokenizer, user_text: bool) -> tuple[int, int]:
-    """(vocab_size, skip_tokens): PaliGemma's overlay convention for its tokenizer, else FAST above the text ids."""
-    if user_text and text.vocab_size == PALIGEMMA_VOCAB_SIZE:
-        return PALIGEMMA_VOCAB_SIZE, PALIGEMMA_SKIP_TOKENS
-    return model_vocab_size(text, fast, 0), 0
-
-
 # ------------------------------------------------------------------------------------------------ pass 2
 
 
@@ -481,6 +465,7 @@ class Pass2Context:
     image_size: int
     horizon: int
     norm_mode: str
+    prompt_layout: str
     vocab_size: int
     skip_tokens: int
     skip_bad_rows: bool
@@ -493,37 +478,36 @@ class _Worker:
     def __init__(self, ctx: Pass2Context):
         self.ctx = ctx
         self.reader = EpisodeReader(ctx.spec)
-        self.text = TextTokenizer.load(ctx.out / schema.TEXT_TOKENIZER_FILE)
-        self.fast = FastTokenizer.load(ctx.out / schema.FAST_TOKENIZER_DIR)
+        self.prompt = PromptBuilder(
+            TextTokenizer.load(ctx.out / schema.TEXT_TOKENIZER_FILE),
+            FastTokenizer.load(ctx.out / schema.FAST_TOKENIZER_DIR),
+            layout=ctx.prompt_layout, max_token_len=ctx.layout.max_token_len, max_text_len=ctx.layout.max_text_len,
+            vocab_size=ctx.vocab_size, skip_tokens=ctx.skip_tokens,
+        )
         self.stats = load_norm_stats(ctx.out / schema.NORM_STATS_FILE)
 
-    def _prompts(self, cols: EpisodeColumns, ok: np.ndarray, codes: np.ndarray, state: np.ndarray,
-                 chunks: np.ndarray) -> dict[int, PromptTokens]:
-        """Prompt tokens of the usable rows; a too-long prompt is an error, or (skipping) marks its row bad."""
+    def _prompts(self, cols: EpisodeColumns, ok: np.ndarray, state: np.ndarray,
+                 chunks: np.ndarray) -> tuple[dict[int, PromptTokens], list[int]]:
+        """(prompt tokens of the usable rows, rows whose prompt is too long): too long is an error unless skipping."""
         ctx, spec = self.ctx, self.ctx.spec
-        prompts = {}
+        prompts, too_long = {}, []
         for r in np.flatnonzero(ok):
             try:
-                prompts[int(r)] = build_prompt(
-                    spec.tasks[int(cols.task_index[r])], state[r], chunks[r], text_tokenizer=self.text,
-                    fast_tokenizer=self.fast, max_token_len=ctx.layout.max_token_len,
-                    max_text_len=ctx.layout.max_text_len, vocab_size=ctx.vocab_size, skip_tokens=ctx.skip_tokens,
-                )
+                prompts[int(r)] = self.prompt.build(spec.tasks[int(cols.task_index[r])], state[r], chunks[r])
             except PromptTooLongError as e:
                 if not ctx.skip_bad_rows:
                     raise _bad_input(spec, cols.episode_index, int(cols.frame_index[r]),
                                      f"the {e.field} needs {e.length} tokens but the limit is {e.limit} "
                                      f"(raise --max-token-len / --max-text-len)") from None
-                ok[r] = False
-                codes[r] = REASONS.index(PROMPT_TOO_LONG)
-        return prompts
+                too_long.append(int(r))
+        return prompts, too_long
 
     def _images(self, cols: EpisodeColumns, camera_key: str, ok: np.ndarray) -> list[bytes]:
         """Every frame decoded in order (sequential video decode); kept rows resized, padded and PNG-encoded."""
         images = []
         for k, frame in enumerate(self.reader.iter_frames(cols.episode_index, camera_key, cols.timestamp)):
             if ok[k]:
-                images.append(encode_image(resize_with_pad(frame, self.ctx.image_size)))
+                images.append(shard_image(frame, self.ctx.image_size))
         if len(images) != int(ok.sum()):
             raise BadInputError(
                 f"LeRobot dataset '{self.ctx.spec.repo_id}', episode {cols.episode_index}: camera {camera_key} "
@@ -542,7 +526,9 @@ class _Worker:
         state = normalize(np.nan_to_num(cols.state), self.stats["state"], ctx.norm_mode)
         actions = normalize(np.nan_to_num(cols.actions), self.stats["actions"], ctx.norm_mode)
         chunks, is_pad = action_chunks(actions, ctx.horizon)
-        prompts = self._prompts(cols, ok, codes, state, chunks)
+        prompts, too_long = self._prompts(cols, ok, state, chunks)
+        ok[too_long] = False
+        codes[too_long] = REASONS.index(PROMPT_TOO_LONG)
 
         rows = np.flatnonzero(ok)
         out: dict[str, Any] = {}
@@ -565,7 +551,6 @@ class _Worker:
         """Process the plan's episodes in order and write them as one shard (atomically, then its sidecar)."""
         ctx = self.ctx
         parts, rejected, prompts, frames = [], collections.Counter(), [], 0
-        clipped_before = self.fast.out_of_range_count
         for ep in plan.episodes:
             columns, rej, kept = self.episode_columns(ep)
             if kept:
@@ -589,7 +574,7 @@ class _Worker:
             sha256=written.sha256, bytes=written.bytes, frames=frames, rejected=dict(sorted(rejected.items())),
             fast_tokens=_sum_max_count([p.num_fast_tokens for p in prompts]),
             prompt_tokens=_sum_max_count([int(p.tokenized_prompt_mask.sum()) for p in prompts]),
-            fast_clipped=self.fast.out_of_range_count - clipped_before,
+            fast_clipped=sum(p.fast_clipped for p in prompts),
         )
         sidecar = dataclasses.asdict(result) | {"fingerprint": ctx.fingerprint}
         sidecar.pop("reused")
@@ -696,22 +681,22 @@ def run_pass2(ctx: Pass2Context, plans: list[ShardPlan], workers: int, progress:
 @dataclasses.dataclass
 class PreprocessResult:
     out_dir: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def summary(self) -> dict:
-        return self.manifest["summary"]
+        return self.manifest.summary
 
     def summary_text(self) -> str:
         s = self.summary
         rejected = ", ".join(f"{k} {v}" for k, v in s["rows_rejected"].items()) or "none"
         lines = [
-            f"preprocessed {self.manifest['source']['repo_id']} -> {self.out_dir}",
+            f"preprocessed {self.manifest.source['repo_id']} -> {self.out_dir}",
             f"  episodes {s['episodes']} (train {s['episodes_train']}, val {s['episodes_val']}), frames {s['frames']:,}"
             f" -> rows {s['rows']:,} in {s['shards']} shard(s), {s['bytes'] / 1e6:.1f} MB",
             f"  FAST tokens per chunk: mean {s['fast_tokens_per_chunk']['mean']:.1f}, max "
             f"{s['fast_tokens_per_chunk']['max']}; prompt tokens: mean {s['prompt_tokens']['mean']:.1f}, max "
-            f"{s['prompt_tokens']['max']} of {self.manifest['max_token_len']}",
+            f"{s['prompt_tokens']['max']} of {self.manifest.max_token_len}",
             f"  rows rejected: {rejected}",
             f"  wall time {s['seconds']:.1f} s ({s['frames_per_second']:.0f} frames/s, {s['workers']} worker(s); "
             + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds_by_phase"].items()) + ")"
@@ -724,7 +709,7 @@ class PreprocessResult:
 
 def _clear_output(out: Path) -> None:
     """Remove what a preprocessing run writes (and nothing else)."""
-    for name in (schema.MANIFEST_FILE, schema.NORM_STATS_FILE):
+    for name in (MANIFEST_FILE, schema.NORM_STATS_FILE):
         (out / name).unlink(missing_ok=True)
     for name in (schema.SHARDS_DIR, "tokenizer", PROGRESS_DIR):
         if (out / name).exists():
@@ -737,7 +722,7 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
     if out.exists() and any(out.iterdir()):
         if overwrite:
             _clear_output(out)
-        elif (out / schema.MANIFEST_FILE).exists():
+        elif (out / MANIFEST_FILE).exists():
             raise OutputExistsError(
                 f"{out} already holds a finished preprocessing run; pass --overwrite to replace it or --output to "
                 f"write elsewhere"
@@ -801,7 +786,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         options["text_tokenizer"] = sha256_file(Path(cfg.text_tokenizer))
     if cfg.fast_tokenizer:
         options["fast_tokenizer"] = _dir_sha(Path(cfg.fast_tokenizer))
-    fingerprint = _fingerprint({"schema_version": schema.SCHEMA_VERSION, "source": _source_identity(spec),
+    fingerprint = _fingerprint({"schema_version": SCHEMA_VERSION, "source": _source_identity(spec),
                                 "options": options, "cameras": cameras})
     state = _prepare_output(out, fingerprint, cfg.overwrite)
     remove_temp_files(out)
@@ -820,7 +805,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
 
     text = TextTokenizer.load(out / schema.TEXT_TOKENIZER_FILE)
     fast = FastTokenizer.load(out / schema.FAST_TOKENIZER_DIR)
-    vocab_size, skip_tokens = vocab_layout(text, fast, user_text=bool(cfg.text_tokenizer))
+    vocab_size, skip_tokens = vocab_layout(text, fast)
     layout = schema.ShardLayout(
         cameras=tuple(cameras), state_dim=spec.state_dim, action_dim=spec.action_dim,
         action_horizon=cfg.action_horizon, max_token_len=cfg.max_token_len, max_text_len=cfg.max_text_len,
@@ -828,7 +813,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     shard_fingerprint = _fingerprint([fingerprint, state["pass1"], vocab_size, skip_tokens])
     ctx = Pass2Context(
         spec=spec, out=out, cameras=cameras, layout=layout, image_size=cfg.image_size, horizon=cfg.action_horizon,
-        norm_mode=cfg.norm_mode, vocab_size=vocab_size, skip_tokens=skip_tokens, skip_bad_rows=cfg.skip_bad_rows,
+        norm_mode=cfg.norm_mode, prompt_layout=cfg.prompt_layout, vocab_size=vocab_size, skip_tokens=skip_tokens, skip_bad_rows=cfg.skip_bad_rows,
         fingerprint=shard_fingerprint,
     )
 
@@ -851,18 +836,52 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         raise BadInputError(f"LeRobot dataset '{spec.repo_id}': every row was rejected ({dict(rejected)})")
 
     timings["total"] = time.perf_counter() - t0
-    manifest = _manifest(cfg, spec, cameras, layout, text, fast, vocab_size, skip_tokens, train, val, results,
+    manifest = _manifest(cfg, spec, cameras, layout, vocab_size, skip_tokens, {"train": train, "val": val}, results,
                          timings, workers)
-    schema.write_manifest(out, manifest)
+    manifest.save(out)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return PreprocessResult(out_dir=out, manifest=manifest)
 
 
-def _manifest(cfg, spec, cameras, layout, text, fast, vocab_size, skip_tokens, train, val, results, timings,
-              workers) -> dict:
+def _manifest(cfg: PreprocessConfig, spec: DatasetSpec, cameras: dict[str, str], layout: schema.ShardLayout,
+              vocab_size: int, skip_tokens: int, splits: dict[str, list[int]], results: list[ShardResult],
+              timings: dict[str, float], workers: int) -> Manifest:
+    out = cfg.output_dir
+    text = TextTokenizer.load(out / schema.TEXT_TOKENIZER_FILE)
+    fast = FastTokenizer.load(out / schema.FAST_TOKENIZER_DIR)
+    return Manifest(
+        source={"repo_id": spec.repo_id, "root": str(spec.root), "codebase_version": spec.codebase_version},
+        fps=spec.fps,
+        cameras=tuple(cameras),
+        camera_keys=dict(cameras),
+        image_size=cfg.image_size,
+        image_format="png",
+        action_horizon=layout.action_horizon,
+        state_dim=layout.state_dim,
+        action_dim=layout.action_dim,
+        max_token_len=layout.max_token_len,
+        max_text_len=layout.max_text_len,
+        vocab_size=vocab_size,
+        skip_tokens=skip_tokens,
+        prompt_layout=cfg.prompt_layout,
+        tokenizers={
+            "text": TokenizerEntry(schema.TEXT_TOKENIZER_FILE, "user" if cfg.text_tokenizer else "trained",
+                                   text.vocab_size, text.sha256),
+            "fast": TokenizerEntry(schema.FAST_TOKENIZER_DIR, "user" if cfg.fast_tokenizer else "fitted",
+                                   fast.vocab_size, _dir_sha(out / schema.FAST_TOKENIZER_DIR), scale=fast.scale),
+        },
+        norm_mode=cfg.norm_mode,
+        splits={k: tuple(v) for k, v in splits.items()},
+        shards=tuple(r.manifest_entry() for r in results),
+        options=cfg.options(),
+        summary=_summary(splits, results, timings, workers),
+        norm_stats=schema.NORM_STATS_FILE,
+    )
+
+
+def _summary(splits: dict[str, list[int]], results: list[ShardResult], timings: dict[str, float], workers: int) -> dict:
     seconds = timings["total"]
     frames = sum(r.frames for r in results)
-    rows = sum(r.rows for r in results)
     rejected: collections.Counter = collections.Counter()
     for r in results:
         rejected.update(r.rejected)
@@ -870,54 +889,25 @@ def _manifest(cfg, spec, cameras, layout, text, fast, vocab_size, skip_tokens, t
                                   sum(r.fast_tokens[2] for r in results))
     pr_sum, pr_max, pr_n = (sum(r.prompt_tokens[0] for r in results), max(r.prompt_tokens[1] for r in results),
                             sum(r.prompt_tokens[2] for r in results))
-    out = cfg.output_dir
     return {
-        "schema_version": schema.SCHEMA_VERSION,
-        "source": {"repo_id": spec.repo_id, "root": str(spec.root), "codebase_version": spec.codebase_version},
-        "fps": spec.fps,
-        "cameras": list(cameras),
-        "camera_keys": dict(cameras),
-        "image_size": cfg.image_size,
-        "image_format": "png",
-        "action_horizon": layout.action_horizon,
-        "state_dim": layout.state_dim,
-        "action_dim": layout.action_dim,
-        "max_token_len": layout.max_token_len,
-        "max_text_len": layout.max_text_len,
-        "vocab_size": vocab_size,
-        "skip_tokens": skip_tokens,
-        "tokenizers": {
-            "text": {"path": schema.TEXT_TOKENIZER_FILE, "kind": "user" if cfg.text_tokenizer else "trained",
-                     "vocab_size": text.vocab_size, "sha256": text.sha256},
-            "fast": {"path": schema.FAST_TOKENIZER_DIR, "kind": "user" if cfg.fast_tokenizer else "fitted",
-                     "vocab_size": fast.vocab_size, "scale": fast.scale,
-                     "sha256": _dir_sha(out / schema.FAST_TOKENIZER_DIR)},
-        },
-        "norm_mode": cfg.norm_mode,
-        "norm_stats": schema.NORM_STATS_FILE,
-        "options": cfg.options(),
-        "splits": {"train": list(train), "val": list(val)},
-        "shards": [r.manifest_entry() for r in results],
-        "summary": {
-            "episodes": len(train) + len(val),
-            "episodes_train": len(train),
-            "episodes_val": len(val),
-            "frames": frames,
-            "rows": rows,
-            "rows_train": sum(r.rows for r in results if r.split == "train"),
-            "rows_val": sum(r.rows for r in results if r.split == "val"),
-            "shards": len(results),
-            "bytes": sum(r.bytes for r in results),
-            "fast_tokens_per_chunk": {"mean": fast_sum / max(fast_n, 1), "max": fast_max},
-            "prompt_tokens": {"mean": pr_sum / max(pr_n, 1), "max": pr_max},
-            "rows_rejected": dict(sorted(rejected.items())),
-            "fast_values_clipped": sum(r.fast_clipped for r in results),
-            "seconds": round(seconds, 3),
-            "seconds_by_phase": {k: round(v, 3) for k, v in timings.items() if k != "total"},
-            "frames_per_second": frames / max(seconds, 1e-9),
-            "workers": workers,
-            "shards_reused": sum(r.reused for r in results),
-        },
+        "episodes": len(splits["train"]) + len(splits["val"]),
+        "episodes_train": len(splits["train"]),
+        "episodes_val": len(splits["val"]),
+        "frames": frames,
+        "rows": sum(r.rows for r in results),
+        "rows_train": sum(r.rows for r in results if r.split == "train"),
+        "rows_val": sum(r.rows for r in results if r.split == "val"),
+        "shards": len(results),
+        "bytes": sum(r.bytes for r in results),
+        "fast_tokens_per_chunk": {"mean": fast_sum / max(fast_n, 1), "max": fast_max},
+        "prompt_tokens": {"mean": pr_sum / max(pr_n, 1), "max": pr_max},
+        "rows_rejected": dict(sorted(rejected.items())),
+        "fast_values_clipped": sum(r.fast_clipped for r in results),
+        "seconds": round(seconds, 3),
+        "seconds_by_phase": {k: round(v, 3) for k, v in timings.items() if k != "total"},
+        "frames_per_second": frames / max(seconds, 1e-9),
+        "workers": workers,
+        "shards_reused": sum(r.reused for r in results),
     }
 
 
@@ -925,37 +915,31 @@ def _manifest(cfg, spec, cameras, layout, text, fast, vocab_size, skip_tokens, t
 
 
 def describe_rows(out_dir: str | Path, n: int = 3) -> str:
-    """A few decoded rows of the first train shard: task, decoded text prompt, FAST count, action chunk head."""
-    out = Path(out_dir)
-    manifest = schema.load_manifest(out)
-    text = TextTokenizer.load(out / manifest["tokenizers"]["text"]["path"])
-    fast = FastTokenizer.load(out / manifest["tokenizers"]["fast"]["path"])
-    stats = load_norm_stats(out / schema.NORM_STATS_FILE)
-    mode = manifest.get("norm_mode", "quantile")
-    vocab, skip = manifest["vocab_size"], manifest["skip_tokens"]
-    horizon, dim = manifest["action_horizon"], manifest["action_dim"]
-    shards = [s for s in manifest["shards"] if s["rows"] > 0]
+    """A few decoded rows of the first shard with rows: task, decoded text prompt, FAST count, action chunk head."""
+    from ki_data.artifacts import DataArtifacts
+
+    art = DataArtifacts.open(out_dir)
+    m = art.manifest
+    shards = [s for s in m.shards if s.rows > 0]
     if not shards:
-        return f"{out}: no rows"
-    cols = schema.read_rows(out / shards[0]["path"])
-    prefix_ids, end_ids = postfix_pieces(text)
-    lines = [f"{min(n, len(cols[schema.INDEX]))} row(s) of {out / shards[0]['path']}:"]
+        return f"{art.root}: no rows"
+    path = art.root / shards[0].path
+    cols = schema.read_rows(path)
+    lines = [f"{min(n, len(cols[schema.INDEX]))} row(s) of {path}:"]
     for r in range(min(n, len(cols[schema.INDEX]))):
         text_ids = cols[schema.TEXT_PROMPT][r][cols[schema.TEXT_PROMPT_MASK][r]]
         postfix = cols[schema.TOKENIZED_PROMPT][r][cols[schema.TOKEN_AR_MASK][r]]
-        fast_model_ids = postfix[len(prefix_ids) : len(postfix) - len(end_ids)]
-        fast_ids = model_to_fast_ids(fast_model_ids, vocab, skip)
-        decoded = fast.decode(fast_ids, horizon, dim)
+        decoded = art.prompt.postfix_actions(postfix, m.action_horizon, m.action_dim)
         stored = cols[schema.ACTIONS][r]
-        head = unnormalize(stored[:3], stats["actions"], mode).astype(np.float64)  # float64: prints short
+        head = art.unnormalize_actions(stored[:3]).astype(np.float64)  # float64: prints short
         lines += [
             f"- episode {cols[schema.EPISODE_INDEX][r]}, frame {cols[schema.FRAME_INDEX][r]} "
             f"(dataset index {cols[schema.INDEX][r]})",
             f"    task:        {cols[schema.TASK][r]}",
-            f"    text prompt: {text.decode(text_ids.tolist())!r} ({len(text_ids)} tokens)",
-            f"    FAST tokens: {len(fast_ids)} (decoded chunk vs stored: max |diff| "
+            f"    text prompt: {art.prompt.text.decode(text_ids.tolist())!r} ({len(text_ids)} tokens)",
+            f"    FAST tokens: {len(art.prompt.fast_ids_of_postfix(postfix))} (decoded chunk vs stored: max |diff| "
             f"{np.abs(decoded - stored).max():.3f} in normalized units)",
-            f"    actions:     first {len(head)} of {horizon} steps {np.round(head, 2).tolist()}"
+            f"    actions:     first {len(head)} of {m.action_horizon} steps {np.round(head, 2).tolist()}"
             f" (pad steps {int(cols[schema.ACTION_IS_PAD][r].sum())})",
         ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Token shard layout (DESIGN §4): file names, column names, the Arrow schema, manifest and row reading.
+"""Token shard layout (docs/DESIGN.md §4): file names, column names, the Arrow schema and row reading (the manifest: manifest.py).
 
 One row per frame. Vector columns are Arrow fixed-size lists; `actions` is the [horizon, action_dim] chunk
 flattened row-major, and `read_rows` gives it back as [n, horizon, action_dim].
@@ -7,7 +7,6 @@ flattened row-major, and `read_rows` gives it back as [n, horizon, action_dim].
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ki_data.shard_writer import READ_OPTIONS, atomic_write_json
+from ki_data.manifest import SCHEMA_VERSION
+from ki_data.shard_writer import READ_OPTIONS
 
-SCHEMA_VERSION = 1
-
-MANIFEST_FILE = "manifest.json"
 NORM_STATS_FILE = "norm_stats.json"
 FAST_TOKENIZER_DIR = "tokenizer/fast"
 TEXT_TOKENIZER_FILE = "tokenizer/text.model"
 SHARDS_DIR = "shards"
-SPLITS = ("train", "val")
 
 EPISODE_INDEX = "episode_index"
 FRAME_INDEX = "frame_index"
@@ -47,10 +43,6 @@ IMAGE_MASK_PREFIX = "image_mask."
 _META_VERSION = b"ki.schema_version"
 _META_HORIZON = b"ki.action_horizon"
 _META_ACTION_DIM = b"ki.action_dim"
-
-
-class ManifestError(ValueError):
-    """A shard directory whose manifest is missing, unreadable, or from another schema version."""
 
 
 def image_column(camera: str) -> str:
@@ -162,28 +154,3 @@ def read_rows(path: Path | str, columns: list[str] | None = None) -> dict[str, n
         horizon, action_dim = int(meta[_META_HORIZON]), int(meta[_META_ACTION_DIM])
         out[ACTIONS] = out[ACTIONS].reshape(-1, horizon, action_dim)
     return out
-
-
-def write_manifest(out_dir: Path | str, manifest: dict) -> None:
-    atomic_write_json(Path(out_dir) / MANIFEST_FILE, manifest)
-
-
-def load_manifest(out_dir: Path | str) -> dict:
-    """The manifest of a finished preprocessing run, checked for the schema version this code reads."""
-    path = Path(out_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise ManifestError(f"{path} does not exist: {out_dir} is not a finished preprocessing output")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from None
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ManifestError(f"{path} has schema_version {version!r}; this code reads version {SCHEMA_VERSION}")
-    return manifest
-
-
-def shard_paths(out_dir: Path | str, split: str | None = None) -> list[Path]:
-    """Absolute shard paths listed in the manifest, optionally of one split."""
-    manifest = load_manifest(out_dir)
-    return [Path(out_dir) / s["path"] for s in manifest["shards"] if split is None or s["split"] == split]

@@ -22,7 +22,7 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 _NUM_SPECIAL = 4
 _NUM_BYTE_PIECES = 256
 
-# Added to every training corpus so the prompt template and the state bins (0..255, DESIGN §3) get compact pieces
+# Added to every training corpus so the prompt template and the state bins (0..255, docs/DESIGN.md §3) get compact pieces
 # even when the caller passes bare task strings.
 _TEMPLATE_TEXTS: tuple[str, ...] = (
     *("Task: , State: ;\n" for _ in range(8)),

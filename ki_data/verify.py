@@ -17,7 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ki_data.loader import LoaderError
-from ki_data.schema import SHARDS_DIR, ManifestError, load_manifest
+from ki_data.manifest import Manifest
+from ki_data.schema import SHARDS_DIR
 
 _BLOCK = 1 << 22  # 4 MiB reads: hashlib releases the GIL on blocks this size, so threads hash in parallel
 
@@ -74,19 +75,6 @@ def _sha256(path: Path, bar: tqdm) -> str | OSError:
     return h.hexdigest()
 
 
-def _entries(out: Path) -> list[dict]:
-    manifest = load_manifest(out)
-    entries = manifest.get("shards")
-    if not isinstance(entries, list):
-        raise ManifestError(f"{out / 'manifest.json'} lists no shards")
-    for s in entries:
-        missing = [k for k in ("path", "sha256", "bytes") if k not in s]
-        if missing:
-            where = f"{out / 'manifest.json'}: shard entry {s.get('path', s)!r}"
-            raise ManifestError(f"{where} has no {', '.join(missing)}")
-    return entries
-
-
 def verify_shards(out_dir: str | Path, *, quick: bool = False, progress: bool = True, workers: int = 4) -> VerifyReport:
     """Compare every shard listed in `out_dir`/manifest.json with its recorded size and (unless `quick`) sha256.
 
@@ -94,29 +82,29 @@ def verify_shards(out_dir: str | Path, *, quick: bool = False, progress: bool = 
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    entries = _entries(out)
-    paths = {s["path"]: Path(s["path"]) if Path(s["path"]).is_absolute() else out / s["path"] for s in entries}
+    entries = Manifest.load(out).shards
+    paths = {s.path: out / s.path for s in entries}
     problems: dict[str, str] = {}
     to_hash = []
     for s in entries:
-        p = paths[s["path"]]
+        p = paths[s.path]
         if not p.is_file():
-            problems[s["path"]] = "missing"
-        elif (size := p.stat().st_size) != s["bytes"]:
-            problems[s["path"]] = f"size {size} bytes, manifest.json says {s['bytes']}"
+            problems[s.path] = "missing"
+        elif (size := p.stat().st_size) != s.bytes:
+            problems[s.path] = f"size {size} bytes, manifest.json says {s.bytes}"
         elif not quick:
             to_hash.append(s)
-    total = sum(s["bytes"] for s in to_hash)
+    total = sum(s.bytes for s in to_hash)
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify shards", disable=not progress or quick) as bar:
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            hashed = pool.map(lambda s: _sha256(paths[s["path"]], bar), to_hash)
-            digests = {s["path"]: h for s, h in zip(to_hash, hashed)}
+            hashed = pool.map(lambda s: _sha256(paths[s.path], bar), to_hash)
+            digests = {s.path: h for s, h in zip(to_hash, hashed)}
     for s in to_hash:
-        digest = digests[s["path"]]
+        digest = digests[s.path]
         if isinstance(digest, OSError):
-            problems[s["path"]] = f"unreadable: {digest.strerror or digest}"
-        elif digest != s["sha256"]:
-            problems[s["path"]] = "sha256 differs from manifest.json"
+            problems[s.path] = f"unreadable: {digest.strerror or digest}"
+        elif digest != s.sha256:
+            problems[s.path] = "sha256 differs from manifest.json"
     listed = {p.resolve() for p in paths.values()}
     shard_dir = out / SHARDS_DIR
     found = shard_dir.glob("*.parquet") if shard_dir.is_dir() else []
@@ -126,7 +114,7 @@ def verify_shards(out_dir: str | Path, *, quick: bool = False, progress: bool = 
         shards=len(entries),
         bytes_read=total,
         quick=quick,
-        problems=tuple(ShardProblem(s["path"], problems[s["path"]]) for s in entries if s["path"] in problems),
+        problems=tuple(ShardProblem(s.path, problems[s.path]) for s in entries if s.path in problems),
         extra=tuple(extra),
         seconds=time.perf_counter() - t0,
     )

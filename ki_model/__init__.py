@@ -1,14 +1,11 @@
-"""π0.5 with knowledge insulation in Flax NNX: Gemma multi-expert transformer, SigLIP, the model, FAST decoding."""
+"""π0.5 with knowledge insulation in Flax NNX: Gemma multi-expert transformer, SigLIP, the model, FAST decoding.
 
-from ki_model.config import (
-    GEMMA_VARIANTS,
-    SIGLIP_VARIANTS,
-    ConfigError,
-    GemmaConfig,
-    Pi05KIConfig,
-    SiglipConfig,
-)
-from ki_model.decoding import FastDecodeResult, FastDecodeSpec, FastSpecError, fast_tokens_to_actions
+The package namespace holds the model and inference; training (`ki_model.train`, optax, grain, orbax's manager) is
+imported only by those who train.
+"""
+
+from ki_model.config import GEMMA_VARIANTS, PRESETS, SIGLIP_VARIANTS, ConfigError, GemmaConfig, Pi05KIConfig, SiglipConfig
+from ki_model.decoding import FastDecodeResult, FastDecodeSpec, FastSpecError
 from ki_model.observation import Observation, ObservationError
 from ki_model.pi05_ki import (
     ACTION_EXPERT_MODULES,
@@ -18,6 +15,7 @@ from ki_model.pi05_ki import (
     PrefixCache,
     param_group,
 )
+from ki_model.policy import Policy
 from ki_model.sharding import FSDP_RULES, param_partition_specs, param_shardings
 
 __all__ = [
@@ -25,6 +23,7 @@ __all__ = [
     "BACKBONE_MODULES",
     "FSDP_RULES",
     "GEMMA_VARIANTS",
+    "PRESETS",
     "SIGLIP_VARIANTS",
     "ConfigError",
     "FastDecodeResult",
@@ -36,12 +35,10 @@ __all__ = [
     "ObservationShapeError",
     "Pi05KI",
     "Pi05KIConfig",
+    "Policy",
     "PrefixCache",
     "SiglipConfig",
-    "fast_tokens_to_actions",
     "param_group",
     "param_partition_specs",
     "param_shardings",
 ]
-
-from ki_model.policy import Policy  # noqa: E402  (inference; imports the training stack for checkpoints)

@@ -1,4 +1,4 @@
-"""Attention tables and RoPE positions of DESIGN §5, built explicitly block by block.
+"""Attention tables and RoPE positions of docs/DESIGN.md §5, built explicitly block by block.
 
 Blocks: I (image tokens, all cameras), T (text prompt: the ar==0 real part of `tokenized_prompt`),
 F (`Action: ` FAST .. EOS: the ar==1 real part), A (the horizon noisy-action tokens of the action expert).

@@ -1,4 +1,4 @@
-"""Checkpoint directory layout and orbax save / restore.
+"""Checkpoint directory layout, orbax save / restore, and what a checkpoint must share with the shards it reads.
 
 ```
 <checkpoint_dir>/manifest.json  norm_stats.json  tokenizer/   copied from the shards at training start (the Policy needs them)
@@ -9,6 +9,9 @@
 
 `meta` holds the step, the model config and the manifest the run trained on, so every step directory is
 self-describing; `loader` is the `ki_data.loader.ShardLoader` state.
+
+orbax is imported where it is used: `import orbax.checkpoint` loads its whole checkpoint manager, and the inference
+path (`ki_model.policy`, which reads this module's layout and errors) must stay light to import.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import orbax.checkpoint as ocp
 
+from ki_data.artifacts import ARTIFACT_PATHS
+from ki_data.manifest import Manifest, ManifestError
 from ki_model.config import Pi05KIConfig
 
-ARTIFACTS = ("manifest.json", "norm_stats.json", "tokenizer")
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -36,11 +42,21 @@ class CheckpointError(ValueError):
     wrong shape, an unreadable file, or an architecture that differs from the model config."""
 
 
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What travels with the weights
+
+
 def copy_artifacts(shards_dir: str | Path, checkpoint_dir: str | Path) -> None:
     """Manifest, norm stats and tokenizers travel with the weights: inference must not need the shards."""
     src, dst = Path(shards_dir), Path(checkpoint_dir)
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ARTIFACTS:
+    for name in ARTIFACT_PATHS:
         if not (src / name).exists():
             raise CheckpointError(f"{src}: {name} is missing (is this a pipelines.preprocess output directory?)")
         if (src / name).is_dir():
@@ -55,11 +71,11 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def load_manifest(checkpoint_dir: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / "manifest.json"
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint_dir}: no manifest.json; not a ki training checkpoint directory")
-    return json.loads(path.read_text())
+def load_manifest(checkpoint_dir: str | Path) -> Manifest:
+    try:
+        return Manifest.load(checkpoint_dir)
+    except ManifestError as e:
+        raise CheckpointError(f"{checkpoint_dir}: not a ki training checkpoint directory ({e})") from None
 
 
 def load_model_config(checkpoint_dir: str | Path) -> Pi05KIConfig:
@@ -69,7 +85,30 @@ def load_model_config(checkpoint_dir: str | Path) -> Pi05KIConfig:
     return Pi05KIConfig.from_json(path.read_text())
 
 
+def check_same_data(checkpoint_dir: str | Path, shards_dir: str | Path, *, doing: str) -> None:
+    """A checkpoint only fits shards of the same shapes, token meanings, tokenizers and normalization as those it
+    trained on; `doing` ("resume", "evaluate", ...) goes into the message."""
+    saved, shards = load_manifest(checkpoint_dir), Manifest.load(shards_dir)
+    differ = saved.data_differences(shards)
+    if differ:
+        raise CheckpointError(f"cannot {doing}: " + "; ".join(
+            f"the checkpoint was trained with {k} = {a!r} but the shards in {shards_dir} have {k} = {b!r}"
+            for k, a, b in differ))
+    a = json.loads((Path(checkpoint_dir) / saved.norm_stats).read_text())
+    b = json.loads((Path(shards_dir) / shards.norm_stats).read_text())
+    if a != b:
+        raise CheckpointError(
+            f"cannot {doing}: norm_stats.json of the checkpoint {checkpoint_dir} differs from that of the shards "
+            f"{shards_dir}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# orbax
+
+
 def manager(checkpoint_dir: str | Path, *, max_to_keep: int | None = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    ocp = _ocp()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(Path(checkpoint_dir).absolute() / STEPS, options=options)
 
@@ -84,6 +123,7 @@ def save(
     loader_state: dict[str, Any],
     meta: dict[str, Any],
 ) -> None:
+    ocp = _ocp()
     items: dict[str, Any] = {
         "params": ocp.args.StandardSave(params),
         "opt_state": ocp.args.StandardSave(opt_state),
@@ -103,6 +143,7 @@ def latest_step(mngr: ocp.CheckpointManager, checkpoint_dir: str | Path) -> int:
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    ocp = _ocp()
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
@@ -119,6 +160,7 @@ def restore_train(
     abstract_ema: Any | None,
 ) -> dict[str, Any]:
     """Everything a resumed run needs. Abstract trees (jax.ShapeDtypeStruct with shardings) say where arrays go."""
+    ocp = _ocp()
     if (abstract_ema is not None) != has_ema(mngr, step):
         saved = "with" if has_ema(mngr, step) else "without"
         asked = "with" if abstract_ema is not None else "without"
@@ -137,6 +179,7 @@ def restore_train(
 
 def restore_params(checkpoint_dir: str | Path, abstract_params: Any, *, step: int | None = None, prefer_ema: bool = True) -> tuple[Any, int, bool]:
     """(params, step, used_ema) for inference: the EMA weights when the run kept them."""
+    ocp = _ocp()
     mngr = manager(checkpoint_dir, max_to_keep=None, read_only=True)
     try:
         step = latest_step(mngr, checkpoint_dir) if step is None else step

@@ -57,6 +57,19 @@ SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
 
 DTYPES = ("float32", "bfloat16")
 
+# Architectures by name: `Pi05KIConfig.preset(name, **fields)`, `pipelines.train --config NAME`.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests and the CPU demo: a few-hundred-thousand-parameter model on 32-pixel images.
+    "tiny": dict(max_token_len=64, max_text_len=32, image_size=32, backbone_variant="gemma_tiny",
+                 expert_variant="gemma_tiny_expert", vision_variant="siglip_tiny", dtype="float32"),
+    # Small but real: width 256, depth 4, 224-pixel images (reports and benchmarks on a CPU).
+    "small": dict(max_token_len=96, max_text_len=48, image_size=224, backbone_variant="gemma_small",
+                  expert_variant="gemma_small_expert", vision_variant="siglip_small", dtype="float32"),
+    # π0.5: PaliGemma (Gemma 2B + SigLIP So400m/14 at 224) and a Gemma-300M action expert.
+    "pi05": dict(backbone_variant="gemma_2b", expert_variant="gemma_300m", vision_variant="so400m/14",
+                 dtype="bfloat16"),
+}
+
 
 def gemma_config(variant: str | GemmaConfig) -> GemmaConfig:
     """A named variant's sizes, or the explicit sizes themselves."""
@@ -156,45 +169,24 @@ class Pi05KIConfig:
         return (self.image_size // self.vision.patch_size) ** 2
 
     @classmethod
-    def tiny(cls, *, action_horizon: int, action_dim: int, vocab_size: int, **overrides: Any) -> Pi05KIConfig:
-        """Tests and the CPU demo: a few-hundred-thousand-parameter model on 32-pixel images."""
-        kw: dict[str, Any] = dict(
-            max_token_len=64,
-            max_text_len=32,
-            image_size=32,
-            backbone_variant="gemma_tiny",
-            expert_variant="gemma_tiny_expert",
-            vision_variant="siglip_tiny",
-            dtype="float32",
-        )
-        kw.update(overrides)
-        return cls(action_horizon=action_horizon, action_dim=action_dim, vocab_size=vocab_size, **kw)
+    def preset(cls, name: str, **fields: Any) -> Pi05KIConfig:
+        """A preset's architecture (`PRESETS`) with the given fields (the data-dependent ones come from the shards'
+        manifest: `Manifest.model_fields()`)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown config preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **fields})
 
     @classmethod
-    def small(cls, *, action_horizon: int, action_dim: int, vocab_size: int, **overrides: Any) -> Pi05KIConfig:
-        """Small but real: width 256, depth 4, 224-pixel images (the timing report)."""
-        kw: dict[str, Any] = dict(
-            max_token_len=96,
-            max_text_len=48,
-            image_size=224,
-            backbone_variant="gemma_small",
-            expert_variant="gemma_small_expert",
-            vision_variant="siglip_small",
-            dtype="float32",
-        )
-        kw.update(overrides)
-        return cls(action_horizon=action_horizon, action_dim=action_dim, vocab_size=vocab_size, **kw)
+    def tiny(cls, **fields: Any) -> Pi05KIConfig:
+        return cls.preset("tiny", **fields)
 
     @classmethod
-    def pi05(
-        cls, *, action_horizon: int = 50, action_dim: int = 32, vocab_size: int = 257152, **overrides: Any
-    ) -> Pi05KIConfig:
-        """π0.5 sizes: PaliGemma (Gemma 2B + SigLIP So400m/14 at 224) and a Gemma-300M action expert."""
-        kw: dict[str, Any] = dict(
-            backbone_variant="gemma_2b", expert_variant="gemma_300m", vision_variant="so400m/14", dtype="bfloat16"
-        )
-        kw.update(overrides)
-        return cls(action_horizon=action_horizon, action_dim=action_dim, vocab_size=vocab_size, **kw)
+    def small(cls, **fields: Any) -> Pi05KIConfig:
+        return cls.preset("small", **fields)
+
+    @classmethod
+    def pi05(cls, **fields: Any) -> Pi05KIConfig:
+        return cls.preset("pi05", **fields)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

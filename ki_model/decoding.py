@@ -1,7 +1,8 @@
-"""FAST decoding: the grammar `Action: ` FAST.. `|` EOS, constrained decoding, and tokens -> actions.
+"""Constrained FAST decoding: the postfix grammar ([`Action: `] FAST.. `|` EOS) as a jax state machine.
 
-A decoded sequence is valid when it is exactly: the action-prefix ids, then FAST ids whose coefficient counts sum to
-horizon × dim, then the end ids. `DecodeState` tracks every row through that grammar during decoding; in constrained
+A decoded sequence is valid when it is exactly: the action-prefix ids (`Action: ` under the `fast` prompt layout,
+none under `pi05`), then FAST ids whose coefficient counts sum to horizon × dim, then the end ids. The ids come from
+`ki_data.PromptBuilder.grammar()`; turning valid tokens back into actions is the prompt builder's too. `DecodeState` tracks every row through that grammar during decoding; in constrained
 mode `allowed_tokens` only admits tokens that keep the row valid and able to finish (a FAST id expanding to one
 coefficient must exist, so any remaining count can be filled), hence every constrained sequence decodes.
 """
@@ -57,7 +58,7 @@ class FastDecodeSpec:
         horizon: int,
         action_dim: int,
     ) -> FastDecodeSpec:
-        """FAST id f lives at model id `vocab_size - 1 - skip_tokens - f` (DESIGN §3)."""
+        """FAST id f lives at model id `vocab_size - 1 - skip_tokens - f` (docs/DESIGN.md §3)."""
         counts = np.asarray(fast_token_num_coefficients, np.int32)
         prefix, end = np.asarray(action_prefix_ids, np.int32), np.asarray(end_ids, np.int32)
         top = vocab_size - 1 - skip_tokens
@@ -88,36 +89,18 @@ class FastDecodeSpec:
         )
 
     @classmethod
-    def from_tokenizers(
-        cls, text_tokenizer: Any, fast_tokenizer: Any, vocab_size: int, skip_tokens: int, horizon: int, dim: int
-    ) -> FastDecodeSpec:
-        """From ki_data's tokenizers: the grammar ids come from `ki_data.prompt.postfix_pieces`, the same code that
-        builds the training prompts."""
-        from ki_data import FastDecodeError
-        from ki_data.prompt import postfix_pieces
-
-        action_prefix_ids, end_ids = postfix_pieces(text_tokenizer)
-        counts = np.array(fast_tokenizer.token_num_coefficients, np.int32)
-        if getattr(fast_tokenizer, "byte_level", False):
-            # A byte-level piece may hold part of a character; only pieces that decode on their own can be
-            # concatenated freely, so the others are never offered by constrained decoding.
-            for i, c in enumerate(counts):
-                try:
-                    fast_tokenizer.decode_coefficients([i], int(c), 1)
-                except FastDecodeError:
-                    counts[i] = 0
+    def from_grammar(cls, grammar: Any, horizon: int, dim: int) -> FastDecodeSpec:
+        """From `ki_data.PromptBuilder.grammar()`: the very ids the training prompts were built with."""
+        top = grammar.fast_id_top
         return cls.create(
-            action_prefix_ids=action_prefix_ids,
-            end_ids=end_ids,
-            fast_token_num_coefficients=counts,
-            vocab_size=vocab_size,
-            skip_tokens=skip_tokens,
+            action_prefix_ids=grammar.start_ids,
+            end_ids=grammar.end_ids,
+            fast_token_num_coefficients=grammar.fast_coefficients,
+            vocab_size=grammar.vocab_size,
+            skip_tokens=grammar.vocab_size - 1 - top,
             horizon=horizon,
             action_dim=dim,
         )
-
-    def to_fast_ids(self, model_ids: Sequence[int]) -> list[int]:
-        return [self.vocab_size - 1 - self.skip_tokens - int(i) for i in model_ids]
 
 
 @struct.dataclass
@@ -209,58 +192,6 @@ class FastDecodeResult:
     num_tokens: Int[Array, " b"]
     valid: Bool[Array, " b"]  # the row is exactly prefix + FAST (horizon × dim coefficients) + end
     logprobs: Float[Array, "b t"]  # unconstrained log-probability of each emitted token (0 after done)
-
-
-def parse_fast_sequence(tokens: Sequence[int], spec: FastDecodeSpec) -> list[int] | None:
-    """The FAST ids (FAST vocabulary, not model ids) of a valid decoded row, or None when it breaks the grammar."""
-    toks = [int(t) for t in tokens]
-    prefix, end = [int(t) for t in spec.action_prefix_ids], [int(t) for t in spec.end_ids]
-    coeffs = np.asarray(spec.coeffs_per_model_id)
-    if toks[: len(prefix)] != prefix:
-        return None
-    i, total, fast = len(prefix), 0, []
-    while i < len(toks) and 0 <= toks[i] < len(coeffs) and coeffs[toks[i]] > 0:
-        total += int(coeffs[toks[i]])
-        fast.append(toks[i])
-        i += 1
-    if total != spec.total_coefficients or toks[i : i + len(end)] != end:
-        return None
-    return spec.to_fast_ids(fast)
-
-
-def fast_tokens_to_actions(
-    tokens: Int[np.ndarray, "b t"],
-    spec: FastDecodeSpec,
-    fast_tokenizer: Any,
-    *,
-    norm_stats: Any | None = None,
-    norm_mode: str = "quantile",
-) -> tuple[Float[np.ndarray, "b h d"], Bool[np.ndarray, " b"]]:
-    """Decode rows of model ids into action chunks through ki_data's FAST tokenizer.
-
-    Returns (actions, valid): rows that break the grammar or that the tokenizer cannot decode are NaN and
-    valid=False, never zeros. Actions are normalized unless `norm_stats` (ki_data NormStats of the actions) is
-    given, then unnormalized with `ki_data.normalize.unnormalize(.., mode=norm_mode)`.
-    """
-    from ki_data import FastDecodeError
-
-    tokens = np.asarray(tokens)
-    out = np.full((tokens.shape[0], spec.horizon, spec.action_dim), np.nan, np.float32)
-    valid = np.zeros((tokens.shape[0],), bool)
-    for r, row in enumerate(tokens):
-        fast_ids = parse_fast_sequence(row, spec)
-        if fast_ids is None:
-            continue
-        try:
-            out[r] = fast_tokenizer.decode(fast_ids, spec.horizon, spec.action_dim)
-        except FastDecodeError:
-            continue
-        valid[r] = True
-    if norm_stats is not None:
-        from ki_data.normalize import unnormalize
-
-        out = np.asarray(unnormalize(out, norm_stats, mode=norm_mode), np.float32)
-    return out, valid
 
 
 def sample_token(

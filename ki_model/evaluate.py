@@ -10,6 +10,7 @@ Errors cover real action steps only (`action_is_pad` steps are the last action r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -22,11 +23,9 @@ from jaxtyping import Bool, Float
 from tqdm import tqdm
 
 from ki_data.loader import LoaderConfig, ShardLoader
-from ki_data.schema import load_manifest
-from ki_model.decoding import fast_tokens_to_actions
+from ki_model.checkpoint import check_same_data
 from ki_model.observation import Observation
 from ki_model.policy import Policy
-from ki_model.train import check_same_data, check_same_norm_stats
 
 REPORT_FILE = "eval_report.json"
 PLOT_FILE = "eval_plot.png"
@@ -83,15 +82,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """Writes `eval_report.json` and `eval_plot.png` into `output_dir` (default `<checkpoint_dir>/eval`)."""
     policy = Policy.load(checkpoint_dir, seed=seed, fast_compile=fast_compile)
-    shards_manifest = load_manifest(shards_dir)
-    check_same_data(policy.manifest, shards_manifest, shards_dir, doing="evaluate")
-    check_same_norm_stats(checkpoint_dir, shards_dir, doing="evaluate")
+    check_same_data(checkpoint_dir, shards_dir, doing="evaluate")
     out = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
     spec = policy.fast_decode_spec()
     graphdef, params = nnx.split(policy.model, nnx.Param)
-    actions_stats = policy.norm_stats["actions"]
+    actions_stats = policy.data.norm_stats["actions"]
+    horizon = policy.config.action_horizon
 
     @functools.partial(jax.jit, static_argnums=(3,), compiler_options=policy.compiler_options)
     def decode_fast(params, rng, obs: Observation, constrained: bool):
@@ -100,7 +98,7 @@ def evaluate(
 
     @functools.partial(jax.jit, compiler_options=policy.compiler_options)
     def losses(params, rng, obs: Observation, actions, pad):
-        return nnx.merge(graphdef, params).compute_loss(rng, obs, actions, pad, train=False)
+        return nnx.merge(graphdef, params).compute_loss(rng, obs, actions, pad)
 
     dim = policy.config.action_dim
     errors = {k: _ErrorSum(dim) for k in ("flow", "fast_constrained", "fast_unconstrained", "mean_action_baseline")}
@@ -134,7 +132,8 @@ def evaluate(
             fast_pred = {}
             for name, constrained in (("fast_constrained", True), ("fast_unconstrained", False)):
                 tokens = np.asarray(decode_fast(params, rng, obs, constrained))
-                pred, ok = fast_tokens_to_actions(tokens, spec, policy.fast_tokenizer, norm_stats=actions_stats, norm_mode=policy.norm_mode)
+                pred, ok = policy.data.prompt.decode_actions(tokens, horizon, dim)
+                pred = policy.unnormalize_actions(pred)
                 ok[n:] = False
                 valid[name][0] += int(ok.sum())
                 valid[name][1] += n
@@ -178,6 +177,56 @@ def evaluate(
     report["report_path"] = str(out / REPORT_FILE)
     report["plot_path"] = str(out / PLOT_FILE)
     return report
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """A trained model's two action heads on one row, in the dataset's units, next to the stored chunk."""
+
+    truth: Float[np.ndarray, "h d"]
+    flow: Float[np.ndarray, "h d"]
+    fast: Float[np.ndarray, "h d"] | None  # None when the sampled FAST tokens did not decode
+    fast_ids: list[int]
+    fast_error: str | None
+    action_is_pad: Bool[np.ndarray, " h"]
+
+    def errors(self) -> dict[str, float | None]:
+        """Mean absolute error of each head over the steps that are not padding."""
+        keep = ~self.action_is_pad
+
+        def mae(x):
+            return None if x is None else float(np.abs(x[keep] - self.truth[keep]).mean())
+
+        return {"flow_mae": mae(self.flow), "fast_mae": mae(self.fast)}
+
+
+def predict_row(policy: Policy, batch: dict[str, np.ndarray], *, seed: int = 0, constrained: bool = True) -> Predictions:
+    """The flow head's actions and the backbone's greedy FAST tokens (decoded) for a shard row given as a batch of
+    one (decoded images, the six token columns, `actions`, `action_is_pad`)."""
+    obs = Observation.from_batch(batch)
+    rng = jax.random.key(seed)
+    horizon, dim = policy.config.action_horizon, policy.config.action_dim
+    flow = policy.sample_normalized(obs, rng)[0]
+    spec = policy.fast_decode_spec()
+    tokens = np.asarray(policy.model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens)[0]
+    prompt = policy.data.prompt
+    fast_ids = prompt.fast_ids_of_postfix(tokens)
+    fast, fast_error = None, None
+    if fast_ids is None:
+        fast_ids, fast_error = [], f"the sampled tokens break the {prompt.describe_grammar()} grammar: {tokens.tolist()}"
+    else:
+        try:
+            fast = policy.unnormalize_actions(prompt.fast.decode(fast_ids, horizon, dim))
+        except ValueError as err:  # FastDecodeError: an unconstrained sample may not decode; show it, not fail
+            fast_error = str(err)
+    return Predictions(
+        truth=policy.unnormalize_actions(np.asarray(batch["actions"][0], np.float32)),
+        flow=policy.unnormalize_actions(flow),
+        fast=fast,
+        fast_ids=fast_ids,
+        fast_error=fast_error,
+        action_is_pad=np.asarray(batch["action_is_pad"][0], bool),
+    )
 
 
 def plot_chunks(frames: list[dict[str, Any]], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The two training losses of π0.5-KI (DESIGN §5): next-token cross-entropy on the FAST targets and flow matching.
+"""The two training losses of π0.5-KI (docs/DESIGN.md §5): next-token cross-entropy on the FAST targets and flow matching.
 
 The cross-entropy never holds [batch, length, vocabulary] logits: PaliGemma's vocabulary has 257152 entries, so at
 π0.5 size (batch 32, 256 positions) one such float32 array is 8 GiB. The log-sum-exp runs over the vocabulary in

@@ -1,4 +1,4 @@
-"""The model's input: images per camera, their masks, state and the token fields of the prompt (DESIGN §3/§4)."""
+"""The model's input: images per camera, their masks, state and the token fields of the prompt (docs/DESIGN.md §3/§4)."""
 
 from __future__ import annotations
 

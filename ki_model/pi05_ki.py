@@ -1,6 +1,6 @@
 """π0.5 with knowledge insulation: SigLIP + Gemma backbone (FAST tokens) and a Gemma action expert (flow matching).
 
-Training is ONE forward pass over [I | tokenized_prompt | A] with the table of `ki_model.attention` (DESIGN §5): the
+Training is ONE forward pass over [I | tokenized_prompt | A] with the table of `ki_model.attention` (docs/DESIGN.md §5): the
 backbone learns FAST tokens by cross-entropy, the action expert learns the flow, and in every layer the action
 expert reads the backbone's keys/values through stop_gradient, so no flow gradient reaches any backbone weight.
 Inference fills a KV cache with [I | text_prompt] once; the action expert integrates the flow reading it, and
@@ -25,7 +25,6 @@ from ki_model.siglip import Siglip
 # Top-level modules by side of the insulation cut.
 BACKBONE_MODULES = ("vision", "backbone")
 ACTION_EXPERT_MODULES = ("action_expert", "action_in_proj", "time_mlp_in", "time_mlp_out", "action_out_proj")
-_BACKBONE, _EXPERT = 0, 1
 
 
 class ObservationShapeError(ValueError):
@@ -63,6 +62,20 @@ class TrainForward(NamedTuple):
     kv: gemma.KVCache  # K/V of every token of the pass, [depth, b, N, k, h]
     layout: attention.Layout
     num_image_tokens: int
+
+
+class _DecodeCarry(NamedTuple):
+    """The state of `sample_fast_tokens`' loop."""
+
+    step: Int[Array, ""]
+    logits: Float[Array, "b vocab"]  # the next token's logits
+    k_cache: Float[Array, "depth b s k h"]  # prefix + generated slots
+    v_cache: Float[Array, "depth b s k h"]
+    key_valid: Bool[Array, "b s"]
+    tokens: Int[Array, "b t"]
+    logprobs: Float[Array, "b t"]
+    num: Int[Array, " b"]
+    state: decoding.DecodeState
 
 
 class Pi05KI(nnx.Module):
@@ -161,21 +174,6 @@ class Pi05KI(nnx.Module):
         n_img = img.shape[1]
         return TrainForward(bb_out[:, n_img:], self.action_out_proj(act_out, jnp.float32), kv, layout, n_img)
 
-    def prompt_logits(self, obs: Observation) -> Float[Array, "b l-1 vocab"]:
-        """Teacher-forced next-token logits over the tokenized_prompt (the backbone part of the training pass):
-        entry j predicts prompt token j + 1."""
-        img, img_valid = self.embed_images(obs)
-        layout = attention.training_layout(
-            img_valid, obs.tokenized_prompt_mask.astype(bool), obs.token_ar_mask.astype(bool), horizon=0
-        )
-        (out, _), _ = gemma.forward(
-            [self.backbone, self.action_expert],
-            [jnp.concatenate([img, self.embed_text(obs.tokenized_prompt)], axis=1), None],
-            positions=layout.positions,
-            mask=layout.mask,
-        )
-        return self.backbone.embedder.decode(out[:, img.shape[1] : -1])
-
     def _fast_loss(
         self, prompt_out: Float[Array, "b l w"], obs: Observation
     ) -> tuple[Float[Array, ""], Float[Array, ""]]:
@@ -222,62 +220,10 @@ class Pi05KI(nnx.Module):
         obs: Observation,
         actions: Float[Array, "b h d"],
         action_is_pad: Bool[Array, "b h"] | None = None,
-        train: bool = True,
     ) -> dict[str, Array]:
-        """{'flow', 'fast', 'total', 'fast_accuracy'} (scalars) from ONE forward pass.
-
-        `train` is accepted for API symmetry; the model has no dropout and does no augmentation.
-        """
+        """{'flow', 'fast', 'total', 'fast_accuracy'} (scalars) from ONE forward pass."""
         noise, time = self._draw_noise_time(rng, actions)
         return self.losses_given_noise(obs, actions, noise, time, action_is_pad)
-
-    # ------------------------------------------------------------------ two-pass reference
-
-    def losses_given_noise_two_pass(
-        self,
-        obs: Observation,
-        actions: Float[Array, "b h d"],
-        noise: Float[Array, "b h d"],
-        time: Float[Array, " b"],
-        action_is_pad: Bool[Array, "b h"] | None = None,
-    ) -> dict[str, Array]:
-        """Reference: pass 1 = backbone over [I | tokenized_prompt] with big_vision's prefix-LM mask -> FAST CE;
-        pass 2 = backbone over [I | text part] into a cache, stop_gradient on the whole cache, action expert on A."""
-        self._check_train(obs, actions)
-        img, img_valid = self.embed_images(obs)
-        prompt = self.embed_text(obs.tokenized_prompt)
-        tokens = jnp.concatenate([img, prompt], axis=1)
-        prompt_mask, ar = obs.tokenized_prompt_mask.astype(bool), obs.token_ar_mask.astype(bool)
-
-        lm = attention.cumulative_ar_layout(
-            jnp.concatenate([img_valid, prompt_mask], axis=1), jnp.concatenate([jnp.zeros_like(img_valid), ar], axis=1)
-        )
-        experts = [self.backbone, self.action_expert]
-        remat = self.config.remat
-        (out, _), _ = gemma.forward(experts, [tokens, None], positions=lm.positions, mask=lm.mask, remat=remat)
-        fast, acc = self._fast_loss(out[:, img.shape[1] :], obs)
-
-        prefix_valid = jnp.concatenate([img_valid, prompt_mask & ~ar], axis=1)
-        pre = attention.prefix_layout(prefix_valid)
-        _, kv = gemma.forward(experts, [tokens, None], positions=pre.positions, mask=pre.mask, remat=remat)
-        t = time[:, None, None]
-        x_t = t * noise + (1.0 - t) * actions
-        velocity = self._velocity_from_cache(
-            jax.lax.stop_gradient(kv), prefix_valid, x_t, time, insulated=False, remat=remat
-        )
-        return self._losses(self._flow_loss(velocity, noise - actions, action_is_pad), fast, acc)
-
-    def compute_loss_two_pass(
-        self,
-        rng: jax.Array,
-        obs: Observation,
-        actions: Float[Array, "b h d"],
-        action_is_pad: Bool[Array, "b h"] | None = None,
-        train: bool = True,
-    ) -> dict[str, Array]:
-        """Same losses (same noise/time for the same rng) through the two-pass reference; tests and benchmarks."""
-        noise, time = self._draw_noise_time(rng, actions)
-        return self.losses_given_noise_two_pass(obs, actions, noise, time, action_is_pad)
 
     # ------------------------------------------------------------------ inference
 
@@ -320,25 +266,6 @@ class Pi05KI(nnx.Module):
         """The action expert's flow prediction from a filled prefix cache."""
         return self._velocity_from_cache(cache.kv, cache.valid, x_t, time)
 
-    def velocity_no_cache(
-        self, obs: Observation, x_t: Float[Array, "b h d"], time: Float[Array, " b"]
-    ) -> Float[Array, "b h d"]:
-        """Same prediction recomputing the prefix jointly with the action tokens (no cache)."""
-        tokens, valid = self.embed_prefix(obs)
-        n_img = valid.shape[1] - obs.text_prompt.shape[1]
-        act, cond = self.embed_actions(x_t, time)
-        no_fast = jnp.zeros_like(obs.text_prompt_mask, dtype=bool)
-        layout = attention.training_layout(valid[:, :n_img], valid[:, n_img:], no_fast, self.config.action_horizon)
-        (_, out), _ = gemma.forward(
-            [self.backbone, self.action_expert],
-            [tokens, act],
-            positions=layout.positions,
-            mask=layout.mask,
-            conds=[None, cond],
-            insulated=[False, True],
-        )
-        return self.action_out_proj(out, jnp.float32)
-
     def sample_actions(
         self,
         rng: jax.Array,
@@ -346,26 +273,19 @@ class Pi05KI(nnx.Module):
         num_steps: int | None = None,
         *,
         noise: Float[Array, "b h d"] | None = None,
-        use_cache: bool = True,
     ) -> Float[Array, "b h d"]:
-        """Normalized actions: Euler integration of the flow from noise (t = 1) to data (t = 0).
-
-        num_steps defaults to config.num_flow_steps. use_cache=False recomputes the prefix at every step (tests).
-        """
+        """Normalized actions: Euler integration of the flow from noise (t = 1) to data (t = 0), reading the prefix
+        cache filled once. num_steps defaults to config.num_flow_steps."""
         c = self.config
         steps = num_steps or c.num_flow_steps
         b = obs.batch_size
         if noise is None:
             noise = jax.random.normal(rng, (b, c.action_horizon, c.action_dim), jnp.float32)
-        if use_cache:
-            cache = self.prefix_cache(obs)
-            velocity = lambda x, t: self.velocity(cache, x, t)  # noqa: E731
-        else:
-            velocity = lambda x, t: self.velocity_no_cache(obs, x, t)  # noqa: E731
+        cache = self.prefix_cache(obs)
 
         def step(i: Int[Array, ""], x: Float[Array, "b h d"]) -> Float[Array, "b h d"]:
             t = 1.0 - i.astype(jnp.float32) / steps
-            return x - velocity(x, jnp.full((b,), t)) / steps
+            return x - self.velocity(cache, x, jnp.full((b,), t)) / steps
 
         return jax.lax.fori_loop(0, steps, step, noise)
 
@@ -401,52 +321,52 @@ class Pi05KI(nnx.Module):
         logits = self.backbone.embedder.decode(jnp.take_along_axis(cache.out, last[:, None, None], axis=1))[:, 0]
         start = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
 
-        def cond_fn(carry):
-            step, *_, state = carry
-            return (step < max_steps) & ~jnp.all(state.done)
+        def cond_fn(c: _DecodeCarry) -> Bool[Array, ""]:
+            return (c.step < max_steps) & ~jnp.all(c.state.done)
 
-        def body_fn(carry):
-            step, logits, k_cache, v_cache, key_valid, tokens, logprobs, num, state = carry
-            scores = jnp.where(decoding.allowed_tokens(spec, state), logits, -jnp.inf) if constrained else logits
-            tok = decoding.sample_token(jax.random.fold_in(rng, step), scores, temperature)
-            active = ~state.done
+        def body_fn(c: _DecodeCarry) -> _DecodeCarry:
+            scores = jnp.where(decoding.allowed_tokens(spec, c.state), c.logits, -jnp.inf) if constrained else c.logits
+            tok = decoding.sample_token(jax.random.fold_in(rng, c.step), scores, temperature)
+            active = ~c.state.done
             tok = jnp.where(active, tok, 0)
-            logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=1)[:, 0]
-            tokens = tokens.at[:, step].set(tok)
-            logprobs = logprobs.at[:, step].set(jnp.where(active, logp, 0.0))
-            num = num + active.astype(jnp.int32)
-            state = decoding.advance(spec, state, tok)
+            logp = jnp.take_along_axis(jax.nn.log_softmax(c.logits, axis=-1), tok[:, None], axis=1)[:, 0]
             # Feed the token: it reads the real prefix, the earlier generated tokens and itself.
-            mask = jnp.concatenate([key_valid, jnp.ones((b, 1), bool)], axis=1)[:, None, :]
+            mask = jnp.concatenate([c.key_valid, jnp.ones((b, 1), bool)], axis=1)[:, None, :]
             (out, _), (k, v) = gemma.forward(
                 [self.backbone, self.action_expert],
                 [self.embed_text(tok[:, None]), None],
-                positions=(start + step)[:, None],
+                positions=(start + c.step)[:, None],
                 mask=mask,
-                cache=(k_cache, v_cache),
+                cache=(c.k_cache, c.v_cache),
             )
-            slot = n_prefix + step
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, slot, axis=2)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, slot, axis=2)
-            key_valid = jax.lax.dynamic_update_slice_in_dim(key_valid, jnp.ones((b, 1), bool), slot, axis=1)
-            logits = self.backbone.embedder.decode(out)[:, 0]
-            return step + 1, logits, k_cache, v_cache, key_valid, tokens, logprobs, num, state
+            slot = n_prefix + c.step
+            return _DecodeCarry(
+                step=c.step + 1,
+                logits=self.backbone.embedder.decode(out)[:, 0],
+                k_cache=jax.lax.dynamic_update_slice_in_dim(c.k_cache, k, slot, axis=2),
+                v_cache=jax.lax.dynamic_update_slice_in_dim(c.v_cache, v, slot, axis=2),
+                key_valid=jax.lax.dynamic_update_slice_in_dim(c.key_valid, jnp.ones((b, 1), bool), slot, axis=1),
+                tokens=c.tokens.at[:, c.step].set(tok),
+                logprobs=c.logprobs.at[:, c.step].set(jnp.where(active, logp, 0.0)),
+                num=c.num + active.astype(jnp.int32),
+                state=decoding.advance(spec, c.state, tok),
+            )
 
-        init = (
-            jnp.asarray(0, jnp.int32),
-            logits,
-            k_cache,
-            v_cache,
-            key_valid,
-            jnp.zeros((b, max_steps), jnp.int32),
-            jnp.zeros((b, max_steps), jnp.float32),
-            jnp.zeros((b,), jnp.int32),
-            decoding.DecodeState.initial(spec, b),
+        init = _DecodeCarry(
+            step=jnp.asarray(0, jnp.int32),
+            logits=logits,
+            k_cache=k_cache,
+            v_cache=v_cache,
+            key_valid=key_valid,
+            tokens=jnp.zeros((b, max_steps), jnp.int32),
+            logprobs=jnp.zeros((b, max_steps), jnp.float32),
+            num=jnp.zeros((b,), jnp.int32),
+            state=decoding.DecodeState.initial(spec, b),
         )
-        *_, tokens, logprobs, num, state = jax.lax.while_loop(cond_fn, body_fn, init)
+        out = jax.lax.while_loop(cond_fn, body_fn, init)
         return decoding.FastDecodeResult(
-            tokens=tokens,
-            num_tokens=num,
-            valid=decoding.completed(state, spec),
-            logprobs=logprobs,
+            tokens=out.tokens,
+            num_tokens=out.num,
+            valid=decoding.completed(out.state, spec),
+            logprobs=out.logprobs,
         )

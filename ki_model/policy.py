@@ -1,9 +1,11 @@
 """Inference: a trained checkpoint as a policy on live LeRobot-layout observations.
 
-`Policy.prepare(frame)` turns one observation into the model's input with the very code preprocessing used
-(ki_data.normalize, ki_data.build_prompt with actions=None, ki_data.images.resize_with_pad + PNG round trip), so the
-tensors are bit-identical to that frame's shard row; `Policy.infer(frame)` runs the action expert's flow and returns
-the chunk in the dataset's own units.
+`Policy.prepare(frame)` turns one observation into the model's input with the very code preprocessing used (the
+checkpoint's `ki_data.DataArtifacts`: normalization and the prompt builder without actions; `ki_data.images.shard_image`
+and its decode round trip), so the tensors are bit-identical to that frame's shard row; `Policy.infer(frame)` runs the
+action expert's flow and returns the chunk in the dataset's own units.
+
+Importing this module loads no training code (optax, grain, orbax's checkpoint manager): serving stays light.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float, UInt8
 
-from ki_data import FastTokenizer, TextTokenizer, build_prompt
-from ki_data.images import decode_image, encode_image, resize_with_pad
-from ki_data.normalize import NormStats, load_norm_stats, normalize, unnormalize
-from ki_data.schema import FAST_TOKENIZER_DIR, NORM_STATS_FILE, TEXT_TOKENIZER_FILE, camera_name
+from ki_data.artifacts import DataArtifacts
+from ki_data.images import decode_image, shard_image
+from ki_data.manifest import ManifestError
+from ki_data.schema import camera_name
 from ki_model import checkpoint as ckpt
+from ki_model.compile import compiler_options
 from ki_model.config import Pi05KIConfig
 from ki_model.decoding import FastDecodeSpec
 from ki_model.observation import Observation
-from ki_model.train import compiler_options
 
 
 class FrameError(ValueError):
@@ -64,22 +66,16 @@ class Policy:
         self,
         model: nnx.Module,
         config: Pi05KIConfig,
-        manifest: dict[str, Any],
-        norm_stats: dict[str, NormStats],
-        text_tokenizer: TextTokenizer,
-        fast_tokenizer: FastTokenizer,
+        data: DataArtifacts,
         *,
         seed: int = 0,
         num_steps: int | None = None,
         fast_compile: bool = False,
     ):
         self.config = config
-        self.manifest = manifest
-        self.norm_stats = norm_stats
-        self.text_tokenizer = text_tokenizer
-        self.fast_tokenizer = fast_tokenizer
-        self.norm_mode = manifest.get("norm_mode", "quantile")
-        self.cameras = tuple(manifest["cameras"])
+        self.data = data
+        self.manifest = data.manifest
+        self.cameras = data.manifest.cameras
         self.num_steps = num_steps or config.num_flow_steps
         self._graphdef, self._params = nnx.split(model, nnx.Param)
         self._key = jax.random.key(seed)
@@ -101,13 +97,13 @@ class Policy:
     ) -> Policy:
         """The latest (or given) step of a training run; its EMA weights when it kept them and `use_ema`.
 
-        fast_compile: see ki_model.train.compiler_options (CPU: quicker first call, slower calls)."""
+        fast_compile: see ki_model.compile.compiler_options (CPU: quicker first call, slower calls)."""
         root = Path(checkpoint_dir)
         config = ckpt.load_model_config(root)
-        manifest = ckpt.load_manifest(root)
-        for name in (NORM_STATS_FILE, TEXT_TOKENIZER_FILE, FAST_TOKENIZER_DIR):
-            if not (root / name).exists():
-                raise ckpt.CheckpointError(f"{root}: {name} is missing; the checkpoint directory is incomplete")
+        try:
+            data = DataArtifacts.open(root)
+        except ManifestError as e:
+            raise ckpt.CheckpointError(f"{root}: not a complete ki training checkpoint directory ({e})") from None
         abstract = nnx.eval_shape(lambda: config.create(nnx.Rngs(0)))
         graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         target = jax.tree.map(
@@ -115,17 +111,7 @@ class Policy:
             nnx.to_pure_dict(abstract_params),
         )
         params, _, _ = ckpt.restore_params(root, target, step=step, prefer_ema=use_ema)
-        model = nnx.merge(graphdef, params)
-        return cls(
-            model,
-            config,
-            manifest,
-            load_norm_stats(root / NORM_STATS_FILE),
-            TextTokenizer.load(root / TEXT_TOKENIZER_FILE),
-            FastTokenizer.load(root / FAST_TOKENIZER_DIR),
-            seed=seed,
-            fast_compile=fast_compile,
-        )
+        return cls(nnx.merge(graphdef, params), config, data, seed=seed, fast_compile=fast_compile)
 
     # ------------------------------------------------------------------ frame -> model input
 
@@ -136,30 +122,19 @@ class Policy:
         if "observation.state" not in frame:
             raise FrameError("frame has no 'observation.state'")
         state = np.asarray(frame["observation.state"], dtype=np.float32).reshape(-1)
-        if state.shape[0] != self.manifest["state_dim"]:
-            raise FrameError(f"observation.state has {state.shape[0]} values; the policy was trained on {self.manifest['state_dim']}")
+        if state.shape[0] != self.manifest.state_dim:
+            raise FrameError(f"observation.state has {state.shape[0]} values; the policy was trained on {self.manifest.state_dim}")
         images = frame_images(frame)
         missing = [c for c in self.cameras if c not in images]
         if missing:
             raise FrameError(f"frame lacks cameras {missing} (has {sorted(images)}); expected {list(self.cameras)}")
-        state_n = normalize(state, self.norm_stats["state"], mode=self.norm_mode)
-        tokens = build_prompt(
-            str(frame["task"]),
-            state_n,
-            None,
-            text_tokenizer=self.text_tokenizer,
-            fast_tokenizer=self.fast_tokenizer,
-            max_token_len=self.manifest["max_token_len"],
-            max_text_len=self.manifest["max_text_len"],
-            vocab_size=self.manifest["vocab_size"],
-            skip_tokens=self.manifest["skip_tokens"],
-        )
+        state_n = self.data.normalize_state(state)
+        tokens = self.data.prompt.build(str(frame["task"]), state_n)
         cols: dict[str, np.ndarray] = {k: v[None] for k, v in tokens.columns().items()}
-        size = self.manifest["image_size"]
         for cam in self.cameras:
             img = to_uint8_hwc(images[cam], where=f"camera {cam}")
-            # The PNG round trip is lossless; it keeps inference on exactly the path the shards went through.
-            cols[f"image.{cam}"] = decode_image(encode_image(resize_with_pad(img, size)))[None]
+            # The encode/decode round trip keeps inference on exactly the pixels the shards hold.
+            cols[f"image.{cam}"] = decode_image(shard_image(img, self.manifest.image_size))[None]
             cols[f"image_mask.{cam}"] = np.ones((1,), bool)
         cols["state"] = state_n[None]
         return cols
@@ -179,21 +154,14 @@ class Policy:
         return np.asarray(self._sample(self._params, rng, obs, self.num_steps))
 
     def unnormalize_actions(self, actions: Float[np.ndarray, "*b h d"]) -> Float[np.ndarray, "*b h d"]:
-        return unnormalize(actions, self.norm_stats["actions"], mode=self.norm_mode)
+        return self.data.unnormalize_actions(actions)
 
     def infer(self, frame: Mapping[str, Any]) -> Float[np.ndarray, "h d"]:
         """The action chunk [horizon, action_dim] in the dataset's units for one observation."""
         return self.unnormalize_actions(self.sample_normalized(self.prepare(frame)))[0]
 
     def fast_decode_spec(self) -> FastDecodeSpec:
-        return FastDecodeSpec.from_tokenizers(
-            self.text_tokenizer,
-            self.fast_tokenizer,
-            self.manifest["vocab_size"],
-            self.manifest["skip_tokens"],
-            self.config.action_horizon,
-            self.config.action_dim,
-        )
+        return FastDecodeSpec.from_grammar(self.data.prompt.grammar(), self.config.action_horizon, self.config.action_dim)
 
     @property
     def model(self) -> nnx.Module:

@@ -5,9 +5,11 @@ interleaved, after compilation; medians over the repeats."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,6 +17,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from ki_model import reference
 from ki_model.config import Pi05KIConfig
 from ki_model.decoding import FastDecodeSpec
 from ki_model.synthetic import SyntheticTokenizers, synthetic_batch, synthetic_tokenizers
@@ -72,7 +75,7 @@ def time_train_step(setup: ReportSetup, *, batch_size: int = 2, repeats: int = 5
         @nnx.jit
         def step(model, optimizer, rng):
             def loss_fn(m):
-                fn = m.compute_loss_two_pass if two_pass else m.compute_loss
+                fn = functools.partial(reference.compute_loss_two_pass, m) if two_pass else m.compute_loss
                 return fn(rng, batch.obs, batch.actions, batch.action_is_pad)["total"]
 
             loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -103,9 +106,7 @@ def time_sampling(
     batch = _batch(setup, batch_size, seed)
     model = cfg.create(nnx.Rngs(seed))
     toks = setup.tokenizers
-    spec = FastDecodeSpec.from_tokenizers(
-        toks.text, toks.fast, cfg.vocab_size, toks.skip_tokens, cfg.action_horizon, cfg.action_dim
-    )
+    spec = FastDecodeSpec.from_grammar(toks.builder(cfg).grammar(), cfg.action_horizon, cfg.action_dim)
     steps = num_steps or cfg.num_flow_steps
     sample = nnx.jit(lambda m, rng, obs: m.sample_actions(rng, obs, num_steps=steps))
     decode = nnx.jit(lambda m, rng, obs: m.sample_fast_tokens(rng, obs, spec.max_decode_steps, spec=spec))
@@ -130,3 +131,30 @@ def time_sampling(
         "compile_s": comp,
         "repeats": repeats,
     }
+
+
+def measure_step_throughput(
+    shards: str | Path, *, config: str = "tiny", batch_size: int = 32, steps: int = 10, fsdp_devices: int = 1, seed: int = 0
+) -> dict[str, float]:
+    """Samples/s the trainer's jitted step consumes (compile excluded), on one fixed batch from the shards."""
+    from ki_data.loader import LoaderConfig, ShardLoader
+    from ki_data.manifest import Manifest
+    from ki_model import train as T
+    from ki_model.optimizer import OptimizerConfig, make_optimizer
+    from ki_model.sharding import make_mesh
+
+    model_cfg = T.model_config(config, Manifest.load(shards))
+    opt_cfg = OptimizerConfig.for_preset(config)
+    mesh = make_mesh(fsdp_devices)
+    state, shardings, graphdef = T.init_train_state(model_cfg, make_optimizer(opt_cfg), mesh, seed=seed, ema=False)
+    with ShardLoader(shards, "train", LoaderConfig(batch_size=batch_size, seed=seed), process_index=0, process_count=1) as ld:
+        obs, actions, pad = T.device_batch(next(ld), mesh)
+    step_fn = T.make_train_step(graphdef, opt_cfg, shardings, mesh, seed=seed, ema_decay=None)
+    state, m = step_fn(state, obs, actions, pad)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step_fn(state, obs, actions, pad)
+    jax.block_until_ready(m)
+    dt = time.perf_counter() - t0
+    return {"batch_size": batch_size, "steps": steps, "seconds": dt, "steps_per_s": steps / dt, "samples_per_s": steps * batch_size / dt}

@@ -134,17 +134,16 @@ def pack(obj: Any) -> bytes:
 def policy_metadata(policy: Policy) -> dict[str, Any]:
     """What a client learns on connect: the keys and sizes the policy expects and answers with."""
     m = policy.manifest
-    keys = m.get("camera_keys") or {c: f"observation.images.{c}" for c in policy.cameras}
     return {
         "policy": "ki pi05-ki",
-        "camera_keys": [keys[c] for c in policy.cameras],
+        "camera_keys": [m.camera_keys[c] for c in policy.cameras],
         "state_key": "observation.state",
-        "state_dim": int(m["state_dim"]),
-        "action_dim": int(m["action_dim"]),
-        "action_horizon": int(policy.config.action_horizon),
-        "image_size": int(m["image_size"]),
-        "fps": m.get("fps"),
-        "source": (m.get("source") or {}).get("repo_id"),
+        "state_dim": int(m.state_dim),
+        "action_dim": int(m.action_dim),
+        "action_horizon": int(m.action_horizon),
+        "image_size": int(m.image_size),
+        "fps": float(m.fps),
+        "source": m.source.get("repo_id"),
     }
 
 

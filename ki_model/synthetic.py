@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from ki_data import FastTokenizer, TextTokenizer, build_prompt, model_vocab_size
+from ki_data import FastTokenizer, PromptBuilder, TextTokenizer
+from ki_data.prompt import DEFAULT_LAYOUT, vocab_layout
 from ki_model.observation import Observation
 
 TASKS = ("push the t block", "pick up the cube", "open the drawer", "stack red on blue")
@@ -31,17 +32,23 @@ def smooth_chunks(rng: np.random.Generator, n: int, horizon: int, dim: int) -> F
 class SyntheticTokenizers:
     text: TextTokenizer
     fast: FastTokenizer
-    skip_tokens: int = 0
+    layout: str = DEFAULT_LAYOUT
 
     @property
     def vocab_size(self) -> int:
-        return model_vocab_size(self.text, self.fast, self.skip_tokens)
+        return vocab_layout(self.text, self.fast)[0]
+
+    def builder(self, config) -> PromptBuilder:
+        """The prompt builder for a model config's token lengths."""
+        vocab_size, skip_tokens = vocab_layout(self.text, self.fast)
+        return PromptBuilder(self.text, self.fast, layout=self.layout, max_token_len=config.max_token_len,
+                             max_text_len=config.max_text_len, vocab_size=vocab_size, skip_tokens=skip_tokens)
 
 
 def synthetic_tokenizers(horizon: int, dim: int, *, seed: int = 0, fast_vocab: int = 256) -> SyntheticTokenizers:
     rng = np.random.default_rng(seed)
     fast = FastTokenizer.fit(smooth_chunks(rng, 256, horizon, dim), vocab_size=fast_vocab)
-    text = TextTokenizer.train([f"Task: {t}, State: 1 2 3;\n" for t in TASKS], vocab_size=600)
+    text = TextTokenizer.train([f"Task: {t}, State: 1 2 3;\nAction: " for t in TASKS], vocab_size=600)
     return SyntheticTokenizers(text, fast)
 
 
@@ -74,20 +81,9 @@ def synthetic_batch(
             is_pad[r, h - n :] = True
             actions[r, h - n :] = actions[r, h - n - 1]
     columns: dict[str, np.ndarray] = {}
-    prompts = [
-        build_prompt(
-            TASKS[r % len(TASKS)],
-            rng.uniform(-1, 1, state_dim),
-            actions[r],
-            text_tokenizer=tokenizers.text,
-            fast_tokenizer=tokenizers.fast,
-            max_token_len=config.max_token_len,
-            max_text_len=config.max_text_len,
-            vocab_size=config.vocab_size,
-            skip_tokens=tokenizers.skip_tokens,
-        ).columns()
-        for r in range(batch_size)
-    ]
+    builder = tokenizers.builder(config)
+    prompts = [builder.build(TASKS[r % len(TASKS)], rng.uniform(-1, 1, state_dim), actions[r]).columns()
+               for r in range(batch_size)]
     for name in prompts[0]:
         columns[name] = np.stack([p[name] for p in prompts])
     for cam in cameras:

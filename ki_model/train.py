@@ -1,4 +1,4 @@
-"""Training: optimizer, train state, the jitted step on a (data, fsdp) device mesh, and the loop over the shards.
+"""Training: the train state, the jitted step on a (data, fsdp) device mesh, and the loop over the shards.
 
 The loop is `train(TrainConfig) -> final metrics`; `pipelines/train.py` only parses options into a `TrainConfig`.
 Presets fix the architecture; everything the data decides (horizon, action dim, cameras, token lengths, image size,
@@ -26,92 +26,20 @@ from jaxtyping import Array, Bool, Float
 from tqdm import tqdm
 
 from ki_data.loader import LoaderConfig, ShardLoader
+from ki_data.manifest import MODEL_FIELDS, Manifest
 from ki_model import checkpoint as ckpt
-from ki_model import sharding
-from ki_model.config import Pi05KIConfig
-from ki_model.observation import Observation
-from ki_model.pi05_ki import param_group
 from ki_model.checkpoint import CheckpointError
+from ki_model.compile import compiler_options
+from ki_model.config import ConfigError, Pi05KIConfig
+from ki_model.observation import Observation
+from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
+from ki_model.pi05_ki import param_group
+from ki_model.sharding import MeshError, batch_sharding, make_mesh, param_shardings
 from ki_model.weights import OpenpiCheckpoint, PaliGemmaCheckpoint, init_model_config, load_init
-
-Params = dict[str, Any]  # nnx.to_pure_dict of the model's nnx.Param state
-
-DATA_AXIS, FSDP_AXIS = "data", "fsdp"
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
-
-# Fields the shards decide. Manifest key -> Pi05KIConfig field (the same names).
-MANIFEST_FIELDS = ("action_horizon", "action_dim", "cameras", "image_size", "max_token_len", "max_text_len", "vocab_size")
-# What a resumed run's shards must share with the checkpoint's manifest, beyond MANIFEST_FIELDS.
-RESUME_FIELDS = MANIFEST_FIELDS + ("state_dim", "skip_tokens", "norm_mode")
-
-PRESETS: dict[str, Callable[..., Pi05KIConfig]] = {
-    "tiny": Pi05KIConfig.tiny,
-    "small": Pi05KIConfig.small,
-    "pi05": Pi05KIConfig.pi05,
-}
 
 
 class TrainError(ValueError):
     """Training cannot start as asked (shards contradict an option or a checkpoint, directory in the way, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW + linear warm-up and cosine decay + global-norm clipping; the defaults are openpi's."""
-
-    peak_lr: float = 2.5e-5
-    warmup_steps: int = 1_000
-    decay_steps: int = 30_000
-    decay_lr: float = 2.5e-6
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 1e-10
-    clip_norm: float = 1.0
-
-    @classmethod
-    def for_preset(cls, preset: str) -> OptimizerConfig:
-        # openpi's schedule barely moves a from-scratch tiny model in a few minutes; the CPU demo runs a faster one
-        # (on the pusht demo, 3e-3 starts reading the state tokens within ~600 steps, 1e-3 not within 1000).
-        if preset == "tiny":
-            return cls(peak_lr=3e-3, warmup_steps=100, decay_steps=1_500, decay_lr=3e-4)
-        return cls()
-
-
-def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    # openpi starts the warm-up at peak / (warmup + 1), not at 0, so that step 0 already updates.
-    return optax.warmup_cosine_decay_schedule(
-        init_value=cfg.peak_lr / (cfg.warmup_steps + 1),
-        peak_value=cfg.peak_lr,
-        warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.decay_steps,
-        end_value=cfg.decay_lr,
-    )
-
-
-SIDES = ("backbone", "action_expert")
-
-
-def param_labels(params: Params) -> Params:
-    """The insulation side (`param_group`) of every parameter leaf, as a tree shaped like `params`."""
-    return {name: jax.tree.map(lambda _, n=name: param_group((n,)), sub) for name, sub in params.items()}
-
-
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """AdamW with clipping, run separately on each side of the insulation cut (DESIGN §5).
-
-    A global-norm clip over all gradients would let the flow loss rescale every backbone update (and the FAST loss
-    every expert update) whenever it clips; each side therefore has its own clip and its own optimizer state. AdamW,
-    weight decay and the schedule are per-element or per-step and couple nothing.
-    """
-
-    def side() -> optax.GradientTransformation:
-        return optax.chain(
-            optax.clip_by_global_norm(cfg.clip_norm),
-            optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
-        )
-
-    return optax.partition({name: side() for name in SIDES}, param_labels)
 
 
 @struct.dataclass
@@ -126,16 +54,13 @@ class TrainState:
 # Model config from a preset and the manifest
 
 
-def model_config(preset: str, manifest: dict[str, Any], *, explicit: dict[str, Any] | None = None, **overrides: Any) -> Pi05KIConfig:
+def model_config(preset: str, manifest: Manifest, *, explicit: dict[str, Any] | None = None, **overrides: Any) -> Pi05KIConfig:
     """The preset's architecture with the data-dependent fields from the manifest.
 
-    `explicit` holds values the user gave on the command line for MANIFEST_FIELDS; any that disagrees with the
-    manifest is refused (a model trained on other shapes than its data would silently be wrong).
+    `explicit` holds values the user gave on the command line for the manifest's model fields; any that disagrees
+    with the manifest is refused (a model trained on other shapes than its data would silently be wrong).
     """
-    if preset not in PRESETS:
-        raise TrainError(f"unknown config preset {preset!r}; choose one of {sorted(PRESETS)}")
-    data = {k: manifest[k] for k in MANIFEST_FIELDS}
-    data["cameras"] = tuple(data["cameras"])
+    data = manifest.model_fields()
     for key, value in (explicit or {}).items():
         if value is None:
             continue
@@ -146,33 +71,10 @@ def model_config(preset: str, manifest: dict[str, Any], *, explicit: dict[str, A
             raise TrainError(
                 f"--{key.replace('_', '-')} {value} contradicts the shards: their manifest has {key} = {data[key]}"
             )
-    return PRESETS[preset](**data, **overrides)
-
-
-def check_same_data(saved: dict[str, Any], shards: dict[str, Any], shards_dir: str | Path, *, doing: str = "resume") -> None:
-    """A checkpoint only fits shards of the same shapes and token meanings as those it trained on."""
-    for key in RESUME_FIELDS:
-        if saved.get(key) != shards.get(key):
-            raise TrainError(
-                f"cannot {doing}: the checkpoint was trained with {key} = {saved.get(key)!r} but the shards in "
-                f"{shards_dir} have {key} = {shards.get(key)!r}"
-            )
-    for kind in ("text", "fast"):
-        a, b = saved["tokenizers"][kind].get("sha256"), shards["tokenizers"][kind].get("sha256")
-        if a != b:
-            raise TrainError(
-                f"cannot {doing}: the checkpoint's {kind} tokenizer (sha256 {a}) differs from the one of the shards "
-                f"in {shards_dir} ({b})"
-            )
-
-
-def check_same_norm_stats(checkpoint_dir: str | Path, shards_dir: str | Path, *, doing: str = "resume") -> None:
-    a = json.loads((Path(checkpoint_dir) / "norm_stats.json").read_text())
-    b = json.loads((Path(shards_dir) / "norm_stats.json").read_text())
-    if a != b:
-        raise TrainError(
-            f"cannot {doing}: norm_stats.json of the checkpoint {checkpoint_dir} differs from that of the shards {shards_dir}"
-        )
+    try:
+        return Pi05KIConfig.preset(preset, **data, **overrides)
+    except ConfigError as e:
+        raise TrainError(str(e)) from None
 
 
 def check_resume_config(saved: Pi05KIConfig, wanted: Pi05KIConfig) -> None:
@@ -183,57 +85,13 @@ def check_resume_config(saved: Pi05KIConfig, wanted: Pi05KIConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Mesh and shardings
-
-
-def make_mesh(fsdp_devices: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
-    """(data, fsdp) mesh over all devices: parameters sharded over `fsdp`, the batch over both axes."""
-    devices = list(jax.devices() if devices is None else devices)
-    if fsdp_devices < 1 or len(devices) % fsdp_devices:
-        raise TrainError(f"--fsdp-devices {fsdp_devices} does not divide the {len(devices)} devices")
-    grid = np.asarray(devices).reshape(len(devices) // fsdp_devices, fsdp_devices)
-    return Mesh(grid, BATCH_AXES)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+# State and step
 
 
 def abstract_model(config: Pi05KIConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract nnx.Param state) without allocating any weight."""
     model = nnx.eval_shape(lambda: config.create(nnx.Rngs(0)))
     return nnx.split(model, nnx.Param)
-
-
-def param_shardings(params: nnx.State, mesh: Mesh) -> Params:
-    """FSDP from each nnx.Param's logical axis names through ki_model.sharding's rules (works on abstract params).
-
-    A mesh axis that does not divide its dimension leaves that dimension replicated.
-    """
-
-    def one(var: nnx.Variable) -> NamedSharding:
-        shape = var.get_value().shape
-        axes = var.get_metadata().get("out_sharding") or (None,) * len(shape)
-        spec = list(sharding.logical_to_spec(axes, sharding.FSDP_RULES))
-        for i, names in enumerate(spec):
-            names = (names,) if isinstance(names, str) else tuple(names or ())
-            if shape[i] % int(np.prod([mesh.shape[n] for n in names])):
-                spec[i] = None
-        return NamedSharding(mesh, PartitionSpec(*spec))
-
-    return nnx.to_pure_dict(jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-
-
-def compiler_options(fast_compile: bool) -> dict[str, Any] | None:
-    """XLA options for jax.jit. fast_compile (CPU only): backend optimisation off, which compiles this model ~3x
-    faster and runs it ~2x slower; worth it for runs of seconds to minutes (tests, the CPU demo)."""
-    if fast_compile and jax.default_backend() == "cpu":
-        return {"xla_backend_optimization_level": 0}
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# State and step
 
 
 def _init_fn(config: Pi05KIConfig, tx: optax.GradientTransformation, seed: int, ema: bool) -> Callable[[], TrainState]:
@@ -254,7 +112,7 @@ def state_shardings(
 ) -> tuple[TrainState, nnx.GraphDef]:
     """(NamedShardings of every TrainState leaf on `mesh`, graphdef), without allocating anything."""
     graphdef, abstract_params = abstract_model(config)
-    p_shard = param_shardings(abstract_params, mesh)
+    p_shard = nnx.to_pure_dict(param_shardings(abstract_params, mesh))
     abstract = jax.eval_shape(_init_fn(config, tx, 0, ema))
     replicated = NamedSharding(mesh, PartitionSpec())
     # Optimizer moments mirror the params' tree: give them the params' shardings, scalars replicated.
@@ -312,7 +170,7 @@ def _train_step(
 
     def loss_fn(params: Params) -> tuple[Array, dict[str, Array]]:
         model = nnx.merge(graphdef, params)
-        out = model.compute_loss(rng, obs, actions, action_is_pad, train=True)
+        out = model.compute_loss(rng, obs, actions, action_is_pad)
         return out["total"], out
 
     grads, out = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -415,7 +273,7 @@ class TrainConfig:
     verify: bool = False  # hash every shard against manifest.json before anything else (ki_data.verify)
 
     def explicit(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in MANIFEST_FIELDS if k != "cameras" and hasattr(self, k)}
+        return {k: getattr(self, k) for k in MODEL_FIELDS if k != "cameras" and hasattr(self, k)}
 
     def optimizer_config(self) -> OptimizerConfig:
         return self.optimizer or OptimizerConfig.for_preset(self.config)
@@ -495,18 +353,19 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
 
     `on_log` is called with each logged metrics dict (tests use it to kill a run part-way).
     """
-    from ki_data.schema import load_manifest
-
     if cfg.verify:  # before anything is written: damaged shards leave the checkpoint directory alone
         from ki_data.verify import check_shards
 
         print(check_shards(cfg.shards, progress=cfg.progress).one_line())
-    manifest = load_manifest(cfg.shards)
+    manifest = Manifest.load(cfg.shards)
     model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model_overrides)
     model_cfg = _init_model_config(cfg, model_cfg)
     # Checked before anything is written, so a bad checkpoint leaves the output directory alone.
     pretrained = _check_init(cfg, model_cfg) if cfg.init and not cfg.resume else None
-    mesh = make_mesh(cfg.fsdp_devices)
+    try:
+        mesh = make_mesh(cfg.fsdp_devices)
+    except MeshError as e:
+        raise TrainError(str(e)) from None
     if cfg.batch_size % mesh.size:
         raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {mesh.size} devices")
     is_main = jax.process_index() == 0  # one process writes the files; orbax coordinates the checkpoint itself
@@ -516,8 +375,10 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
     ema = cfg.ema_decay is not None
     tx = make_optimizer(opt_cfg)
     if cfg.resume:
-        check_same_data(ckpt.load_manifest(out), manifest, cfg.shards)
-        check_same_norm_stats(out, cfg.shards)
+        try:
+            ckpt.check_same_data(out, cfg.shards, doing="resume")
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
         check_resume_config(ckpt.load_model_config(out), model_cfg)
     else:
         # The whole initial state (with --init weights) exists before the directory is touched: a failure up to
@@ -570,7 +431,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
         step_fn = make_train_step(
             graphdef, opt_cfg, shardings, mesh, seed=cfg.seed, ema_decay=cfg.ema_decay, fast_compile=cfg.fast_compile
         )
-        meta = {"model_config": model_cfg.to_dict(), "manifest": manifest, "preset": cfg.config}
+        meta = {"model_config": model_cfg.to_dict(), "manifest": manifest.to_dict(), "preset": cfg.config}
 
         def save(step: int) -> None:
             ckpt.save(
@@ -624,39 +485,6 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
         loader.close()
 
 
-def enable_compilation_cache(path: str | Path, min_compile_time_s: float = 0.5) -> None:
-    """Keep compiled XLA programs under `path`: a later compile of the same program (another run, another
-    process, or a re-created jitted function) loads it instead. CPU compiles of this model take tens of seconds."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
-    compilation_cache.reset_cache()  # the cache is set up once per process; pick up the new directory
-
-
 def load_metrics(checkpoint_dir: str | Path) -> list[dict[str, float]]:
     path = Path(checkpoint_dir) / ckpt.METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def measure_step_throughput(
-    shards: str | Path, *, config: str = "tiny", batch_size: int = 32, steps: int = 10, fsdp_devices: int = 1, seed: int = 0
-) -> dict[str, float]:
-    """Samples/s the jitted train step consumes (compile excluded), on one fixed batch from the shards."""
-    from ki_data.schema import load_manifest
-
-    model_cfg = model_config(config, load_manifest(shards))
-    opt_cfg = OptimizerConfig.for_preset(config)
-    mesh = make_mesh(fsdp_devices)
-    state, shardings, graphdef = init_train_state(model_cfg, make_optimizer(opt_cfg), mesh, seed=seed, ema=False)
-    with ShardLoader(shards, "train", LoaderConfig(batch_size=batch_size, seed=seed), process_index=0, process_count=1) as ld:
-        obs, actions, pad = device_batch(next(ld), mesh)
-    step_fn = make_train_step(graphdef, opt_cfg, shardings, mesh, seed=seed, ema_decay=None)
-    state, m = step_fn(state, obs, actions, pad)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = step_fn(state, obs, actions, pad)
-    jax.block_until_ready(m)
-    dt = time.perf_counter() - t0
-    return {"batch_size": batch_size, "steps": steps, "seconds": dt, "steps_per_s": steps / dt, "samples_per_s": steps * batch_size / dt}

@@ -4,7 +4,7 @@ same run, on the gym-pusht demo dataset and the model presets.
 Every phase runs in its own spawned process, one after the other, so that its peak resident memory is its own
 (`ru_maxrss` of that process and of anything it started) and no phase warms another's caches. Timed code runs after
 its imports and (for JAX) after compilation. The measuring functions are the owners' own where they exist
-(pipelines.preprocess_report, ki_data.loader.measure_throughput, ki_model.train.measure_step_throughput,
+(pipelines.preprocess_report, ki_data.loader.measure_throughput, ki_model.profiling.measure_step_throughput,
 ki_model.profiling); this module adds cached vs uncached sampling, the prefix pass alone and XLA FLOP counts.
 
 | figure | a / b |
@@ -20,6 +20,7 @@ ki_model.profiling); this module adds cached vs uncached sampling, the prefix pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -257,18 +258,18 @@ def loader_phase(shards: str, batch_size: int, num_batches: int, num_workers: in
 
 def _use_compile_cache(compile_cache: str | None) -> None:
     if compile_cache:
-        from ki_model.train import enable_compilation_cache
+        from ki_model.compile import enable_compilation_cache
 
         enable_compilation_cache(compile_cache, min_compile_time_s=0.0)
 
 
 def train_phase(shards: str, preset: str, batch_size: int, steps: int, compile_cache: str | None) -> dict:
-    """ki_model.train.measure_step_throughput: the trainer's jitted step, compiled, on a batch from the shards.
+    """ki_model.profiling.measure_step_throughput: the trainer's jitted step, compiled, on a batch from the shards.
     This process's peak memory is that of training at this config (model, optimizer, compiled step, a batch)."""
     _use_compile_cache(compile_cache)
     import jax
 
-    from ki_model.train import measure_step_throughput
+    from ki_model.profiling import measure_step_throughput
 
     out = measure_step_throughput(shards, config=preset, batch_size=batch_size, steps=steps)
     out["step_s"] = out["seconds"] / out["steps"]
@@ -280,19 +281,14 @@ def train_phase(shards: str, preset: str, batch_size: int, steps: int, compile_c
 def demo_setup(shards: str, preset: str):
     """A ki_model.profiling.ReportSetup with the demo shards' config (preset architecture, manifest data fields)
     and their tokenizers, cameras and state size: synthetic batches in exactly the demo's format."""
-    from ki_data import FastTokenizer, TextTokenizer
-    from ki_data.schema import FAST_TOKENIZER_DIR, TEXT_TOKENIZER_FILE, load_manifest
+    from ki_data import DataArtifacts
     from ki_model.profiling import ReportSetup
     from ki_model.synthetic import SyntheticTokenizers
     from ki_model.train import model_config
 
-    manifest = load_manifest(shards)
-    toks = SyntheticTokenizers(
-        TextTokenizer.load(Path(shards) / TEXT_TOKENIZER_FILE),
-        FastTokenizer.load(Path(shards) / FAST_TOKENIZER_DIR),
-        int(manifest["skip_tokens"]),
-    )
-    return ReportSetup(model_config(preset, manifest), toks, tuple(manifest["cameras"]), int(manifest["state_dim"]))
+    art = DataArtifacts.open(shards)
+    toks = SyntheticTokenizers(art.prompt.text, art.prompt.fast, art.manifest.prompt_layout)
+    return ReportSetup(model_config(preset, art.manifest), toks, art.manifest.cameras, art.manifest.state_dim)
 
 
 def time_prefix_and_cache(setup, *, repeats: int, seed: int = 0) -> dict:
@@ -301,6 +297,7 @@ def time_prefix_and_cache(setup, *, repeats: int, seed: int = 0) -> dict:
     from flax import nnx
     import jax
 
+    from ki_model import reference
     from ki_model.synthetic import synthetic_batch
 
     cfg = setup.config
@@ -308,7 +305,8 @@ def time_prefix_and_cache(setup, *, repeats: int, seed: int = 0) -> dict:
     model = cfg.create(nnx.Rngs(seed))
     steps = cfg.num_flow_steps
     cached = nnx.jit(lambda m, rng, obs: m.sample_actions(rng, obs, num_steps=steps))
-    uncached = nnx.jit(lambda m, rng, obs: m.sample_actions(rng, obs, num_steps=steps, use_cache=False))
+    noise = jax.random.normal(jax.random.key(1), (1, cfg.action_horizon, cfg.action_dim))
+    uncached = nnx.jit(lambda m, rng, obs: reference.sample_actions_no_cache(m, obs, noise, steps))
     prefix = nnx.jit(lambda m, obs: m.prefix_cache(obs))
     rng = jax.random.key(1)
     med, first = _interleaved_medians(
@@ -338,6 +336,7 @@ def train_step_flops(setup, *, batch_size: int, seed: int = 0) -> dict:
     import jax
     from flax import nnx
 
+    from ki_model import reference
     from ki_model.synthetic import synthetic_batch
     from ki_model.train import abstract_model
 
@@ -349,7 +348,7 @@ def train_step_flops(setup, *, batch_size: int, seed: int = 0) -> dict:
     def flops(two_pass: bool) -> float:
         def loss(p):
             model = nnx.merge(graphdef, p)
-            fn = model.compute_loss_two_pass if two_pass else model.compute_loss
+            fn = functools.partial(reference.compute_loss_two_pass, model) if two_pass else model.compute_loss
             return fn(rng, batch.obs, batch.actions, batch.action_is_pad)["total"]
 
         cost = jax.jit(jax.grad(loss)).lower(params).cost_analysis()

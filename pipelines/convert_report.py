@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from ki_model.train import PRESETS
+from ki_model.config import PRESETS, Pi05KIConfig
 from ki_model.weights import EXPERT_INITS, PALIGEMMA_VOCAB_SIZE, CheckpointError, load_paligemma
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     # Horizon and action dim do not touch the loaded weights; any value does.
-    config = PRESETS[a.config](action_horizon=1, action_dim=1, vocab_size=a.vocab_size, image_size=a.image_size)
+    config = Pi05KIConfig.preset(a.config, action_horizon=1, action_dim=1, vocab_size=a.vocab_size, image_size=a.image_size)
     try:
         ckpt = load_paligemma(a.path, config, expert_init=a.expert_init)
         print(ckpt.report.summary())

@@ -6,10 +6,9 @@ import argparse
 import sys
 
 from ki_data.loader import LoaderError
-from ki_data.schema import ManifestError
+from ki_data.manifest import ManifestError
 from ki_model.checkpoint import CheckpointError
 from ki_model.evaluate import evaluate
-from ki_model.train import TrainError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = evaluate(a.checkpoint, a.shards, output_dir=a.output, batches=a.batches, batch_size=a.batch_size, seed=a.seed,
                      fast_compile=a.fast_compile)
-    except (TrainError, LoaderError, CheckpointError, ManifestError) as e:
+    except (LoaderError, CheckpointError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{r['frames']} validation frames, errors in the dataset's units")

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = ki_inspect.dataset_token_stats(shards)
         print("dataset tokens:", ki_inspect.to_json(stats.summary()))
         near = stats.near_limit()
-        print(f"rows within 10% of max_token_len ({shards.max_token_len}): {len(near) or 'none'}")
+        print(f"rows within 10% of max_token_len ({shards.manifest.max_token_len}): {len(near) or 'none'}")
         for r in near:
             print(f"  episode {r['episode_index']} frame {r['frame_index']} (index {r['index']}): "
                   f"{r['prompt_length']} tokens, {r['free']} free")

@@ -16,7 +16,8 @@ import sys
 
 from ki_data.lerobot_source import DatasetFormatError, DatasetNotFoundError
 from ki_data.preprocess import PreprocessConfig, PreprocessError, describe_rows, run_preprocess
-from ki_data.schema import ManifestError
+from ki_data.manifest import ManifestError
+from ki_data.prompt import DEFAULT_LAYOUT, LAYOUTS
 
 
 def _episodes(tokens: list[str]) -> tuple[int, ...]:
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split" + d)
     p.add_argument("--shard-rows", type=int, default=1000, help="target rows per shard, whole episodes" + d)
     p.add_argument("--norm-mode", choices=("quantile", "zscore"), default="quantile", help="normalization" + d)
+    p.add_argument("--prompt-layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                   help="pi05: openpi's pi0.5 prefix (... State: ...;\\nAction: ), fast: pi0-FAST's (lower-cased task, "
+                   "'Action: ' opens the postfix)" + d)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
     p.add_argument("--show-rows", type=int, default=0, metavar="N", help="print N decoded rows at the end")
@@ -88,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         seed=args.seed,
         shard_rows=args.shard_rows,
         norm_mode=args.norm_mode,
+        prompt_layout=args.prompt_layout,
         skip_bad_rows=args.skip_bad_rows,
         overwrite=args.overwrite,
         progress=not args.no_progress,

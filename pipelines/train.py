@@ -6,9 +6,11 @@ import argparse
 import sys
 
 from ki_data.loader import LoaderError
-from ki_data.schema import ManifestError
+from ki_data.manifest import ManifestError
 from ki_model.checkpoint import CheckpointError
-from ki_model.train import PRESETS, OptimizerConfig, TrainConfig, TrainError, train
+from ki_model.config import PRESETS
+from ki_model.optimizer import OptimizerConfig
+from ki_model.train import TrainConfig, TrainError, train
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

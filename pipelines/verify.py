@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ki_data.schema import ManifestError
+from ki_data.manifest import ManifestError
 from ki_data.verify import verify_shards
 
 

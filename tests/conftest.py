@@ -149,7 +149,9 @@ def demo_shards(demo_dataset, tmp_path_factory) -> Path:
 def trained_checkpoint(demo_shards, tmp_path_factory) -> Path:
     """The tiny model trained for 2 steps (with EMA) on `demo_shards`: shared by the evaluation, policy and inspection
     tests, with the settings of test_train.py so that its compiled programs are reused; read-only."""
-    from ki_model.train import OptimizerConfig, TrainConfig, enable_compilation_cache, train
+    from ki_model.compile import enable_compilation_cache
+    from ki_model.optimizer import OptimizerConfig
+    from ki_model.train import TrainConfig, train
 
     enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
     out = tmp_path_factory.mktemp("trained") / "ckpt"

@@ -78,12 +78,13 @@ def test_png_storage_and_cli_refuses_to_overwrite(tmp_path, capsys):
 
 
 def test_demo_shards_fixture_is_ready_for_the_tiny_model(demo_shards):
-    from ki_data.schema import ManifestError, load_manifest, read_rows
+    from ki_data.manifest import Manifest, ManifestError
+    from ki_data.schema import read_rows
 
-    m = load_manifest(demo_shards)
-    assert (m["image_size"], m["action_horizon"], m["max_token_len"], m["max_text_len"]) == (32, 10, 64, 32)
-    assert m["cameras"] == ["image"] and m["splits"]["val"] and m["splits"]["train"]
-    rows = read_rows(demo_shards / m["shards"][0]["path"])
+    m = Manifest.load(demo_shards)
+    assert (m.image_size, m.action_horizon, m.max_token_len, m.max_text_len) == (32, 10, 64, 32)
+    assert m.cameras == ("image",) and m.splits["val"] and m.splits["train"]
+    rows = read_rows(demo_shards / m.shards[0].path)
     assert rows["actions"].shape[1:] == (10, 2) and rows["state"].shape[1] == 2
     with pytest.raises(ManifestError, match="not a finished preprocessing output"):
-        load_manifest(demo_shards / "nope")
+        Manifest.load(demo_shards / "nope")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from ki_data.normalize import load_norm_stats, unnormalize
-from ki_data.schema import load_manifest, read_rows, shard_paths
+from ki_data.manifest import Manifest
+from ki_data.schema import read_rows
 from ki_model.evaluate import evaluate
-from ki_model.train import TrainError
+from ki_model.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,11 @@ def test_report_and_plot_are_written(report):
 
 
 def test_figures_are_consistent(report, demo_shards):
-    m = load_manifest(demo_shards)
+    m = Manifest.load(demo_shards)
     for head in ("flow", "fast_constrained", "mean_action_baseline"):
         e = report[head]
         assert e["mse"] >= e["mae"] ** 2 - 1e-9 and e["mae"] > 0  # Jensen: a wrong MSE/MAE pairing would break it
-        assert len(e["mae_per_dim"]) == m["action_dim"]
+        assert len(e["mae_per_dim"]) == m.action_dim
     # Constrained decoding always yields horizon x dim coefficients, so every row decodes.
     assert report["fast_constrained"]["validity_rate"] == 1.0
     assert 0.0 <= report["fast_unconstrained"]["validity_rate"] <= 1.0
@@ -42,15 +43,15 @@ def test_figures_are_consistent(report, demo_shards):
 
 def test_errors_are_in_the_datasets_units(report, demo_shards):
     """The baseline error recomputed by hand from the first 8 validation rows, unnormalized with norm_stats.json."""
-    m = load_manifest(demo_shards)
-    rows = read_rows(shard_paths(demo_shards, "val")[0])
+    m = Manifest.load(demo_shards)
+    rows = read_rows(Manifest.load(demo_shards).shard_paths(demo_shards, "val")[0])
     stats = load_norm_stats(demo_shards / "norm_stats.json")["actions"]
-    true = unnormalize(rows["actions"][:8], stats, mode=m["norm_mode"])
+    true = unnormalize(rows["actions"][:8], stats, mode=m.norm_mode)
     real = ~rows["action_is_pad"][:8]
     err = (stats.mean - true)[real]
     assert report["mean_action_baseline"]["mse"] == pytest.approx(float(np.mean(err**2)), rel=1e-5)
     assert report["mean_action_baseline"]["mae"] == pytest.approx(float(np.mean(np.abs(err))), rel=1e-5)
-    assert report["mean_action_baseline"]["values"] == real.sum() * m["action_dim"]
+    assert report["mean_action_baseline"]["values"] == real.sum() * m.action_dim
 
 
 def test_shards_of_another_layout_are_refused(trained_checkpoint, demo_shards, tmp_path, capsys):
@@ -61,7 +62,7 @@ def test_shards_of_another_layout_are_refused(trained_checkpoint, demo_shards, t
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["max_text_len"] += 1
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TrainError, match="cannot evaluate: .*max_text_len"):
+    with pytest.raises(CheckpointError, match="cannot evaluate: .*max_text_len"):
         evaluate(trained_checkpoint, other, output_dir=tmp_path / "r", progress=False)
     assert main(["--checkpoint", str(trained_checkpoint), "--shards", str(other)]) == 2
     assert "max_text_len" in capsys.readouterr().err

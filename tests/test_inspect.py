@@ -18,7 +18,7 @@ from nbclient import NotebookClient
 from ki_data import inspect as ki_inspect
 from ki_data import inspect_plots, inspect_render
 from ki_data.normalize import unnormalize
-from ki_data.prompt import format_text_prompt
+from ki_data.artifacts import DataArtifacts
 from pipelines import inspect as inspect_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,30 +26,30 @@ NOTEBOOK = REPO / "notebooks" / "inspect_tokens.ipynb"
 
 
 @pytest.fixture(scope="module")
-def shards(demo_shards) -> ki_inspect.ShardSet:
+def shards(demo_shards) -> DataArtifacts:
     return ki_inspect.open_shards(demo_shards)
 
 
 @pytest.fixture(scope="module")
 def known(shards) -> ki_inspect.Row:
     """A row in the middle of the first train episode (real steps ahead, so a full chunk)."""
-    episode = shards.manifest["splits"]["train"][0]
+    episode = shards.manifest.splits["train"][0]
     return ki_inspect.load_row(shards, episode=episode, frame=3)
 
 
 def test_load_row_by_episode_frame_and_by_index_agree(shards, known):
-    assert (known.episode_index, known.frame_index) == (shards.manifest["splits"]["train"][0], 3)
+    assert (known.episode_index, known.frame_index) == (shards.manifest.splits["train"][0], 3)
     same = ki_inspect.load_row(shards, index=known.index)
     assert (same.episode_index, same.frame_index) == (known.episode_index, known.frame_index)
     np.testing.assert_array_equal(same.tokenized_prompt, known.tokenized_prompt)
-    assert known.actions.shape == (shards.horizon, shards.action_dim)
-    assert set(known.decoded_images()) == set(shards.cameras)
-    size = shards.manifest["image_size"]
+    assert known.actions.shape == (shards.manifest.action_horizon, shards.manifest.action_dim)
+    assert set(known.decoded_images()) == set(list(shards.manifest.cameras))
+    size = shards.manifest.image_size
     assert all(img.shape == (size, size, 3) for img in known.decoded_images().values())
 
 
 def test_load_row_names_what_is_missing(shards, tmp_path):
-    episode = shards.manifest["splits"]["train"][0]
+    episode = shards.manifest.splits["train"][0]
     with pytest.raises(ki_inspect.InspectError, match=f"episode {episode} has no frame 100000"):
         ki_inspect.load_row(shards, episode=episode, frame=100000)
     with pytest.raises(ki_inspect.InspectError, match="no shard holds episode 987654"):
@@ -62,46 +62,48 @@ def test_load_row_names_what_is_missing(shards, tmp_path):
 
 def test_token_table_matches_the_row_and_the_tokenizers(shards, known):
     records = ki_inspect.token_table(shards, known)
-    assert [r.position for r in records] == list(range(shards.max_token_len))
+    assert [r.position for r in records] == list(range(shards.manifest.max_token_len))
     np.testing.assert_array_equal([r.token_id for r in records], known.tokenized_prompt)
     for name in ("tokenized_prompt_mask", "token_ar_mask", "token_loss_mask"):
         np.testing.assert_array_equal([getattr(r, name) for r in records], getattr(known, name))
-    n_text = shards.max_text_len
+    n_text = shards.manifest.max_text_len
     np.testing.assert_array_equal([r.text_id for r in records[:n_text]], known.text_prompt)
     np.testing.assert_array_equal([r.text_prompt_mask for r in records[:n_text]], known.text_prompt_mask)
     assert all(r.text_id is None for r in records[n_text:])
 
     # The prefix reads as the prompt built from the row's own task and state, piece by piece.
-    text = shards.text_tokenizer
+    text = shards.prompt.text
     prefix = [r for r in records if r.segment == "prefix"]
     assert len(prefix) == known.text_prompt_mask.sum()
     assert prefix[0].piece == text.id_to_piece(text.bos_id)
-    assert text.decode([r.token_id for r in prefix]) == format_text_prompt(known.task, known.state)
+    assert text.decode([r.token_id for r in prefix]) == shards.prompt.prefix_text(known.task, known.state)
     assert [r.piece for r in prefix] == [text.id_to_piece(i) for i in known.text_prompt[: len(prefix)]]
 
-    # The postfix: "Action: " pieces, then the FAST ids of the stored chunk, then "|" and EOS.
+    # The postfix: the layout's start ("Action: " pieces under `fast`, nothing under `pi05`, whose prefix ends with
+    # them), then the FAST ids of the stored chunk, then "|" and EOS.
     postfix = [r for r in records if r.segment == "postfix"]
-    fast_ids = shards.fast_tokenizer.encode(known.actions)
+    fast_ids = shards.prompt.fast.encode(known.actions)
     fast = [r for r in postfix if r.kind == "fast"]
     assert [r.piece for r in fast] == [f"FAST#{f}" for f in fast_ids]
     assert all(r.token_loss_mask and r.token_ar_mask for r in fast)
     head = postfix[: postfix.index(fast[0])]
-    assert text.decode([r.token_id for r in head]).strip() == "Action:"
+    assert [r.token_id for r in head] == list(shards.prompt.start_ids)
+    assert text.decode([r.token_id for r in prefix + head]).endswith("Action: ")
     assert postfix[-1].token_id == text.eos_id and postfix[-1].piece == text.id_to_piece(text.eos_id)
     assert text.decode([postfix[-2].token_id]).strip() == "|"
     assert len(prefix) + len(postfix) == known.tokenized_prompt_mask.sum()
     assert all(r.segment == "pad" and r.kind == "pad" for r in records[len(prefix) + len(postfix) :])
 
     frame = ki_inspect.token_table_frame(records)
-    assert list(frame.index) == list(range(shards.max_token_len))
+    assert list(frame.index) == list(range(shards.manifest.max_token_len))
     assert (frame["segment"] == "postfix").sum() == len(postfix)
 
 
 def test_fast_postfix_decodes_to_the_stored_chunk(shards, known):
     decode = ki_inspect.decode_fast_postfix(shards, known)
-    assert decode.fast_ids == shards.fast_tokenizer.encode(known.actions)
-    assert decode.decoded.shape == (shards.horizon, shards.action_dim)
-    scale = shards.fast_tokenizer.scale
+    assert decode.fast_ids == shards.prompt.fast.encode(known.actions)
+    assert decode.decoded.shape == (shards.manifest.action_horizon, shards.manifest.action_dim)
+    scale = shards.prompt.fast.scale
     # Rounding each DCT coefficient moves it by at most 0.5/scale; the orthonormal inverse keeps the RMS.
     assert np.sqrt(np.mean((decode.decoded - decode.stored) ** 2)) <= 0.5 / scale + 1e-6
     assert decode.max_error <= decode.bound
@@ -124,14 +126,14 @@ def test_row_check_passes_a_real_row_and_names_corruptions(shards, known):
 
     # Swap two FAST ids: still decodes, but no longer to the stored chunk / what build_prompt makes.
     tokens = known.tokenized_prompt.copy()
-    fast_pos = np.flatnonzero(ki_inspect.is_fast_id(shards, tokens) & known.token_ar_mask)
+    fast_pos = np.flatnonzero(shards.prompt.is_fast(tokens) & known.token_ar_mask)
     assert len(fast_pos) >= 2
     tokens[fast_pos[0]] = tokens[fast_pos[-1]]
     problems = ki_inspect.row_problems(shards, dataclasses.replace(known, tokenized_prompt=tokens))
-    assert any("tokenized_prompt differs from build_prompt" in p for p in problems)
+    assert any("tokenized_prompt differs from the prompt builder" in p for p in problems)
 
     text = known.text_prompt.copy()
-    text[1] = (text[1] + 1) % shards.text_tokenizer.vocab_size
+    text[1] = (text[1] + 1) % shards.prompt.text.vocab_size
     with pytest.raises(ki_inspect.RowInconsistencyError, match="differ at position 1"):
         ki_inspect.check_row_consistency(shards, dataclasses.replace(known, text_prompt=text))
 
@@ -146,7 +148,7 @@ def test_terminal_view_shows_the_known_row(shards, known, capsys):
     lines = out.splitlines()
     assert f"episode={known.episode_index}  frame={known.frame_index}  index={known.index}" in lines[0]
     assert f"task: {known.task!r}" in out
-    text = shards.text_tokenizer
+    text = shards.prompt.text
     # Every real position is one line: position, segment, id, piece, text id, text piece, four masks.
     records = ki_inspect.token_table(shards, known)
     for r in records[: int(known.tokenized_prompt_mask.sum())]:
@@ -154,7 +156,7 @@ def test_terminal_view_shows_the_known_row(shards, known, capsys):
         assert fields[1:3] == [r.segment, str(r.token_id)], fields
     bos_line = next(line for line in lines if line.startswith("0 "))
     assert text.id_to_piece(text.bos_id) in bos_line
-    fast_pieces = [f"FAST#{f}" for f in shards.fast_tokenizer.encode(known.actions)]
+    fast_pieces = [f"FAST#{f}" for f in shards.prompt.fast.encode(known.actions)]
     positions = [out.index(p + " ") for p in fast_pieces]
     assert positions == sorted(positions)  # in order
     assert "---- postfix" in out and "---- pad" in out
@@ -166,7 +168,7 @@ def test_terminal_view_by_index_and_its_errors(shards, known, capsys):
     assert inspect_cli.main([str(shards.root), "--index", str(known.index), "--color", "never", "--stats"]) == 0
     out = capsys.readouterr().out
     assert f"episode={known.episode_index}  frame={known.frame_index}" in out
-    assert '"max_token_len": %d' % shards.max_token_len in out
+    assert '"max_token_len": %d' % shards.manifest.max_token_len in out
     assert inspect_cli.main([str(shards.root), "--episode", "987654"]) == 2
     assert "no shard holds episode 987654" in capsys.readouterr().err
 
@@ -180,13 +182,13 @@ def test_terminal_view_in_colour_and_with_a_limit(shards, known):
     assert first_fast.piece in coloured
     plain = inspect_render.token_table_text(records, limit=5)
     assert len([ln for ln in plain.splitlines() if ln[:1].isdigit()]) == 5
-    assert f"... {shards.max_token_len - 5} more positions not shown" in plain
+    assert f"... {shards.manifest.max_token_len - 5} more positions not shown" in plain
 
 
 def test_html_table_colours_prefix_postfix_and_fast(shards, known):
     records = ki_inspect.token_table(shards, known)
     shown, hidden = inspect_render.visible_records(records, pad_rows=1)
-    assert hidden == shards.max_token_len - int(known.tokenized_prompt_mask.sum()) - 1
+    assert hidden == shards.manifest.max_token_len - int(known.tokenized_prompt_mask.sum()) - 1
     html = inspect_render.style_token_table(ki_inspect.token_table_frame(shown)).to_html()
     for colour in inspect_render.HTML_BACKGROUND.values():
         assert colour in html
@@ -195,17 +197,17 @@ def test_html_table_colours_prefix_postfix_and_fast(shards, known):
 
 def test_dataset_token_stats(shards, known):
     stats = ki_inspect.dataset_token_stats(shards, progress=False)
-    assert stats.rows == sum(s["rows"] for s in shards.manifest["shards"])
+    assert stats.rows == sum(s.rows for s in shards.manifest.shards)
     i = int(np.flatnonzero(stats.index == known.index)[0])
     assert stats.prompt_length[i] == known.tokenized_prompt_mask.sum()
     assert stats.text_length[i] == known.text_prompt_mask.sum()
-    assert stats.fast_tokens[i] == len(shards.fast_tokenizer.encode(known.actions))
+    assert stats.fast_tokens[i] == len(shards.prompt.fast.encode(known.actions))
     # Every postfix holds the same fixed text around its FAST ids.
     fixed = stats.prompt_length - stats.text_length - stats.fast_tokens
-    assert len(np.unique(fixed)) == 1 and fixed[0] >= 3  # Action: … | EOS
+    assert len(np.unique(fixed)) == 1 and fixed[0] == len(shards.prompt.start_ids) + len(shards.prompt.end_ids)
     ki_inspect.check_token_stats(stats)
     # Preprocessing counted the same things on its own.
-    summary = shards.manifest["summary"]
+    summary = shards.manifest.summary
     assert stats.fast_tokens.max() == summary["fast_tokens_per_chunk"]["max"]
     assert np.isclose(stats.fast_tokens.mean(), summary["fast_tokens_per_chunk"]["mean"])
     assert stats.prompt_length.max() == summary["prompt_tokens"]["max"]
@@ -224,22 +226,15 @@ def test_figures_plot_what_they_say(shards, known):
     stored, decoded = (line.get_ydata() for line in ax.get_lines()[:2])
     np.testing.assert_allclose(stored, decode.stored_actions[:, 0])
     np.testing.assert_allclose(decoded, decode.decoded_actions[:, 0])
-    assert len([a for a in fig.axes if a.get_visible()]) == shards.action_dim
+    assert len([a for a in fig.axes if a.get_visible()]) == shards.manifest.action_dim
 
     stats = ki_inspect.dataset_token_stats(shards, progress=False)
     fig = inspect_plots.token_stats_figure(stats)
     limit_lines = [ln for ln in fig.axes[1].get_lines() if ln.get_label().startswith("max_token_len")]
-    assert limit_lines and limit_lines[0].get_xdata()[0] == shards.max_token_len
+    assert limit_lines and limit_lines[0].get_xdata()[0] == shards.manifest.max_token_len
 
     cams = inspect_plots.camera_figure(known.decoded_images())
-    assert [a.get_title().split()[0] for a in cams.axes] == shards.cameras
-
-
-def test_model_predictions_need_a_checkpoint(shards, known, tmp_path):
-    with pytest.raises(ki_inspect.InspectError, match="need a checkpoint"):
-        ki_inspect.model_predictions(shards, known, None)
-    with pytest.raises(ki_inspect.InspectError, match="does not exist"):
-        ki_inspect.model_predictions(shards, known, tmp_path / "nothing")
+    assert [a.get_title().split()[0] for a in cams.axes] == list(shards.manifest.cameras)
 
 
 def test_notebook_paths(tmp_path):
@@ -293,8 +288,11 @@ def test_notebook_runs_top_to_bottom(demo_shards, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_model_predictions_from_a_checkpoint(shards, known, trained_checkpoint):
-    pred = ki_inspect.model_predictions(shards, known, trained_checkpoint)
-    horizon_dim = (shards.horizon, shards.action_dim)
+    from ki_model.evaluate import predict_row
+    from ki_model.policy import Policy
+
+    pred = predict_row(Policy.load(trained_checkpoint), known.as_batch())
+    horizon_dim = (shards.manifest.action_horizon, shards.manifest.action_dim)
     assert pred.truth.shape == pred.flow.shape == horizon_dim
     np.testing.assert_allclose(pred.truth, unnormalize(known.actions, shards.norm_stats["actions"]), rtol=1e-6)
     assert np.isfinite(pred.flow).all()
@@ -302,7 +300,7 @@ def test_model_predictions_from_a_checkpoint(shards, known, trained_checkpoint):
     assert pred.fast_error is None and pred.fast is not None and pred.fast.shape == horizon_dim
     np.testing.assert_allclose(
         pred.fast,
-        unnormalize(shards.fast_tokenizer.decode(pred.fast_ids, *horizon_dim), shards.norm_stats["actions"]),
+        unnormalize(shards.prompt.fast.decode(pred.fast_ids, *horizon_dim), shards.norm_stats["actions"]),
         rtol=1e-5,
     )
     errors = pred.errors()

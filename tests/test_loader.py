@@ -21,7 +21,8 @@ from ki_data.loader import (
     block_shuffle_order,
     measure_throughput,
 )
-from ki_data.schema import load_manifest, read_rows, shard_paths
+from ki_data.manifest import Manifest
+from ki_data.schema import read_rows
 from ki_data.shard_writer import READ_OPTIONS, write_parquet_atomic
 
 
@@ -36,7 +37,7 @@ def _rows(batches) -> list[tuple[int, int]]:
 
 def _all_rows(shards, split) -> dict[tuple[int, int], dict]:
     out = {}
-    for path in shard_paths(shards, split):
+    for path in Manifest.load(shards).shard_paths(shards, split):
         cols = read_rows(path)
         for i in range(len(cols["index"])):
             out[(int(cols["episode_index"][i]), int(cols["frame_index"][i]))] = {k: v[i] for k, v in cols.items()}
@@ -44,29 +45,29 @@ def _all_rows(shards, split) -> dict[tuple[int, int], dict]:
 
 
 def test_batch_columns_shapes_and_types(demo_shards):
-    m = load_manifest(demo_shards)
+    m = Manifest.load(demo_shards)
     with _loader(demo_shards, batch_size=4) as loader:
         b = next(loader)
-    s, h, d = m["image_size"], m["action_horizon"], m["action_dim"]
-    for cam in m["cameras"]:
+    s, h, d = m.image_size, m.action_horizon, m.action_dim
+    for cam in m.cameras:
         assert b[f"image.{cam}"].dtype == np.uint8 and b[f"image.{cam}"].shape == (4, s, s, 3)
         assert b[f"image_mask.{cam}"].dtype == bool and b[f"image_mask.{cam}"].shape == (4,)
     assert b["actions"].dtype == np.float32 and b["actions"].shape == (4, h, d)
     assert b["action_is_pad"].dtype == bool and b["action_is_pad"].shape == (4, h)
-    assert b["state"].dtype == np.float32 and b["state"].shape == (4, m["state_dim"])
+    assert b["state"].dtype == np.float32 and b["state"].shape == (4, m.state_dim)
     for name in ("tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask", "token_loss_mask"):
-        assert b[name].shape == (4, m["max_token_len"])
-    assert b["tokenized_prompt"].dtype == np.int32 and b["text_prompt"].shape == (4, m["max_text_len"])
+        assert b[name].shape == (4, m.max_token_len)
+    assert b["tokenized_prompt"].dtype == np.int32 and b["text_prompt"].shape == (4, m.max_text_len)
 
 
 def test_one_epoch_is_every_train_row_once_in_a_seeded_order(demo_shards):
-    m = load_manifest(demo_shards)
+    m = Manifest.load(demo_shards)
     train_rows = _all_rows(demo_shards, "train")
     n = len(train_rows)
     with _loader(demo_shards, batch_size=4) as loader:
         stream = _rows(next(loader) for _ in range(-(-n // 4)))
     assert sorted(stream[:n]) == sorted(train_rows)  # no loss, no duplicate, training episodes only
-    assert {e for e, _ in stream} <= set(m["splits"]["train"])
+    assert {e for e, _ in stream} <= set(m.splits["train"])
     assert stream[:n] != sorted(stream[:n])  # shuffled
     with _loader(demo_shards, batch_size=4) as again, _loader(demo_shards, batch_size=4, seed=1) as other:
         assert _rows(next(again) for _ in range(3)) == stream[:12]
@@ -87,12 +88,12 @@ def test_block_shuffle_mixes_shards_and_stays_inside_windows():
 
 def test_eval_loader_reads_val_rows_in_order_without_augmentation(demo_shards):
     val = _all_rows(demo_shards, "val")
-    m = load_manifest(demo_shards)
+    m = Manifest.load(demo_shards)
     with _loader(demo_shards, "val", batch_size=5, shuffle=False, augment=False, repeat=False) as loader:
         batches = list(loader)
     rows = _rows(batches)
-    assert rows == sorted(val) and {e for e, _ in rows} <= set(m["splits"]["val"])
-    cam = m["cameras"][0]
+    assert rows == sorted(val) and {e for e, _ in rows} <= set(m.splits["val"])
+    cam = m.cameras[0]
     b = batches[0]
     for i in range(len(b["index"])):
         row = val[(int(b["episode_index"][i]), int(b["frame_index"][i]))]
@@ -102,8 +103,8 @@ def test_eval_loader_reads_val_rows_in_order_without_augmentation(demo_shards):
 
 
 def test_training_images_are_augmented(demo_shards):
-    m = load_manifest(demo_shards)
-    cam = m["cameras"][0]
+    m = Manifest.load(demo_shards)
+    cam = m.cameras[0]
     rows = _all_rows(demo_shards, "train")
     with _loader(demo_shards, batch_size=8) as loader:
         b = next(loader)
@@ -188,7 +189,7 @@ def test_measure_throughput_reports_samples_per_second(demo_shards):
 def _copy_with_train_shard(demo_shards, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(demo_shards, out)
-    return out, shard_paths(out, "train")[0]
+    return out, Manifest.load(out).shard_paths(out, "train")[0]
 
 
 def _read_until_error(loader) -> tuple[list[dict], ShardReadError]:
@@ -234,7 +235,7 @@ def test_flipped_bytes_in_a_shard_are_named_not_read(demo_shards, tmp_path, num_
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_undecodable_image_in_a_sound_shard_is_named_and_never_batched(demo_shards, tmp_path, num_workers):
     out, path = _copy_with_train_shard(demo_shards, tmp_path)
-    cam = load_manifest(out)["cameras"][0]
+    cam = Manifest.load(out).cameras[0]
     table = pq.read_table(path)
     bad_row = 9  # in the third batch of 4
     images = table.column(f"image.{cam}").to_pylist()
@@ -255,8 +256,8 @@ def test_undecodable_image_in_a_sound_shard_is_named_and_never_batched(demo_shar
 def test_damaged_shard_in_an_evaluation_pass_is_named(demo_shards, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(demo_shards, out)
-    path = shard_paths(out, "val")[0]
-    cam = load_manifest(out)["cameras"][0]
+    path = Manifest.load(out).shard_paths(out, "val")[0]
+    cam = Manifest.load(out).cameras[0]
     table = pq.read_table(path)
     images = [b"\x00" * 16] * table.num_rows
     table = table.set_column(table.schema.get_field_index(f"image.{cam}"), table.schema.field(f"image.{cam}"),

@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ki_data import build_prompt, compute_stats
-from ki_data.normalize import unnormalize
-from ki_model import FastDecodeSpec, Pi05KIConfig, fast_tokens_to_actions
-from ki_model.decoding import parse_fast_sequence
+from ki_model import FastDecodeSpec, Pi05KIConfig, reference
 from ki_model.synthetic import TASKS, perturb_params, synthetic_batch, synthetic_tokenizers
 
 H, D = 4, 3
@@ -26,13 +23,17 @@ def setup():
     model = cfg.create(nnx.Rngs(5))
     perturb_params(model, 6)
     batch = synthetic_batch(cfg, toks, 3, seed=7, masked_cameras={"top": [True, True, False]})
-    spec = FastDecodeSpec.from_tokenizers(toks.text, toks.fast, toks.vocab_size, toks.skip_tokens, H, D)
-    return cfg, toks, model, batch.obs, spec
+    prompt = toks.builder(cfg)
+    spec = FastDecodeSpec.from_grammar(prompt.grammar(), H, D)
+    return cfg, prompt, model, batch.obs, spec
 
 
 @nnx.jit(static_argnames=("use_cache",))
 def _sample(model, rng, obs, use_cache):
-    return model.sample_actions(rng, obs, num_steps=4, use_cache=use_cache)
+    if use_cache:
+        return model.sample_actions(rng, obs, num_steps=4)
+    noise = jax.random.normal(rng, (obs.batch_size, model.config.action_horizon, model.config.action_dim))
+    return reference.sample_actions_no_cache(model, obs, noise, 4)
 
 
 def test_kv_cached_sampling_equals_recomputing_the_prefix(setup):
@@ -70,18 +71,18 @@ def _decode(model, rng, obs, spec, max_steps, temperature, constrained):
 
 
 def test_constrained_decoding_always_decodes_to_horizon_times_dim(setup):
-    _, toks, model, obs, spec = setup
+    _, prompt, model, obs, spec = setup
     assert spec.total_coefficients == H * D
     for seed in range(3):  # sampled at temperature 1: varied sequences, every one must decode
         res = _decode(model, jax.random.key(seed), obs, spec, spec.max_decode_steps, 1.0, True)
         tokens = np.asarray(res.tokens)
         assert np.asarray(res.valid).all()
-        actions, valid = fast_tokens_to_actions(tokens, spec, toks.fast)
+        actions, valid = prompt.decode_actions(tokens, H, D)
         assert valid.all() and actions.shape == (3, H, D) and np.isfinite(actions).all()
         for row, n in zip(tokens, np.asarray(res.num_tokens), strict=True):
-            fast = parse_fast_sequence(row, spec)
+            fast = prompt.fast_ids_of_postfix(row)
             assert fast is not None
-            assert int(np.sum(toks.fast.token_num_coefficients[fast])) == H * D
+            assert int(np.sum(prompt.fast.token_num_coefficients[fast])) == H * D
             np.testing.assert_array_equal(row[: len(spec.action_prefix_ids)], spec.action_prefix_ids)
             np.testing.assert_array_equal(row[n - len(spec.end_ids) : n], spec.end_ids)
             assert (row[n:] == 0).all()
@@ -101,7 +102,7 @@ def test_cached_decoding_equals_teacher_forced_recompute(setup):
     forced = obs.replace(
         tokenized_prompt=jnp.asarray(prompt), tokenized_prompt_mask=jnp.asarray(mask), token_ar_mask=jnp.asarray(ar)
     )
-    logp = np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, o: m.prompt_logits(o))(model, forced), axis=-1))
+    logp = np.asarray(jax.nn.log_softmax(nnx.jit(reference.prompt_logits)(model, forced), axis=-1))
     for r in range(3):
         steps = np.arange(num[r])
         expected = logp[r, n_text[r] - 1 + steps, tokens[r, steps]]
@@ -109,37 +110,25 @@ def test_cached_decoding_equals_teacher_forced_recompute(setup):
 
 
 def test_unconstrained_decoding_reports_invalid_rows(setup):
-    _, toks, model, obs, spec = setup
+    _, prompt, model, obs, spec = setup
     res = _decode(model, jax.random.key(0), obs, spec, spec.max_decode_steps, 0.0, False)
     tokens, valid = np.asarray(res.tokens), np.asarray(res.valid)
-    parsed = [parse_fast_sequence(row, spec) is not None for row in tokens]
-    np.testing.assert_array_equal(valid, parsed)
-    actions, ok = fast_tokens_to_actions(tokens, spec, toks.fast)
+    actions, ok = prompt.decode_actions(tokens, H, D)
     np.testing.assert_array_equal(ok, valid)
     assert np.isnan(actions[~ok]).all()  # invalid rows are NaN, never zeros
     # An untrained model does not follow the grammar on its own: at least one row is caught.
     assert not valid.all()
 
 
-def test_fast_tokens_to_actions_round_trips_a_real_chunk(setup):
-    cfg, toks, _, _, spec = setup
+def test_generated_tokens_back_to_actions_round_trip_a_real_chunk(setup):
+    cfg, prompt, _, _, spec = setup
     chunk = np.linspace(-0.8, 0.8, H * D).reshape(H, D).astype(np.float32)
-    p = build_prompt(
-        TASKS[0], np.zeros(2), chunk, text_tokenizer=toks.text, fast_tokenizer=toks.fast,
-        max_token_len=cfg.max_token_len, max_text_len=cfg.max_text_len, vocab_size=cfg.vocab_size,
-        skip_tokens=toks.skip_tokens,
-    )
+    p = prompt.build(TASKS[0], np.zeros(2), chunk)
     postfix = p.tokenized_prompt[p.token_ar_mask]
     padded = np.zeros((2, 30), np.int32)
     padded[0, : len(postfix)] = postfix
     padded[1, : len(postfix) - 1] = postfix[:-1]  # EOS missing
-    actions, valid = fast_tokens_to_actions(padded, spec, toks.fast)
+    actions, valid = prompt.decode_actions(padded, H, D)
     assert valid.tolist() == [True, False]
-    np.testing.assert_allclose(actions[0], chunk, atol=0.5 / toks.fast.scale * np.sqrt(H))
+    np.testing.assert_allclose(actions[0], chunk, atol=0.5 / prompt.fast.scale * np.sqrt(H))
     assert np.isnan(actions[1]).all()
-    # With the dataset's action statistics the helper returns actions in the dataset's units.
-    stats = compute_stats(np.random.default_rng(0).normal(3.0, 2.0, (500, D)).astype(np.float32))
-    raw, valid = fast_tokens_to_actions(padded, spec, toks.fast, norm_stats=stats)
-    assert valid.tolist() == [True, False]
-    np.testing.assert_allclose(raw[0], unnormalize(actions[0], stats), rtol=1e-6)
-    assert np.isnan(raw[1]).all()

@@ -1,4 +1,4 @@
-"""The knowledge-insulation properties of DESIGN §5 on a tiny random model, with prompts built by ki_data.
+"""The knowledge-insulation properties of docs/DESIGN.md §5 on a tiny random model, with prompts built by ki_data.
 
 1. flow loss alone: every backbone parameter (embedder, vision encoder, layers) has gradient exactly 0;
 2. FAST loss alone: every action-expert parameter has gradient exactly 0, and the other two gradients are non-zero;
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ki_model import Pi05KIConfig, param_group
+from ki_model import Pi05KIConfig, param_group, reference
 from ki_model.synthetic import perturb_params, synthetic_batch, synthetic_tokenizers
 
 H, D = 4, 3
@@ -64,7 +64,7 @@ def _gradients(model, obs, actions, noise, time, is_pad):
         return jnp.stack([out["flow"], out["fast"]]), out
 
     def two_pass(p):
-        out = nnx.merge(graphdef, p, rest).losses_given_noise_two_pass(obs, actions, noise, time, is_pad)
+        out = reference.losses_two_pass(nnx.merge(graphdef, p, rest), obs, actions, noise, time, is_pad)
         return out["total"], out
 
     return jax.jacrev(single, has_aux=True)(params), jax.grad(two_pass, has_aux=True)(params)

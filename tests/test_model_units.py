@@ -59,7 +59,7 @@ def test_real_size_parameter_count_without_allocating():
 
 def test_param_partition_specs_use_logical_axes():
     model = Pi05KIConfig.tiny(action_horizon=2, action_dim=2, vocab_size=50).create(nnx.Rngs(0))
-    specs = param_partition_specs(model)
+    specs = param_partition_specs(nnx.state(model, nnx.Param))
     flat = dict(nnx.to_flat_state(specs))
     P = jax.sharding.PartitionSpec
     assert flat[("backbone", "embedder", "input_embedding")].get_value() == P(None, "fsdp")
@@ -67,7 +67,7 @@ def test_param_partition_specs_use_logical_axes():
     assert flat[("action_expert", "layers", 1, "mlp", "linear")].get_value() == P(None, "fsdp")
     assert flat[("vision", "blocks", 0, "mlp", "fc1", "kernel")].get_value() == P("fsdp", None)
     mesh = jax.make_mesh((1,), ("fsdp",))
-    shardings = param_shardings(model, mesh)
+    shardings = param_shardings(nnx.state(model, nnx.Param), mesh)
     placed = jax.device_put(nnx.state(model, nnx.Param), shardings)
     assert len(jax.tree.leaves(placed)) == len(flat)
 
@@ -117,7 +117,7 @@ def test_training_layout_is_the_design_table():
     prompt_ar = jnp.array([[0, 0, 1, 1, 1, 0]], bool)
     layout = attention.training_layout(image_valid, prompt_mask, prompt_ar, horizon=2)
     names = ["I", "i", "T", "T", "F1", "F2", "F3", "p", "A", "A"]  # i: masked image token, p: padding
-    readable = {  # DESIGN §5: who may read whom (rows: queries)
+    readable = {  # docs/DESIGN.md §5: who may read whom (rows: queries)
         "I": {"I", "T"}, "i": {"I", "T"}, "T": {"I", "T"}, "p": {"I", "T"},
         "F1": {"I", "T", "F1"}, "F2": {"I", "T", "F1", "F2"}, "F3": {"I", "T", "F1", "F2", "F3"},
         "A": {"I", "T", "A"},
@@ -217,9 +217,17 @@ def _run_grammar(spec, tokens):
     ],
 )
 def test_grammar_state_machine_agrees_with_the_parser(tokens, ok):
+    """The jax state machine of constrained decoding and ki_data's postfix parser (what turns tokens into actions)
+    accept the same sequences."""
+    from ki_data.prompt import PostfixGrammar
+
     spec = _spec()
     assert _run_grammar(spec, tokens) == ok
-    assert (decoding.parse_fast_sequence(tokens + [0, 0], spec) is not None) == ok
+    grammar = PostfixGrammar((5, 6), (7, 1), np.array([1, 2, 3, 1]), fast_id_top=19, vocab_size=20)
+    assert FastDecodeSpec.from_grammar(grammar, 2, 3).coeffs_per_model_id.tolist() == spec.coeffs_per_model_id.tolist()
+    fast = grammar.fast_ids(tokens + [0, 0])
+    parsed = fast is not None and sum(grammar.fast_coefficients[f] for f in fast) == spec.total_coefficients
+    assert parsed == ok
 
 
 def test_allowed_tokens_keep_the_count_reachable():

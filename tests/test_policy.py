@@ -8,7 +8,8 @@ import pytest
 
 from ki_data.images import decode_image
 from ki_data.normalize import load_norm_stats, unnormalize
-from ki_data.schema import load_manifest, read_rows, shard_paths
+from ki_data.manifest import Manifest
+from ki_data.schema import read_rows
 from ki_model import Policy
 from ki_model.checkpoint import CheckpointError
 from ki_model.policy import FrameError
@@ -24,11 +25,11 @@ def lerobot_frames(demo_shards):
     """(shard row, the same frame as LeRobotDataset returns it: CHW float images in [0, 1], torch tensors)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    m = load_manifest(demo_shards)
-    ds = LeRobotDataset(m["source"]["repo_id"], root=m["source"]["root"], video_backend="pyav")
+    m = Manifest.load(demo_shards)
+    ds = LeRobotDataset(m.source["repo_id"], root=m.source["root"], video_backend="pyav")
     out = []
     for split in ("val", "train"):
-        rows = read_rows(shard_paths(demo_shards, split)[0])
+        rows = read_rows(Manifest.load(demo_shards).shard_paths(demo_shards, split)[0])
         for r in (0, len(rows["index"]) // 2, len(rows["index"]) - 1):
             row = {k: v[r] for k, v in rows.items()}
             item = ds[int(row["index"])]
@@ -51,7 +52,7 @@ def _hwc_uint8(frame: dict) -> dict:
 
 
 def test_prepare_builds_the_shard_rows_tensors(policy, lerobot_frames, demo_shards):
-    cams = load_manifest(demo_shards)["cameras"]
+    cams = Manifest.load(demo_shards).cameras
     for row, frame in lerobot_frames:
         for layout in (frame, _hwc_uint8(frame)):
             cols = policy.prepare_columns(layout)
@@ -74,12 +75,12 @@ def test_infer_returns_the_chunk_in_dataset_units(policy, lerobot_frames, traine
     _, frame = lerobot_frames[0]
     m = policy.manifest
     actions = policy.infer(frame)
-    assert actions.shape == (m["action_horizon"], m["action_dim"]) and actions.dtype == np.float32
+    assert actions.shape == (m.action_horizon, m.action_dim) and actions.dtype == np.float32
     assert np.isfinite(actions).all()
     # infer = unnormalize(flow sample) with the checkpoint's norm stats, nothing else.
     rng = jax.random.key(5)
     normalized = policy.sample_normalized(policy.prepare(frame), rng)[0]
-    expected = unnormalize(normalized, load_norm_stats(trained_checkpoint / "norm_stats.json")["actions"], mode=m["norm_mode"])
+    expected = unnormalize(normalized, load_norm_stats(trained_checkpoint / "norm_stats.json")["actions"], mode=m.norm_mode)
     assert np.array_equal(policy.unnormalize_actions(policy.sample_normalized(policy.prepare(frame), rng))[0], expected)
 
 

@@ -18,9 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ki_data import schema
+from ki_data.artifacts import DataArtifacts
 from ki_data.fast_tokenizer import FastTokenizer, dct_coefficients
 from ki_data.images import decode_image, resize_with_pad
+from ki_data.manifest import Manifest
 from ki_data.normalize import load_norm_stats, normalize, unnormalize
+from ki_data.prompt import prefix_text
 from ki_data.preprocess import (
     BadInputError,
     FitChunkCollector,
@@ -31,7 +34,6 @@ from ki_data.preprocess import (
     run_preprocess,
     split_episodes,
 )
-from ki_data.prompt import build_prompt, format_text_prompt, model_to_fast_ids, postfix_pieces
 from ki_data.text_tokenizer import TextTokenizer
 from pipelines import preprocess as cli
 
@@ -58,13 +60,12 @@ def rich_out(rich, tmp_path_factory):
 
 
 def _all_rows(out: Path) -> dict[str, np.ndarray]:
-    manifest = schema.load_manifest(out)
-    parts = [schema.read_rows(out / s["path"]) for s in manifest["shards"]]
+    parts = [schema.read_rows(p) for p in Manifest.load(out).shard_paths(out)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _shas(out: Path) -> list[str]:
-    return [s["sha256"] for s in schema.load_manifest(out)["shards"]]
+    return [s.sha256 for s in Manifest.load(out).shards]
 
 
 # --------------------------------------------------------------------------------------------------- manifest
@@ -72,29 +73,29 @@ def _shas(out: Path) -> list[str]:
 
 def test_manifest_records_the_run(rich, rich_out):
     m, out = rich_out.manifest, rich_out.out_dir
-    assert m == schema.load_manifest(out)
-    assert m["source"]["repo_id"] == rich.repo_id and m["source"]["codebase_version"] == "v3.0"
-    assert m["cameras"] == ["wrist_left", "Overhead_Cam"]
-    assert (m["state_dim"], m["action_dim"], m["action_horizon"], m["image_size"], m["fps"]) == (3, 2, H, 32, 10)
-    text = TextTokenizer.load(out / m["tokenizers"]["text"]["path"])
-    fast = FastTokenizer.load(out / m["tokenizers"]["fast"]["path"])
-    assert m["skip_tokens"] == 0 and m["vocab_size"] == text.vocab_size + fast.vocab_size
-    assert m["tokenizers"]["text"]["kind"] == "trained" and m["tokenizers"]["text"]["sha256"] == text.sha256
+    assert m == Manifest.load(out)
+    assert m.source["repo_id"] == rich.repo_id and m.source["codebase_version"] == "v3.0"
+    assert m.cameras == ("wrist_left", "Overhead_Cam") and m.prompt_layout == "pi05"
+    assert (m.state_dim, m.action_dim, m.action_horizon, m.image_size, m.fps) == (3, 2, H, 32, 10)
+    text = TextTokenizer.load(out / m.tokenizers["text"].path)
+    fast = FastTokenizer.load(out / m.tokenizers["fast"].path)
+    assert m.skip_tokens == 0 and m.vocab_size == text.vocab_size + fast.vocab_size
+    assert m.tokenizers["text"].kind == "trained" and m.tokenizers["text"].sha256 == text.sha256
     assert (out / "norm_stats.json").is_file() and (out / "tokenizer/fast/processor_config.json").is_file()
-    train, val = m["splits"]["train"], m["splits"]["val"]
+    train, val = m.splits["train"], m.splits["val"]
     assert sorted(train + val) == list(range(len(LENGTHS))) and len(val) == 1
-    assert (train, val) == split_episodes(list(range(len(LENGTHS))), 0.25, 0)
-    for shard in m["shards"]:
-        path = out / shard["path"]
-        assert path.name.startswith(shard["split"] + "-")
-        assert set(shard["episodes"]) <= set(m["splits"][shard["split"]])
-        assert pq.read_metadata(path).num_rows == shard["rows"]
+    assert (list(train), list(val)) == split_episodes(list(range(len(LENGTHS))), 0.25, 0)
+    for shard in m.shards:
+        path = out / shard.path
+        assert path.name.startswith(shard.split + "-")
+        assert set(shard.episodes) <= set(m.splits[shard.split])
+        assert pq.read_metadata(path).num_rows == shard.rows
         import hashlib
 
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
-    s = m["summary"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard.sha256
+    s = m.summary
     assert s["frames"] == s["rows"] == sum(LENGTHS) and s["rows_rejected"] == {}
-    assert s["shards"] == len(m["shards"]) > 2 and s["episodes"] == len(LENGTHS)
+    assert s["shards"] == len(m.shards) > 2 and s["episodes"] == len(LENGTHS)
     assert 0 < s["fast_tokens_per_chunk"]["mean"] <= s["fast_tokens_per_chunk"]["max"]
     assert s["fast_values_clipped"] == 0
     assert not (out / ".ki_progress").exists()
@@ -153,10 +154,10 @@ def test_images_are_lerobots_frames_resized_with_padding(rich, rich_out):
 def test_prompts_prefix_masks_and_fast_postfix(rich_out):
     out, m = rich_out.out_dir, rich_out.manifest
     rows = _all_rows(out)
-    text = TextTokenizer.load(out / "tokenizer/text.model")
-    fast = FastTokenizer.load(out / "tokenizer/fast")
-    prefix_ids, end_ids = postfix_pieces(text)
-    L, T = m["max_token_len"], m["max_text_len"]
+    prompt = DataArtifacts.open(out).prompt
+    text, fast = prompt.text, prompt.fast
+    prefix_ids, end_ids = list(prompt.start_ids), list(prompt.end_ids)
+    L, T = m.max_token_len, m.max_text_len
     for r in range(len(rows["index"])):
         tok, real = rows["tokenized_prompt"][r], rows["tokenized_prompt_mask"][r]
         ar, loss = rows["token_ar_mask"][r], rows["token_loss_mask"][r]
@@ -169,18 +170,17 @@ def test_prompts_prefix_masks_and_fast_postfix(rich_out):
         np.testing.assert_array_equal(ar, real & (np.arange(L) >= n_text))
         np.testing.assert_array_equal(loss, ar)
         assert (tok[~real] == 0).all() and (txt[~txt_mask] == 0).all()
-        # the prefix invariant, and the text is what DESIGN §3 says
+        # the prefix invariant, and the text is what docs/DESIGN.md §3 says
         np.testing.assert_array_equal(txt[:n_text], tok[:n_text])
         assert txt[0] == text.bos_id
-        assert text.decode(txt[:n_text].tolist()) == format_text_prompt(rows["task"][r], rows["state"][r])
+        assert text.decode(txt[:n_text].tolist()) == prefix_text(rows["task"][r], rows["state"][r], "pi05")
         # the inference path builds the very same text prompt from the same observation
-        inference = build_prompt(rows["task"][r], rows["state"][r], None, text_tokenizer=text, fast_tokenizer=fast,
-                                 max_token_len=L, max_text_len=T, vocab_size=m["vocab_size"], skip_tokens=0)
+        inference = prompt.build(rows["task"][r], rows["state"][r])
         np.testing.assert_array_equal(inference.text_prompt, txt)
-        # postfix: "Action: " FAST ... "|" EOS; FAST decodes losslessly to the stored chunk's coefficients
+        # postfix (pi05): FAST ... "|" EOS; FAST decodes losslessly to the stored chunk's coefficients
         postfix = tok[n_text:n_real]
         assert postfix[: len(prefix_ids)].tolist() == prefix_ids and postfix[-len(end_ids):].tolist() == end_ids
-        fast_ids = model_to_fast_ids(postfix[len(prefix_ids) : len(postfix) - len(end_ids)], m["vocab_size"], 0)
+        fast_ids = prompt.model_to_fast(postfix[len(prefix_ids) : len(postfix) - len(end_ids)])
         assert fast_ids.min() >= 0 and fast_ids.max() < fast.vocab_size
         np.testing.assert_array_equal(fast.decode_coefficients(fast_ids, H, 2), fast.coefficients(rows["actions"][r]))
         decoded = fast.decode(fast_ids, H, 2)
@@ -261,9 +261,9 @@ def test_given_tokenizers_are_copied_and_used(rich, rich_out, tmp_path):
                                              text_tokenizer=str(src / "tokenizer/text.model"),
                                              fast_tokenizer=str(src / "tokenizer/fast"), **OPTIONS))
     m = result.manifest
-    assert m["tokenizers"]["text"]["kind"] == "user" and m["tokenizers"]["fast"]["kind"] == "user"
-    assert m["tokenizers"]["text"]["sha256"] == rich_out.manifest["tokenizers"]["text"]["sha256"]
-    assert (m["vocab_size"], m["skip_tokens"]) == (rich_out.manifest["vocab_size"], 0)
+    assert m.tokenizers["text"].kind == "user" and m.tokenizers["fast"].kind == "user"
+    assert m.tokenizers["text"].sha256 == rich_out.manifest.tokenizers["text"].sha256
+    assert (m.vocab_size, m.skip_tokens) == (rich_out.manifest.vocab_size, 0)
     assert _shas(result.out_dir) == _shas(src)
 
 
@@ -293,7 +293,7 @@ def test_image_storage_dataset_keeps_pixels_exactly(make_lerobot_dataset, tmp_pa
     made = make_lerobot_dataset("tests/png_frames", lengths=(5, 4), storage="image",
                                 cameras={"observation.image": (30, 40)}, state_dim=4, action_dim=4)
     result = run_preprocess(PreprocessConfig(made.repo_id, output=str(tmp_path / "o"), **OPTIONS))
-    assert result.manifest["cameras"] == ["image"]
+    assert result.manifest.cameras == ("image",)
     rows = _all_rows(result.out_dir)
     for r in range(len(rows["index"])):
         e, t = int(rows["episode_index"][r]), int(rows["frame_index"][r])
@@ -305,7 +305,7 @@ def test_camera_and_episode_selection(rich, tmp_path):
     result = run_preprocess(PreprocessConfig(rich.repo_id, output=str(tmp_path / "sel"), cameras=("Overhead_Cam",),
                                              episodes=(1, 3), **OPTIONS))
     m = result.manifest
-    assert m["cameras"] == ["Overhead_Cam"] and sorted(m["splits"]["train"] + m["splits"]["val"]) == [1, 3]
+    assert m.cameras == ("Overhead_Cam",) and sorted(m.splits["train"] + m.splits["val"]) == [1, 3]
     rows = _all_rows(result.out_dir)
     assert "image.wrist_left" not in rows and set(rows["episode_index"].tolist()) == {1, 3}
     with pytest.raises(Exception, match="has no camera 'front'"):
@@ -387,7 +387,7 @@ def test_bad_rows_are_named_or_skipped_and_counted(case, clean, tmp_path):
     result = _run(root, tmp_path, "skip", skip_bad_rows=True)
     s = result.summary
     assert s["rows_rejected"] == counts and s["rows"] == 15 - sum(counts.values())
-    assert result.manifest["options"]["skip_bad_rows"] is True
+    assert result.manifest.options["skip_bad_rows"] is True
     rows = _all_rows(result.out_dir)
     assert np.isfinite(rows["state"]).all() and np.isfinite(rows["actions"]).all()
 

@@ -1,21 +1,17 @@
+import io
 import unicodedata
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ki_data import FastTokenizer, PromptTooLongError, TextTokenizer, build_prompt, model_vocab_size
-from ki_data.prompt import (
-    clean_task,
-    discretize_state,
-    fast_to_model_ids,
-    format_text_prompt,
-    model_to_fast_ids,
-    postfix_pieces,
-)
+from ki_data import FastDecodeError, FastTokenizer, PromptBuilder, PromptTooLongError, TextTokenizer
+from ki_data.prompt import ACTION_PREFIX, clean_task, discretize_state, prefix_text, vocab_layout
 
 H, D = 10, 3
+STATE = np.array([-1.2, -0.5, 0.0, 0.7, 1.0, 3.0])
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +24,22 @@ def toks():
     return text, fast, chunks[0] * 0.8
 
 
-def build(toks, task="Push_the_T", state=None, actions="default", max_token_len=128, max_text_len=64):
-    text, fast, chunk = toks
-    state = np.array([-1.2, -0.5, 0.0, 0.7, 1.0, 3.0]) if state is None else state
-    actions = chunk if isinstance(actions, str) else actions
-    return build_prompt(
-        task, state, actions,
-        text_tokenizer=text, fast_tokenizer=fast, max_token_len=max_token_len, max_text_len=max_text_len,
-        vocab_size=model_vocab_size(text, fast, 0), skip_tokens=0,
-    )
+def builder(toks, layout="pi05", max_token_len=128, max_text_len=64, **kw) -> PromptBuilder:
+    text, fast, _ = toks
+    vocab_size, skip = vocab_layout(text, fast)
+    kw = {"vocab_size": vocab_size, "skip_tokens": skip} | kw
+    return PromptBuilder(text, fast, layout=layout, max_token_len=max_token_len, max_text_len=max_text_len, **kw)
 
 
-def test_prefix_invariant_and_inference_prefix(toks):
-    train = build(toks)
-    infer = build(toks, actions=None)
+def build(toks, task="Push_the_T", state=STATE, actions="default", layout="pi05", **kw):
+    actions = toks[2] if isinstance(actions, str) else actions
+    return builder(toks, layout, **kw).build(task, state, actions)
+
+
+@pytest.mark.parametrize("layout", ["pi05", "fast"])
+def test_prefix_invariant_and_inference_prefix(toks, layout):
+    train = build(toks, layout=layout)
+    infer = build(toks, actions=None, layout=layout)
     n = int(train.text_prompt_mask.sum())
     np.testing.assert_array_equal(train.text_prompt[:n], train.tokenized_prompt[:n])
     # The inference path builds the very same text prompt and prefix.
@@ -52,25 +50,59 @@ def test_prefix_invariant_and_inference_prefix(toks):
     assert infer.num_fast_tokens == 0
 
 
-def test_layout_of_the_prompt(toks):
+@pytest.mark.parametrize("layout", ["pi05", "fast"])
+def test_layout_of_the_prompt(toks, layout):
     text, fast, chunk = toks
-    p = build(toks)
+    b = builder(toks, layout)
+    p = b.build("Push_the_T", STATE, chunk)
     n = p.num_text_tokens
     total = int(p.tokenized_prompt_mask.sum())
     ids = p.tokenized_prompt[:total].tolist()
     assert ids[0] == text.bos_id
-    assert text.decode(ids[1:n]) == "Task: push the t, State: 0 64 128 217 255 255;\n"
-    action_prefix, end = postfix_pieces(text)
-    assert end == text.encode("|") + [text.eos_id]
-    assert ids[n : n + len(action_prefix)] == action_prefix and ids[total - len(end) :] == end
-    fast_part = ids[n + len(action_prefix) : total - len(end)]
+    if layout == "pi05":  # openpi's π0.5 prefix: case kept, "Action: " closes the prefix, FAST follows directly
+        assert text.decode(ids[1:n]) == "Task: Push the T, State: 0 64 128 217 255 255;\nAction: "
+        start = []
+    else:  # π0-FAST: lower-cased, "Action: " opens the postfix
+        assert text.decode(ids[1:n]) == "Task: push the t, State: 0 64 128 217 255 255;\n"
+        start = text.encode(ACTION_PREFIX)
+    assert list(b.start_ids) == start
+    end = text.encode("|") + [text.eos_id]
+    assert list(b.end_ids) == end
+    assert ids[n : n + len(start)] == start and ids[total - len(end) :] == end
+    fast_part = ids[n + len(start) : total - len(end)]
     assert len(fast_part) == p.num_fast_tokens
-    vocab = model_vocab_size(text, fast, 0)
+    vocab = text.vocab_size + fast.vocab_size
+    assert b.vocab_size == vocab
     assert min(fast_part) >= text.vocab_size and max(fast_part) < vocab  # FAST ids sit above the text ids
-    fast_ids = model_to_fast_ids(fast_part, vocab, 0)
+    assert b.is_fast(np.array(fast_part)).all() and not b.is_fast(np.array(ids[:n] + end)).any()
+    fast_ids = b.model_to_fast(fast_part)
     assert fast_ids.tolist() == fast.encode(chunk)
-    back = fast.decode(fast_ids, H, D)
+    back = b.postfix_actions(ids[n:], H, D)
+    np.testing.assert_array_equal(back, fast.decode(fast_ids, H, D))
     assert np.sqrt(np.mean((back - chunk) ** 2)) <= 0.5 / fast.scale
+
+
+@pytest.mark.parametrize("layout", ["pi05", "fast"])
+def test_decoding_rows_back_into_actions(toks, layout):
+    """Valid postfixes (followed by padding) decode; a broken grammar or a wrong coefficient count is NaN, never 0."""
+    text, fast, chunk = toks
+    b = builder(toks, layout)
+    p = b.build("t", STATE, chunk)
+    postfix = p.tokenized_prompt[p.token_ar_mask]
+    padded = np.concatenate([postfix, [text.pad_id] * 3])
+    broken = padded.copy()
+    broken[len(b.start_ids) + 1] = text.eos_id  # a FAST id replaced: the grammar breaks
+    short = np.concatenate([b.start_ids, postfix[len(b.start_ids) + 1 :], [text.pad_id] * 4])  # a FAST id fewer
+    short = short.astype(padded.dtype)
+    actions, valid = b.decode_actions(np.stack([padded, broken, short]), H, D)
+    assert valid.tolist() == [True, False, False]
+    np.testing.assert_array_equal(actions[0], b.postfix_actions(postfix, H, D).astype(np.float32))
+    assert np.isnan(actions[1:]).all()
+    with pytest.raises(FastDecodeError, match="grammar"):
+        b.postfix_actions(broken, H, D)
+    grammar = b.grammar()
+    assert grammar.start_ids == b.start_ids and grammar.end_ids == b.end_ids and grammar.fast_id_top == b.fast_id_top
+    np.testing.assert_array_equal(grammar.fast_coefficients, fast.token_num_coefficients)
 
 
 def test_padding_and_masks(toks):
@@ -105,24 +137,34 @@ def test_over_length_raises(toks):
 
 
 def test_vocab_too_small_for_fast_ids(toks):
-    text, fast, chunk = toks
-    with pytest.raises(ValueError, match="outside the model vocabulary"):
-        build_prompt(
-            "t", np.zeros(2), chunk, text_tokenizer=text, fast_tokenizer=fast, max_token_len=128,
-            max_text_len=64, vocab_size=10, skip_tokens=0,
-        )
+    with pytest.raises(ValueError, match="do not fit below model id"):
+        builder(toks, vocab_size=10, skip_tokens=0)
 
 
-def test_id_mapping():
-    assert fast_to_model_ids([0, 1], 257152, 128).tolist() == [257023, 257022]  # openpi's PaliGemma ids
+def test_clipped_coefficients_are_counted_not_hidden(toks):
+    wild = toks[2] + 5.0  # far outside the fitted range
+    p = build(toks, actions=wild)
+    assert p.fast_clipped > 0 and build(toks).fast_clipped == 0
+    with pytest.raises(ValueError, match="outside the fitted range"):
+        builder(toks).build("t", STATE, wild, strict_fast=True)
+
+
+def test_id_mapping(toks):
+    text, fast, _ = toks
+    paligemma = PromptBuilder(text, fast, layout="pi05", max_token_len=8, max_text_len=8, vocab_size=257152,
+                              skip_tokens=128)
+    assert paligemma.fast_to_model([0, 1]).tolist() == [257023, 257022]  # openpi's PaliGemma ids
     ids = np.arange(50)
-    np.testing.assert_array_equal(model_to_fast_ids(fast_to_model_ids(ids, 1000, 7), 1000, 7), ids)
+    b = builder(toks, vocab_size=1000, skip_tokens=7)
+    np.testing.assert_array_equal(b.model_to_fast(b.fast_to_model(ids)), ids)
+    assert vocab_layout(text, fast) == (text.vocab_size + fast.vocab_size, 0)
 
 
 def test_state_bins_clipped_at_and_beyond_the_ends():
     s = np.array([-100.0, -1.5, -1.0, -0.9999, 0.0, 0.99, 1.0, 1.5, 100.0])
     np.testing.assert_array_equal(discretize_state(s), [0, 0, 0, 0, 128, 254, 255, 255, 255])
-    assert "-1" not in format_text_prompt("t", np.array([-2.0, -1.0]))
+    for layout in ("pi05", "fast"):
+        assert "-1" not in prefix_text("t", np.array([-2.0, -1.0]), layout)
     with pytest.raises(ValueError, match="non-finite"):
         discretize_state(np.array([0.0, np.nan]))
     with pytest.raises(ValueError, match="1-D"):
@@ -143,9 +185,56 @@ def test_state_bins_match_openpi_inside_and_clip_outside(values):
 
 
 def test_task_cleaning():
-    assert clean_task("  Pick_Up_the CUBE\n") == "pick up the cube"
-    assert clean_task("open\r\nthe drawer") == "open the drawer"
-    assert clean_task("Put the CAFÉ mug") == "put the café mug"
+    assert clean_task("  Pick_Up_the CUBE\n", "fast") == "pick up the cube"
+    assert clean_task("open\r\nthe drawer", "fast") == "open the drawer"
+    assert clean_task("Put the CAFÉ mug", "fast") == "put the café mug"
     decomposed = unicodedata.normalize("NFD", "Put the CAFÉ mug")
-    assert decomposed != "Put the CAFÉ mug" and clean_task(decomposed) == "put the café mug"
-    assert clean_task("ΣΟΦΊΑ_Straße") == "σοφία straße"
+    assert decomposed != "Put the CAFÉ mug" and clean_task(decomposed, "fast") == "put the café mug"
+    assert clean_task("ΣΟΦΊΑ_Straße", "fast") == "σοφία straße"
+    # pi05: openpi's cleaning exactly (strip; `_` and `\n` become spaces; case and everything else kept).
+    assert clean_task("  Pick_Up_the CUBE\n", "pi05") == "Pick Up the CUBE"
+    assert clean_task("open\nthe_drawer\r", "pi05") == "open the drawer"
+    assert clean_task(decomposed, "pi05") == decomposed
+
+
+# ------------------------------------------------------------------------- openpi's π0.5 prompt, token for token
+
+
+def paligemma_like_tokenizer(corpus: list[str]) -> TextTokenizer:
+    """A small SentencePiece model with PaliGemma's settings as far as they can be had offline: BPE, digits split,
+    identity normalization, no dummy prefix, byte fallback, pad/eos/bos/unk = 0/1/2/3."""
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=out, vocab_size=400, model_type="bpe", pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    return TextTokenizer(out.getvalue())
+
+
+def openpi_pi05_tokenize(sp: spm.SentencePieceProcessor, prompt: str, state: np.ndarray, max_len: int):
+    """openpi's `PaligemmaTokenizer.tokenize(prompt, state)` (models/tokenizer.py), written out from its steps."""
+    cleaned_text = prompt.strip().replace("_", " ").replace("\n", " ")
+    discretized_state = np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+    state_str = " ".join(map(str, discretized_state))
+    tokens = sp.encode(f"Task: {cleaned_text}, State: {state_str};\nAction: ", add_bos=True)
+    mask = [True] * len(tokens) + [False] * (max_len - len(tokens))
+    return np.asarray(tokens + [False] * (max_len - len(tokens))), np.asarray(mask)
+
+
+def test_pi05_text_prompt_equals_openpi(toks):
+    tasks = ["Pick_Up the red cube", "  open the drawer\n", "Put the CAFÉ mug\nin the sink", "push_T 2 times"]
+    corpus = [f"Task: {t}, State: 12 255 0 7;\nAction: " for t in tasks] * 4
+    text = paligemma_like_tokenizer(corpus)
+    sp = spm.SentencePieceProcessor(model_proto=text.model_bytes)
+    assert sp.encode("2552", out_type=str) == ["2", "5", "5", "2"]  # digits split, as PaliGemma's
+    b = PromptBuilder(text, toks[1], layout="pi05", max_token_len=96, max_text_len=64,
+                      vocab_size=text.vocab_size + toks[1].vocab_size, skip_tokens=0)
+    rng = np.random.default_rng(3)
+    for task in tasks:
+        state = rng.uniform(-0.999, 0.999, 7)  # inside [-1, 1): openpi prints the same bins (outside, see README)
+        ours = b.build(task, state)
+        tokens, mask = openpi_pi05_tokenize(sp, task, state, 64)
+        np.testing.assert_array_equal(ours.text_prompt, tokens)
+        np.testing.assert_array_equal(ours.text_prompt_mask, mask)

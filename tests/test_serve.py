@@ -4,6 +4,7 @@ serving; `ki_model.serving`'s decoding refuses every unsafe array before numpy s
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -21,7 +22,7 @@ import websockets.sync.client
 from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-from ki_data.schema import load_manifest
+from ki_data.manifest import Manifest
 from ki_model import Policy
 from ki_model.serving import RequestError, pack, unpack_request
 
@@ -79,8 +80,8 @@ def frames(demo_shards) -> list[dict]:
     """Frames of the real LeRobot demo dataset as LeRobotDataset returns them (CHW float images), as numpy."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    m = load_manifest(demo_shards)
-    ds = LeRobotDataset(m["source"]["repo_id"], root=m["source"]["root"], video_backend="pyav")
+    m = Manifest.load(demo_shards)
+    ds = LeRobotDataset(m.source["repo_id"], root=m.source["root"], video_backend="pyav")
     out = []
     for i in (0, len(ds) // 2, len(ds) - 1):
         item = ds[i]
@@ -106,13 +107,13 @@ def test_serves_policy_infer_refuses_bad_requests_and_keeps_serving(server, trai
     m = local.manifest
     assert meta["camera_keys"] == ["observation.image"] and meta["state_key"] == "observation.state"
     assert (meta["state_dim"], meta["action_dim"], meta["action_horizon"]) == (
-        m["state_dim"], m["action_dim"], local.config.action_horizon)
+        m.state_dim, m.action_dim, local.config.action_horizon)
     assert server.host == "127.0.0.1"
 
     # The first answer is Policy.load(DIR, seed=S).infer(frame).
     first = client.infer(frames[0])
     expected = local.infer(frames[0])
-    assert first["actions"].dtype == np.float32 and first["actions"].shape == (meta["action_horizon"], m["action_dim"])
+    assert first["actions"].dtype == np.float32 and first["actions"].shape == (meta["action_horizon"], m.action_dim)
     np.testing.assert_array_equal(first["actions"], expected.astype(np.float32))
     assert first["server_timing"]["infer_ms"] > 0 and "prev_total_ms" not in first["server_timing"]
 
@@ -198,11 +199,24 @@ def test_unpack_request_reads_what_openpi_client_sends():
         (msgpack.packb([1, 2]), "must be a msgpack map"),
         (b"\xc1", "not a msgpack message"),
         (msgpack.packb({"a": 1}) + b"\x00", "not a msgpack message"),
+        (b"\x91" * 100_000 + b"\x00", "not a msgpack message"),  # nested past msgpack's stack
         ("a text frame", "text frame refused"),
     ],
     ids=["object", "void", "complex", "subarray", "short", "negative-shape", "str-data", "object-scalar", "ext",
-         "list", "not-msgpack", "trailing", "text"],
+         "list", "not-msgpack", "trailing", "deep", "text"],
 )
 def test_unpack_request_refuses_unsafe_messages(message, error):
     with pytest.raises(RequestError, match=error):
         unpack_request(message)
+
+
+def test_serving_imports_no_training_code():
+    """The server is the inference path too (docs/DESIGN.md §2): no optimizer, loader or checkpoint manager."""
+    code = ("import json, sys; import flax.nnx; base = set(sys.modules); import ki_model.serving; "
+            "print(json.dumps(sorted(set(sys.modules) - base)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    heavy = {"optax", "grain", "orbax.checkpoint", "ki_model.train", "ki_model.optimizer", "ki_data.loader", "torch",
+             "lerobot", "openpi_client"}
+    assert "ki_model.serving" in loaded and "websockets" in loaded and not heavy & loaded, sorted(heavy & loaded)

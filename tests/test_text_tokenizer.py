@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 
 from ki_data import TextTokenizer
-from ki_data.prompt import format_text_prompt
+from ki_data.prompt import prefix_text
 
 TASKS = ["push the T block onto the target", "pick up the red cube", "open the drawer", "Put_the_CUP\nin the sink"]
 
@@ -45,9 +45,9 @@ def test_concatenation_is_stable(trained):
 
 
 def test_state_numbers_are_compact(trained):
-    text = format_text_prompt("open the drawer", np.linspace(-1, 1, 8))
+    text = prefix_text("open the drawer", np.linspace(-1, 1, 8), "pi05")
     pieces = [trained.id_to_piece(i) for i in trained.encode(text)]
-    bins = text.split("State: ")[1].rstrip(";\n").split(" ")
+    bins = text.split("State: ")[1].split(";")[0].split(" ")
     for b in bins[1:]:  # every number after the first follows a space: one piece "▁N"
         assert "▁" + b in pieces
 

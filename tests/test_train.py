@@ -15,15 +15,9 @@ import numpy as np
 import pytest
 
 from ki_model import checkpoint as ckpt
-from ki_model.train import (
-    OptimizerConfig,
-    TrainConfig,
-    TrainError,
-    enable_compilation_cache,
-    load_metrics,
-    make_schedule,
-    train,
-)
+from ki_model.compile import enable_compilation_cache
+from ki_model.optimizer import OptimizerConfig, make_schedule
+from ki_model.train import TrainConfig, TrainError, load_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 # A fast schedule so that a 16-step run moves; shared by the test modules so that XLA programs are reused.
@@ -180,12 +174,12 @@ FOUR_DEVICES = textwrap.dedent(
     import json, sys
     import jax, numpy as np
     from ki_data.loader import LoaderConfig, ShardLoader
-    from ki_data.schema import load_manifest
+    from ki_data.manifest import Manifest
     from ki_model import train as T
 
     shards, out = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 4
-    cfg = T.model_config("tiny", load_manifest(shards))
+    cfg = T.model_config("tiny", Manifest.load(shards))
     # eps 1e-6: some gradients are mathematically zero (SigLIP's key bias: softmax ignores a shift shared by all
     # keys) and come out as rounding noise that differs with the device layout; Adam's first step turns noise far
     # above eps into an lr-sized update of random sign, which would compare rounding, not the sharding.
@@ -238,16 +232,16 @@ def test_init_from_a_missing_paligemma_checkpoint_is_refused_before_writing(demo
 
 
 def test_a_whole_update_is_insulated_through_the_optimizer(demo_shards, jax_cache):
-    """DESIGN §5 property 1 for the whole step: with clipping active, two steps from one state and one batch that
+    """docs/DESIGN.md §5 property 1 for the whole step: with clipping active, two steps from one state and one batch that
     differ only in the flow noise/time draw (the step seed) leave every backbone weight bit-identical."""
     import jax
 
     from ki_data.loader import LoaderConfig, ShardLoader
-    from ki_data.schema import load_manifest
+    from ki_data.manifest import Manifest
     from ki_model import train as T
     from ki_model.pi05_ki import param_group
 
-    cfg = T.model_config("tiny", load_manifest(demo_shards))
+    cfg = T.model_config("tiny", Manifest.load(demo_shards))
     opt = dataclasses.replace(TEST_OPTIMIZER, clip_norm=1e-3)  # far below both sides' gradient norms: always clips
     mesh = T.make_mesh(1, jax.devices()[:1])
     state, shardings, graphdef = T.init_train_state(cfg, T.make_optimizer(opt), mesh, seed=0, ema=False)

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ki_data.schema import ManifestError, load_manifest, read_rows
+from ki_data.manifest import Manifest, ManifestError
+from ki_data.schema import read_rows
 from ki_data.shard_writer import READ_OPTIONS, write_parquet_atomic
 from ki_data.verify import ShardsDamagedError, check_shards, verify_shards
 
@@ -37,14 +38,14 @@ def shards_copy(demo_shards, tmp_path) -> Path:
 
 
 def _train_shard(out: Path) -> str:
-    return next(s["path"] for s in load_manifest(out)["shards"] if s["split"] == "train")
+    return next(s.path for s in Manifest.load(out).shards if s.split == "train")
 
 
 def test_intact_output_verifies(demo_shards):
     report = verify_shards(demo_shards, progress=False)
-    m = load_manifest(demo_shards)
+    m = Manifest.load(demo_shards)
     assert report.ok and not report.problems and not report.extra
-    assert report.shards == len(m["shards"]) and report.bytes_read == sum(s["bytes"] for s in m["shards"])
+    assert report.shards == len(m.shards) and report.bytes_read == sum(s.bytes for s in m.shards)
     assert check_shards(demo_shards, progress=False).ok
 
 
@@ -62,8 +63,8 @@ def test_flipped_bytes_are_named(shards_copy):
 
 
 def test_missing_truncated_and_extra_files(shards_copy):
-    entries = load_manifest(shards_copy)["shards"]
-    first, second = entries[0]["path"], entries[1]["path"]
+    entries = Manifest.load(shards_copy).shards
+    first, second = entries[0].path, entries[1].path
     (shards_copy / first).unlink()
     data = (shards_copy / second).read_bytes()
     (shards_copy / second).write_bytes(data[: len(data) // 2])

@@ -1,0 +1,51 @@
+"""What a shard directory carries besides its shards — manifest, normalization statistics, tokenizers — opened as one.
+
+A training checkpoint copies the same files (`ARTIFACT_PATHS`), so preprocessing, training, evaluation, inspection and
+the Policy all read observations and actions through the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from jaxtyping import Float
+
+from ki_data import schema
+from ki_data.manifest import MANIFEST_FILE, Manifest, ManifestError
+from ki_data.normalize import NormStats, load_norm_stats, normalize, unnormalize
+from ki_data.prompt import PromptBuilder
+
+# Relative paths a checkpoint copies from the shard directory it trains on.
+ARTIFACT_PATHS = (MANIFEST_FILE, schema.NORM_STATS_FILE, "tokenizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataArtifacts:
+    root: Path
+    manifest: Manifest
+    norm_stats: dict[str, NormStats]  # "state", "actions"
+    prompt: PromptBuilder
+
+    @classmethod
+    def open(cls, directory: str | Path) -> DataArtifacts:
+        """A shard directory (pipelines.preprocess output) or a checkpoint directory (which carries copies)."""
+        root = Path(directory)
+        manifest = Manifest.load(root)
+        for name in ARTIFACT_PATHS:
+            if not (root / name).exists():
+                raise ManifestError(f"{root}: {name} is missing; the directory is incomplete")
+        return cls(root, manifest, load_norm_stats(root / manifest.norm_stats), PromptBuilder.from_manifest(manifest, root))
+
+    def normalize_state(self, state: Float[np.ndarray, "*b s"]) -> Float[np.ndarray, "*b s"]:
+        return normalize(state, self.norm_stats["state"], self.manifest.norm_mode)
+
+    def normalize_actions(self, actions: Float[np.ndarray, "*b d"]) -> Float[np.ndarray, "*b d"]:
+        return normalize(actions, self.norm_stats["actions"], self.manifest.norm_mode)
+
+    def unnormalize_actions(self, actions: Float[np.ndarray, "*b d"]) -> Float[np.ndarray, "*b d"]:
+        return unnormalize(actions, self.norm_stats["actions"], self.manifest.norm_mode)
+
+    def shard_paths(self, split: str | None = None) -> list[Path]:
+        return self.manifest.shard_paths(self.root, split)
