@@ -307,6 +307,24 @@ def test_foreign_and_damaged_checkpoints_are_refused(reference_tree, tmp_path):
         ckpt.apply_to(config.create(nnx.Rngs(0)))
 
 
+def test_fused_qkv_trees_load(tmp_path):
+    """openpi stores Q, K and V as one `qkv_einsum` [depth, 3, heads, width, head_dim] when every head has its own
+    K/V: Q is its first entry, K and V the other two."""
+    g = GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=2, head_dim=8)
+    config = Pi05KIConfig.tiny(action_horizon=3, action_dim=2, vocab_size=50, backbone_variant=g, expert_variant=g)
+    shapes = openpi_shapes(config)
+    assert shapes["PaliGemma/llm/layers/attn/qkv_einsum_1/w"] == (2, 3, 2, 32, 8)
+    rng = np.random.default_rng(0)
+    arrays = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    root = write_checkpoint(tmp_path / "qkv", arrays)
+    assert (openpi_config(root).backbone, openpi_config(root).expert) == (g, g)
+    params = dict(load_openpi(root, config).tensors())
+    qkv = arrays["PaliGemma/llm/layers/attn/qkv_einsum/w"]
+    for i in range(2):
+        assert np.array_equal(params[("backbone", "layers", i, "attn", "q_einsum")], qkv[i, 0])
+        assert np.array_equal(params[("backbone", "layers", i, "attn", "kv_einsum")], qkv[i, 1:])
+
+
 def test_parse_init_accepts_openpi():
     assert parse_init("openpi:/ckpt/pi05_base") == Path("/ckpt/pi05_base")
     with pytest.raises(CheckpointError, match="openpi:PATH"):
