@@ -71,16 +71,34 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def gemma_config(variant: str) -> GemmaConfig:
+def gemma_config(variant: str | GemmaConfig) -> GemmaConfig:
+    """A named variant's sizes, or the explicit sizes themselves."""
+    if isinstance(variant, GemmaConfig):
+        return variant
     if variant not in GEMMA_VARIANTS:
         raise ConfigError(f"unknown Gemma variant {variant!r}; known: {sorted(GEMMA_VARIANTS)}")
     return GEMMA_VARIANTS[variant]
 
 
-def siglip_config(variant: str) -> SiglipConfig:
+def siglip_config(variant: str | SiglipConfig) -> SiglipConfig:
+    """A named variant's sizes, or the explicit sizes themselves."""
+    if isinstance(variant, SiglipConfig):
+        return variant
     if variant not in SIGLIP_VARIANTS:
         raise ConfigError(f"unknown SigLIP variant {variant!r}; known: {sorted(SIGLIP_VARIANTS)}")
     return SIGLIP_VARIANTS[variant]
+
+
+def _variant(value: Any, cls: type, field: str) -> Any:
+    """A variant name as it is, explicit sizes as `cls` (from a dict when read from JSON)."""
+    if isinstance(value, (str, cls)):
+        return value
+    if isinstance(value, dict):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if sorted(value) != sorted(names):
+            raise ConfigError(f"{field}: explicit sizes need exactly the fields {names}, got {sorted(value)}")
+        return cls(**value)
+    raise ConfigError(f"{field} must be a variant name or {cls.__name__} sizes, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +121,11 @@ class Pi05KIConfig:
     # (noise, time) draws per example in one training pass, each its own action block reading the same prefix.
     flow_samples: int = 1
     num_flow_steps: int = 10
-    backbone_variant: str = "gemma_2b"
-    expert_variant: str = "gemma_300m"
-    vision_variant: str = "so400m/14"
+    # A variant is a name from GEMMA_VARIANTS / SIGLIP_VARIANTS or explicit sizes (e.g. read from an openpi
+    # checkpoint); explicit sizes are written as a dict by to_dict and read back by from_dict.
+    backbone_variant: str | GemmaConfig = "gemma_2b"
+    expert_variant: str | GemmaConfig = "gemma_300m"
+    vision_variant: str | SiglipConfig = "so400m/14"
     # Compute dtype; parameters are always float32.
     dtype: str = "bfloat16"
     # Rematerialise every transformer layer (backbone+expert and SigLIP) in the backward pass.
@@ -113,6 +133,9 @@ class Pi05KIConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cameras", tuple(self.cameras))
+        for name, cls in (("backbone_variant", GemmaConfig), ("expert_variant", GemmaConfig),
+                          ("vision_variant", SiglipConfig)):
+            object.__setattr__(self, name, _variant(getattr(self, name), cls, name))
         backbone, expert = gemma_config(self.backbone_variant), gemma_config(self.expert_variant)
         shared = ("depth", "num_heads", "num_kv_heads", "head_dim")
         differ = [f for f in shared if getattr(backbone, f) != getattr(expert, f)]

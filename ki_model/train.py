@@ -36,7 +36,7 @@ from ki_model.observation import Observation
 from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
 from ki_model.pi05_ki import param_group
 from ki_model.sharding import MeshError, batch_sharding, make_mesh, param_shardings
-from ki_model.weights import PaliGemmaCheckpoint, load_paligemma, parse_init
+from ki_model.weights import OpenpiCheckpoint, PaliGemmaCheckpoint, init_model_config, load_init
 
 
 class TrainError(ValueError):
@@ -268,7 +268,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"remat": True}
     fast_compile: bool = False  # see compiler_options
     progress: bool = True
-    # "paligemma:PATH": vision encoder + backbone from a Hugging Face PaliGemma checkpoint (not applied on resume).
+    # "paligemma:PATH": vision encoder + backbone from a Hugging Face PaliGemma checkpoint; "openpi:PATH": the whole
+    # model, its architecture included, from an openpi π0.5 checkpoint (weights not applied on resume).
     init: str | None = None
     verify: bool = False  # hash every shard against manifest.json before anything else (ki_data.verify)
 
@@ -279,10 +280,18 @@ class TrainConfig:
         return self.optimizer or OptimizerConfig.for_preset(self.config)
 
 
-def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PaliGemmaCheckpoint:
+def _init_model_config(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> Pi05KIConfig:
+    """With `--init openpi:PATH` the checkpoint decides the architecture (also on resume, to match the saved one)."""
+    try:
+        return init_model_config(cfg.init, model_cfg) if cfg.init else model_cfg
+    except CheckpointError as e:
+        raise TrainError(f"--init {cfg.init}: {e}") from e
+
+
+def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PaliGemmaCheckpoint | OpenpiCheckpoint:
     """The checked `--init` checkpoint (nothing read yet); its tokenizer must be the shards' text tokenizer."""
     try:
-        pretrained = load_paligemma(parse_init(cfg.init), model_cfg)
+        pretrained = load_init(cfg.init, model_cfg)
         pretrained.check_text_tokenizer(Path(cfg.shards) / "tokenizer" / "text.model")
     except CheckpointError as e:
         raise TrainError(f"--init {cfg.init}: {e}") from e
@@ -307,7 +316,7 @@ def _fresh_dir(out: Path) -> None:
 
 def _fresh_state(
     cfg: TrainConfig, model_cfg: Pi05KIConfig, tx: optax.GradientTransformation, mesh: Mesh,
-    pretrained: PaliGemmaCheckpoint | None,
+    pretrained: PaliGemmaCheckpoint | OpenpiCheckpoint | None,
 ) -> tuple[TrainState, TrainState, nnx.GraphDef]:
     """The initial state of a new run, with the `--init` weights in place."""
     state, shardings, graphdef = init_train_state(model_cfg, tx, mesh, seed=cfg.seed, ema=cfg.ema_decay is not None)
@@ -351,6 +360,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
         print(check_shards(cfg.shards, progress=cfg.progress).one_line())
     manifest = Manifest.load(cfg.shards)
     model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model_overrides)
+    model_cfg = _init_model_config(cfg, model_cfg)
     # Checked before anything is written, so a bad checkpoint leaves the output directory alone.
     pretrained = _check_init(cfg, model_cfg) if cfg.init and not cfg.resume else None
     try:

@@ -45,8 +45,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                           help="λ in flow + λ·FAST; 0 = flow only (FAST tokens not fed, no FAST loss)")
     p.add_argument("--fast-compile", action="store_true",
                    help="CPU: compile the train step without XLA backend optimisation (~3x faster compile, ~2x slower steps)")
-    p.add_argument("--init", metavar="paligemma:PATH", help="start the vision encoder and backbone from a Hugging Face "
-                   "PaliGemma checkpoint directory (the shards must use its text tokenizer)")
+    p.add_argument("--init", metavar="{paligemma,openpi}:PATH",
+                   help="paligemma:PATH starts the vision encoder and backbone from a Hugging Face PaliGemma directory; "
+                   "openpi:PATH the whole model, architecture included, from an openpi pi0.5 checkpoint (the "
+                   "directory holding params/). The shards must use the checkpoint's text tokenizer (PaliGemma's)")
     dist = p.add_argument_group("multi-host (jax.distributed): run the same command on every host")
     dist.add_argument("--coordinator-address", help="host:port of process 0's coordinator")
     dist.add_argument("--num-processes", type=int, default=1)

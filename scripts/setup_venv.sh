@@ -32,5 +32,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing ki and its dependencies into .venv (first time: a few minutes, torch is large)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
+  # openpi's client, unmodified, for tests/test_serve.py: without its numpy<2 pin (see pyproject.toml)
+  .venv/bin/python -m pip install -q --no-deps 'openpi-client==0.1.2'
   echo "$want" > "$stamp"
 fi
