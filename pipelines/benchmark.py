@@ -6,6 +6,7 @@ Records the gym-pusht demo dataset into --cache-dir when absent (fewer episodes 
 process per phase: preprocess vs a LeRobotDataset[i] loop vs decoding alone, the loader vs the train step (tiny and
 mid configs), the single-pass vs the two-pass train step, sample_actions vs sample_fast_tokens, cached vs uncached
 sampling, and peak host memory. Prints a table (figure, the two measurements, ratio, target, met) and writes JSON.
+The measuring code is the ki_bench package; its figure records (ki_bench.figures) make the JSON and the table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.benchmark_lib import SETTINGS, BenchOptions, notes, run_benchmark, table
+from ki_bench.figures import figures_for
+from ki_bench.report import notes, table
+from ki_bench.run import BenchOptions, run_benchmark
+from ki_bench.settings import SETTINGS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not a.no_progress,
     )
     doc = run_benchmark(opts)
-    print(table(doc))
+    print(table(doc, figures_for(opts.settings)))
     print()
     print(notes(doc))
     if a.json:

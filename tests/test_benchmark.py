@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.benchmark_lib import REQUIRED_KEYS, TARGETS
+from ki_bench.figures import REQUIRED_KEYS, TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
 

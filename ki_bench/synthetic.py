@@ -1,5 +1,5 @@
-"""Synthetic but real-format batches for tests, demos and timing: ki_data's tokenizers and prompt builder on smooth
-random action chunks, random images, any cameras."""
+"""Synthetic data for tests, reports and timing: real-format batches (ki_data's tokenizers and prompt builder on smooth
+random action chunks, random images, any cameras) and action-chunk families for the FAST report."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def smooth_chunks(rng: np.random.Generator, n: int, horizon: int, dim: int) -> F
     phase = rng.uniform(0, 2 * np.pi, (n, 1, dim))
     amp = rng.uniform(0.3, 0.9, (n, 1, dim))
     return (amp * np.sin(2 * np.pi * freq * t + phase)).astype(np.float32)
+
+
+def sinusoid_mix_chunks(
+    rng: np.random.Generator, n: int, horizon: int, dim: int, noise: float
+) -> Float[np.ndarray, "n h d"]:
+    """Chunks in [-1, 1]: a sum of three random low-frequency sinusoids per dimension plus Gaussian `noise`."""
+    t = np.linspace(0.0, 1.0, horizon)[None, :, None]
+    out = np.zeros((n, horizon, dim))
+    for _ in range(3):
+        freq = rng.uniform(0.1, 2.0, (n, 1, dim))
+        phase = rng.uniform(0.0, 2 * np.pi, (n, 1, dim))
+        out += rng.uniform(0.0, 0.33, (n, 1, dim)) * np.sin(2 * np.pi * freq * t + phase)
+    return np.clip(out + rng.normal(0.0, noise, out.shape), -1.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
