@@ -125,15 +125,26 @@ def measure_step_throughput(
     from ki_data.loader import LoaderConfig, ShardLoader
     from ki_data.manifest import Manifest
     from ki_model import train as T
+
+    model_cfg = T.model_config(config, Manifest.load(shards))
+    with ShardLoader(shards, "train", LoaderConfig(batch_size=batch_size, seed=seed), process_index=0, process_count=1) as ld:
+        batch = next(ld)
+    return step_throughput(model_cfg, config, batch, steps=steps, fsdp_devices=fsdp_devices, seed=seed)
+
+
+def step_throughput(
+    model_cfg: Pi05KIConfig, preset: str, batch: dict, *, steps: int, fsdp_devices: int = 1, seed: int = 0
+) -> dict[str, float]:
+    """Samples/s of the trainer's own jitted step (model, optimizer of `preset`, no EMA) on one fixed host batch."""
+    from ki_model import train as T
     from ki_model.optimizer import OptimizerConfig, make_optimizer
     from ki_model.sharding import make_mesh
 
-    model_cfg = T.model_config(config, Manifest.load(shards))
-    opt_cfg = OptimizerConfig.for_preset(config)
+    opt_cfg = OptimizerConfig.for_preset(preset)
     mesh = make_mesh(fsdp_devices)
     state, shardings, graphdef = T.init_train_state(model_cfg, make_optimizer(opt_cfg), mesh, seed=seed, ema=False)
-    with ShardLoader(shards, "train", LoaderConfig(batch_size=batch_size, seed=seed), process_index=0, process_count=1) as ld:
-        obs, actions, pad = T.device_batch(next(ld), mesh)
+    obs, actions, pad = T.device_batch(batch, mesh)
+    batch_size = len(batch["actions"])
     step_fn = T.make_train_step(graphdef, opt_cfg, shardings, mesh, seed=seed, ema_decay=None)
     state, m = step_fn(state, obs, actions, pad)
     jax.block_until_ready(m)

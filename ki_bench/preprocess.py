@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ki_bench.timing import median, peak_rss_mb
+from ki_bench.timing import Clock, median, peak_rss_mb, pin_to_one_core
 
 
 def measure_startup_s() -> float:
@@ -52,12 +52,12 @@ def measure_preprocess_fps(
         cfg = PreprocessConfig(repo_id, root=None if root is None else str(root), output=str(out_dir),
                                workers=workers, image_size=image_size, action_horizon=action_horizon,
                                overwrite=True, progress=False, **options)
-        t0 = time.perf_counter()
-        result = run_preprocess(cfg)
-        seconds = time.perf_counter() - t0
-        s = result.summary
-        return {"frames": s["frames"], "rows": s["rows"], "seconds": seconds, "fps": s["frames"] / seconds,
-                "bytes": s["bytes"], "workers": workers, "image_size": image_size,
+        with Clock() as clock:
+            result = run_preprocess(cfg)
+        s, m = result.summary, result.manifest
+        return {"frames": s["frames"], "rows": s["rows"], "seconds": clock.wall_s, "cpu_s": clock.cpu_s,
+                "fps": s["frames"] / clock.wall_s, "bytes": s["bytes"], "workers": workers, "image_size": image_size,
+                "image_format": m.image_format, "cameras": len(m.cameras), "shards": len(m.shards),
                 "fast_tokens_mean": s["fast_tokens_per_chunk"]["mean"]}
     finally:
         if tmp is not None:
@@ -98,12 +98,12 @@ def measure_lerobot_loop_fps(
     ds = LeRobotDataset(repo_id, root=root, delta_timestamps=delta, video_backend=backend)
     open_s = time.perf_counter() - t0
     n = len(ds) if max_frames is None else min(max_frames, len(ds))
-    t0 = time.perf_counter()
-    for i in range(n):
-        item = ds[i]
-    seconds = time.perf_counter() - t0
+    with Clock() as clock:
+        for i in range(n):
+            item = ds[i]
     assert item["action"].shape[0] == action_horizon
-    return {"frames": n, "seconds": seconds, "fps": n / seconds, "open_seconds": open_s, "backend": backend}
+    return {"frames": n, "seconds": clock.wall_s, "cpu_s": clock.cpu_s, "fps": n / clock.wall_s,
+            "open_seconds": open_s, "backend": backend}
 
 
 def measure_decode_only_fps(repo_id: str, root: str | Path | None = None) -> dict:
@@ -113,39 +113,77 @@ def measure_decode_only_fps(repo_id: str, root: str | Path | None = None) -> dic
     measure_startup_s()
     spec = open_lerobot_dataset(repo_id, root)
     reader = EpisodeReader(spec)
-    t0 = time.perf_counter()
     frames = 0
-    for ep in spec.episodes:
-        ts = reader.read_episode(ep.index).timestamp
-        for key in spec.cameras:
-            frames += sum(1 for _ in reader.iter_frames(ep.index, key, ts))
-    seconds = time.perf_counter() - t0
+    with Clock() as clock:
+        for ep in spec.episodes:
+            ts = reader.read_episode(ep.index).timestamp
+            for key in spec.cameras:
+                frames += sum(1 for _ in reader.iter_frames(ep.index, key, ts))
     reader.close()
     frames_per_camera = frames / max(len(spec.cameras), 1)
-    return {"frames": frames_per_camera, "seconds": seconds, "fps": frames_per_camera / seconds}
+    return {"frames": frames_per_camera, "seconds": clock.wall_s, "cpu_s": clock.cpu_s,
+            "fps": frames_per_camera / clock.wall_s}
 
 
-def measure_image_cost_ms(repo_id: str, root: str | Path | None = None, image_size: int = 224, n: int = 200) -> dict:
-    """Per-frame milliseconds of resize_with_pad and of PNG encoding (the lossless step preprocessing adds)."""
-    from ki_data.images import decode_image, encode_image, resize_with_pad
+def measure_image_cost_ms(repo_id: str, root: str | Path | None = None, image_size: int = 224, n: int = 100) -> dict:
+    """Per camera-frame milliseconds and bytes of each image step, on up to `n` frames of every camera of the first
+    episode: resize_with_pad (OpenCV) against openpi's PIL version (and their largest pixel difference), JPEG and PNG
+    encode and decode at the model resolution."""
+    from ki_data.images import decode_image, encode_image, resize_with_pad, resize_with_pad_pil
     from ki_data.lerobot_source import EpisodeReader, open_lerobot_dataset
 
     spec = open_lerobot_dataset(repo_id, root)
     reader = EpisodeReader(spec)
     ep = spec.episodes[0]
-    frames = list(reader.iter_frames(ep.index, next(iter(spec.cameras))))[:n]
+    frames = [f for key in spec.cameras for f in list(reader.iter_frames(ep.index, key))[:n]]
     reader.close()
-    t0 = time.perf_counter()
-    resized = [resize_with_pad(f, image_size) for f in frames]
-    t1 = time.perf_counter()
-    encoded = [encode_image(r) for r in resized]
-    t2 = time.perf_counter()
-    for b in encoded:
-        decode_image(b)
-    t3 = time.perf_counter()
-    k = len(frames)
-    return {"resize_ms": (t1 - t0) / k * 1e3, "png_encode_ms": (t2 - t1) / k * 1e3,
-            "png_decode_ms": (t3 - t2) / k * 1e3, "png_bytes": float(np.mean([len(b) for b in encoded]))}
+
+    def per_frame_ms(fn, xs) -> tuple[float, list]:
+        t0 = time.perf_counter()
+        out = [fn(x) for x in xs]
+        return (time.perf_counter() - t0) / len(xs) * 1e3, out
+
+    out: dict = {"frames": len(frames), "source_shape": list(frames[0].shape)}
+    out["resize_ms"], resized = per_frame_ms(lambda f: resize_with_pad(f, image_size), frames)
+    out["resize_pil_ms"], reference = per_frame_ms(lambda f: resize_with_pad_pil(f, image_size), frames)
+    diffs = [np.abs(a.astype(np.int16) - b) for a, b in zip(resized, reference, strict=True)]
+    out["resize_max_abs_diff"] = int(max(d.max() for d in diffs))
+    out["resize_mean_abs_diff"] = float(np.mean([d.mean() for d in diffs]))
+    for fmt in ("jpeg", "png"):
+        out[f"{fmt}_encode_ms"], blobs = per_frame_ms(lambda r, fmt=fmt: encode_image(r, fmt), resized)
+        out[f"{fmt}_decode_ms"], _ = per_frame_ms(decode_image, blobs)
+        out[f"{fmt}_kb"] = float(np.mean([len(b) for b in blobs])) / 1e3
+    return out
+
+
+def measure_camera_parallel_decode(repo_id: str, root: str | Path | None = None) -> dict:
+    """Decode-only of every episode, cameras one after the other vs the cameras of an episode in parallel threads
+    (PyAV releases the GIL while decoding), wall and CPU seconds: what decoding the cameras in parallel would gain."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ki_data.lerobot_source import EpisodeReader, open_lerobot_dataset
+
+    spec = open_lerobot_dataset(repo_id, root)
+    cams = list(spec.cameras)
+
+    def one(ep: int, key: str, ts) -> int:
+        reader = EpisodeReader(spec)
+        try:
+            return sum(1 for _ in reader.iter_frames(ep, key, ts))
+        finally:
+            reader.close()
+
+    timestamps = {ep.index: EpisodeReader(spec).read_episode(ep.index).timestamp for ep in spec.episodes}
+    out = {"cameras": len(cams)}
+    with Clock() as seq:
+        for ep, ts in timestamps.items():
+            for key in cams:
+                one(ep, key, ts)
+    with ThreadPoolExecutor(len(cams)) as pool, Clock() as par:
+        for ep, ts in timestamps.items():
+            list(pool.map(lambda key, ep=ep, ts=ts: one(ep, key, ts), cams))
+    return out | {"sequential_s": seq.wall_s, "sequential_cpu_s": seq.cpu_s, "parallel_s": par.wall_s,
+                  "parallel_cpu_s": par.cpu_s}
 
 
 def report(repo_id: str, root: str | None, workers: list[int], action_horizon: int, image_size: int,
@@ -158,7 +196,8 @@ def report(repo_id: str, root: str | None, workers: list[int], action_horizon: i
     rows = []
     for w in workers:
         r = measure_preprocess_fps(repo_id, root, workers=w, image_size=image_size, action_horizon=action_horizon)
-        rows.append((f"pipelines.preprocess, {w} worker(s): read, decode, resize {image_size}, PNG, tokens, parquet",
+        rows.append((f"pipelines.preprocess, {w} worker(s): read, decode, resize {image_size}, "
+                     f"{r['image_format'].upper()}, tokens, parquet",
                      r["fps"], r["seconds"], r["frames"]))
     loop = measure_lerobot_loop_fps(repo_id, root, action_horizon=action_horizon, max_frames=max_loop_frames)
     rows.append((f"LeRobotDataset[i] loop, delta_timestamps action chunk H={action_horizon} ({loop['backend']})",
@@ -178,9 +217,10 @@ def report(repo_id: str, root: str | None, workers: list[int], action_horizon: i
     for name, fps, seconds, frames in rows:
         lines.append(f"  {name.ljust(width)}  {fps:9.1f}  {seconds:8.2f}  {frames:7.0f}")
     lines += [
-        f"  per frame at {image_size}px: resize_with_pad {img['resize_ms']:.2f} ms, "
-        f"PNG encode {img['png_encode_ms']:.2f} ms ({img['png_bytes'] / 1e3:.1f} kB), "
-        f"PNG decode {img['png_decode_ms']:.2f} ms",
+        f"  per camera-frame at {image_size}px: resize_with_pad {img['resize_ms']:.2f} ms (PIL "
+        f"{img['resize_pil_ms']:.2f} ms, largest pixel difference {img['resize_max_abs_diff']}), JPEG encode "
+        f"{img['jpeg_encode_ms']:.2f} / decode {img['jpeg_decode_ms']:.2f} ms ({img['jpeg_kb']:.1f} kB), PNG encode "
+        f"{img['png_encode_ms']:.2f} / decode {img['png_decode_ms']:.2f} ms ({img['png_kb']:.1f} kB)",
         f"  not in the figures: importing lerobot/torch once per process, {startup:.1f} s; LeRobotDataset "
         f"construction {loop['open_seconds']:.2f} s",
     ]
@@ -204,26 +244,38 @@ def time_pass1(repo_id: str, root: str, out: str, options: dict) -> float:
         return time.perf_counter() - t0
 
 
-def preprocess_phase(repo_id: str, root: str, out: str, options: dict, repeats: int) -> dict:
-    """Interleaved: decoding the videos with the sequential reader and nothing else, then the whole `run_preprocess`
-    call (one worker, imports off the clock); then pass 1 alone and the per-frame cost of resize + encode."""
+def preprocess_phase(repo_id: str, root: str, out: str, options: dict, repeats: int, one_core: bool = True) -> dict:
+    """On one core: interleaved, decoding the videos with the sequential reader and nothing else, then the whole
+    `run_preprocess` call (one worker, imports off the clock); then pass 1 alone and the per-frame image costs.
+    Figures use CPU seconds (this process and its children), which a loaded machine inflates far less than wall."""
+    cpu = pin_to_one_core() if one_core else None
     import_s = measure_startup_s()
     rss_imports = peak_rss_mb()
     decode, pre = [], []
     for _ in range(repeats):
         decode.append(measure_decode_only_fps(repo_id, root))
         pre.append(measure_preprocess_fps(repo_id, root, workers=1, out_dir=out, **options))
-    pre_s, dec_s = median([r["seconds"] for r in pre]), median([r["seconds"] for r in decode])
+    pre_cpu, dec_cpu = median([r["cpu_s"] for r in pre]), median([r["cpu_s"] for r in decode])
     frames = pre[-1]["frames"]
     image_size = options.get("image_size", 224)
     return {
+        "pinned_cpu": cpu,
         "frames": frames,
-        "preprocess_s": pre_s,
+        "rows": pre[-1]["rows"],
+        "cameras": pre[-1]["cameras"],
+        "shards": pre[-1]["shards"],
+        "bytes": pre[-1]["bytes"],
+        "image_format": pre[-1]["image_format"],
+        "preprocess_cpu_s": pre_cpu,
+        "preprocess_s": median([r["seconds"] for r in pre]),
         "preprocess_s_all": [r["seconds"] for r in pre],
-        "preprocess_fps": frames / pre_s,
+        "preprocess_cpu_s_all": [r["cpu_s"] for r in pre],
+        "preprocess_fps": frames / pre_cpu,  # frames per CPU-second
         "decode_only_frames": decode[-1]["frames"],
-        "decode_only_s": dec_s,
+        "decode_only_cpu_s": dec_cpu,
+        "decode_only_s": median([r["seconds"] for r in decode]),
         "decode_only_s_all": [r["seconds"] for r in decode],
+        "decode_only_cpu_s_all": [r["cpu_s"] for r in decode],
         "pass1_s": time_pass1(repo_id, root, out, options),
         "image_cost_ms": measure_image_cost_ms(repo_id, root, image_size),
         "image_size": image_size,
@@ -233,10 +285,32 @@ def preprocess_phase(repo_id: str, root: str, out: str, options: dict, repeats: 
     }
 
 
-def lerobot_loop_phase(repo_id: str, root: str, action_horizon: int, max_frames: int | None) -> dict:
-    """openpi's way of reading: `LeRobotDataset(delta_timestamps={"action": chunk})[i]` for every frame, video
-    decoded per item; imports and dataset construction off the clock."""
+def lerobot_loop_phase(repo_id: str, root: str, action_horizon: int, max_frames: int | None,
+                       one_core: bool = True) -> dict:
+    """openpi's way of reading, on one core: `LeRobotDataset(delta_timestamps={"action": chunk})[i]` for every
+    frame, video decoded per item; imports and dataset construction off the clock."""
+    cpu = pin_to_one_core() if one_core else None
     import_s = measure_startup_s()
+    import torch
+
+    torch.set_num_threads(1)
     rss_imports = peak_rss_mb()
     out = measure_lerobot_loop_fps(repo_id, root, action_horizon=action_horizon, max_frames=max_frames)
-    return out | {"import_s": import_s, "rss_after_imports_mb": rss_imports}
+    return out | {"fps_cpu": out["frames"] / out["cpu_s"], "pinned_cpu": cpu, "import_s": import_s,
+                  "rss_after_imports_mb": rss_imports}
+
+
+def workers_phase(repo_id: str, root: str, out: str, options: dict) -> dict:
+    """Why a second preprocessing worker may not help: 1 vs 2 workers (all cores, wall clock), with the number of
+    shards (workers take whole shards) and the decoder's use of cores (CPU / wall of decoding alone), and the
+    cameras of each episode decoded in parallel threads vs one after the other."""
+    measure_startup_s()
+    runs = {w: measure_preprocess_fps(repo_id, root, workers=w, out_dir=out, **options) for w in (1, 2)}
+    decode = measure_decode_only_fps(repo_id, root)
+    return {
+        "workers_1_s": runs[1]["seconds"], "workers_2_s": runs[2]["seconds"],
+        "workers_1_cpu_s": runs[1]["cpu_s"], "workers_2_cpu_s": runs[2]["cpu_s"],
+        "shards": runs[2]["shards"], "frames": runs[2]["frames"],
+        "decode_cpu_over_wall": decode["cpu_s"] / decode["seconds"],
+        "camera_decode": measure_camera_parallel_decode(repo_id, root),
+    }

@@ -72,7 +72,7 @@ class SyntheticBatch:
     action_is_pad: Bool[Array, "b h"]
 
 
-def synthetic_batch(
+def synthetic_columns(
     config,  # Pi05KIConfig (not imported: keeps this module importable from the config's users)
     tokenizers: SyntheticTokenizers,
     batch_size: int,
@@ -82,9 +82,10 @@ def synthetic_batch(
     state_dim: int = 2,
     masked_cameras: dict[str, Sequence[bool]] | None = None,
     pad_steps: Sequence[int] | None = None,
-) -> SyntheticBatch:
-    """A batch in shard format through `Observation.from_batch`; `pad_steps[r]` trailing steps of row r are padding
-    (the last real action repeated, as preprocessing does), `masked_cameras[cam][r]` False masks a camera."""
+) -> dict[str, np.ndarray]:
+    """A host batch in the loader's format (decoded shard columns, `actions` [b, h, d], `action_is_pad`);
+    `pad_steps[r]` trailing steps of row r are padding (the last real action repeated, as preprocessing does),
+    `masked_cameras[cam][r]` False masks a camera."""
     rng = np.random.default_rng(seed)
     h, d, s = config.action_horizon, config.action_dim, config.image_size
     actions = smooth_chunks(rng, batch_size, h, d)
@@ -104,7 +105,15 @@ def synthetic_batch(
         mask = (masked_cameras or {}).get(cam)
         columns[f"image_mask.{cam}"] = np.ones(batch_size, bool) if mask is None else np.asarray(mask, bool)
     columns["state"] = rng.uniform(-1, 1, (batch_size, state_dim)).astype(np.float32)
-    return SyntheticBatch(Observation.from_batch(columns), jnp.asarray(actions), jnp.asarray(is_pad))
+    columns["actions"], columns["action_is_pad"] = actions, is_pad
+    return columns
+
+
+def synthetic_batch(config, tokenizers: SyntheticTokenizers, batch_size: int, **kw) -> SyntheticBatch:
+    """`synthetic_columns` as model inputs (`Observation.from_batch`), same arguments."""
+    columns = synthetic_columns(config, tokenizers, batch_size, **kw)
+    return SyntheticBatch(Observation.from_batch(columns), jnp.asarray(columns["actions"]),
+                          jnp.asarray(columns["action_is_pad"]))
 
 
 def perturb_params(model: nnx.Module, seed: int, scale: float = 0.05) -> None:

@@ -87,3 +87,32 @@ def run_isolated(fn: Callable[..., dict] | str, /, *args: Any, **kwargs: Any) ->
 
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, all its threads, and its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def pin_to_one_core() -> int:
+    """Restrict this process (and what it starts) to one CPU, for per-core figures; returns that CPU."""
+    cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    return cpu
+
+
+class Clock:
+    """Wall and CPU seconds of a block: `with Clock() as c: ...; c.wall_s, c.cpu_s`."""
+
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = cpu_seconds() - self._cpu
