@@ -266,3 +266,42 @@ def model_phase(shards: str, preset: str, batch_size: int, repeats: int, compile
         "cache": time_prefix_and_cache(setup, repeats=repeats),
         "flops": train_step_flops(setup, batch_size=batch_size),
     } | _device()
+
+
+def time_flow_cost(setup: ReportSetup, *, batch_size: int, repeats: int, k: int = 4, seed: int = 0) -> dict[str, Any]:
+    """What KI and extra flow samples cost per train step (AdamW, same batch), interleaved after compilation: the KI
+    step, the flow-only step of the same model (`fast_loss_weight=0`: FAST tokens not fed, no FAST loss) and the KI
+    step with `k` flow samples sharing one backbone pass."""
+    base = setup.config
+    batch = _batch(setup, batch_size, seed)
+    variants = {"ki": base, "flow_only": dataclasses.replace(base, fast_loss_weight=0.0),
+                f"ki_k{k}": dataclasses.replace(base, flow_samples=k)}
+
+    def make_step(cfg: Pi05KIConfig):
+        model = cfg.create(nnx.Rngs(seed))
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, rng):
+            def loss_fn(m):
+                return m.compute_loss(rng, batch.obs, batch.actions, batch.action_is_pad)["total"]
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        return lambda: step(model, optimizer, jax.random.key(0))
+
+    med, comp = interleaved_medians({name: make_step(cfg) for name, cfg in variants.items()}, repeats,
+                                    desc="KI cost")
+    return {
+        "batch_size": batch_size, "k": k, "repeats": repeats, "compile_s": comp,
+        "ki_step_s": med["ki"], "flow_only_step_s": med["flow_only"], f"ki_k{k}_step_s": med[f"ki_k{k}"],
+        "extra_flow_sample_cost": (med[f"ki_k{k}"] / med["ki"] - 1.0) / (k - 1),
+    }
+
+
+def flow_cost_phase(preset: str, batch_size: int, repeats: int, compile_cache: str | None) -> dict:
+    """time_flow_cost at `preset` (small: width 256, depth 4, two 224-pixel cameras), synthetic batches."""
+    use_compile_cache(compile_cache)
+    return {"preset": preset} | time_flow_cost(report_setup(preset), batch_size=batch_size, repeats=repeats) | _device()

@@ -39,6 +39,8 @@ class BenchSettings:
     aloha_loop_frames: int | None = None
     core_loader_batch: int = 8  # our loader vs LeRobotDataset + DataLoader, one core each
     core_loader_batches: int = 16  # of ours; the LeRobot loader runs a quarter of them
+    flow_cost_preset: str = "small"  # KI vs flow-only and K flow samples, two 224-pixel cameras
+    flow_cost_batch: int = 4
     memory_preset: str = "pi05"  # XLA memory analysis (abstract weights: no allocation)
     memory_batch: int = 32
     # GPU mode: π0.5-size figures on the accelerator
@@ -89,6 +91,7 @@ SETTINGS: dict[str, BenchSettings] = {
         aloha=AlohaLikeConfig(episodes=2, frames=12, height=48, width=64),
         aloha_options=_TINY_SHARDS | {"max_token_len": 160, "max_text_len": 96},
         core_loader_batch=4, core_loader_batches=4, memory_preset="tiny", memory_batch=2,
+        flow_cost_preset="tiny", flow_cost_batch=2,
         gpu_preset="tiny", gpu_train_batch=2, gpu_train_steps=1, gpu_repeats=1, gpu_action_horizon=10,
         gpu_action_dim=7,
     ),
