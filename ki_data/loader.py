@@ -7,7 +7,8 @@ within a buffer). A worker therefore only needs the row groups of the windows it
 
 The order is a pure function of the row's position in the stream, so the pipeline is a grain `MapDataset`: PNG
 decoding and augmentation run in grain's worker processes (`random_map`, seeded by position), rows are split between
-JAX processes by grain's `ElasticIterator` (process p takes positions p, p + P, ...), and the loader state is just the
+JAX processes by grain's `ElasticIterator` (with `ProcessBlocks`, each process reads its contiguous block of every
+global batch, so P processes train on exactly the batches one process would), and the loader state is just the
 global position reached, a small JSON dict saved with each checkpoint. A resumed job sees exactly the batches it would
 have seen, whatever its number of loader workers.
 
@@ -319,6 +320,30 @@ class DecodeRow(grain.transforms.RandomMap):
         return out
 
 
+class ProcessBlocks(grain.MapDataset):
+    """Positions reordered within each global batch so that grain's split between JAX processes (process p reads
+    positions p, p + P, p + 2P, ...) hands process p the p-th contiguous block of every global batch. The global
+    batch, assembled process after process, is then rows j*B .. j*B + B - 1 in order: the very batch (rows, order,
+    augmentation draws, flow noise per row) one process would train on."""
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, process_count: int):
+        super().__init__(parent)
+        self._batch, self._count = batch_size, process_count
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(batch={self._batch}, processes={self._count})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, within = divmod(int(index), self._batch)  # index = batch*B + i*P + p: process p's i-th row
+        process, i = within % self._count, within // self._count
+        return self._parent[batch * self._batch + process * (self._batch // self._count) + i]
+
+
 def _ensure_absl_flags_parsed() -> None:
     # grain reads absl flags inside its workers; a program that is not an absl app must mark them parsed first.
     if not flags.FLAGS.is_parsed():
@@ -363,6 +388,8 @@ class ShardLoader:
         ds: grain.MapDataset = rows.repeat(None) if config.repeat else rows
         decode = DecodeRow(self.spec, config.augment, config.augment_config)
         ds = ds.random_map(decode, seed=config.seed)  # the generator goes unused when augment is off
+        if config.repeat and self.process_count > 1:
+            ds = ProcessBlocks(ds, config.batch_size, self.process_count)
         self._dataset = ds
         self._read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch * 8)
         self._mp = (

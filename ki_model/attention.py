@@ -7,11 +7,13 @@ F (`Action: ` FAST .. EOS: the ar==1 real part), A (the horizon noisy-action tok
 |-------|----------------------------------------|
 | I, T  | I, T (real tokens only)                |
 | F     | I, T, and F at or before itself        |
-| A     | I, T, A                                |
+| A_k   | I, T, A_k                              |
 
-Nobody in I, T, F reads A and A never reads F. Padding queries read like I/T (their outputs are never used; this
-keeps every row non-empty). Positions: I and T count 0.. over real tokens, F continues after T, A starts right
-after T, so A sits at the same positions as at inference where the prefix is [I | text_prompt].
+Nobody in I, T, F reads A and A never reads F. Training may draw K flow samples per pass: K action blocks
+A_1..A_K, each reading I, T and itself only, never another block. Padding queries read like I/T (their outputs are
+never used; this keeps every row non-empty). Positions: I and T count 0.. over real tokens, F continues after T,
+every A_k starts right after T, so each sits at the same positions as at inference where the prefix is
+[I | text_prompt].
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ def training_layout(
     prompt_mask: Bool[Array, "b l"],
     prompt_ar: Bool[Array, "b l"],
     horizon: int,
+    action_blocks: int = 1,
 ) -> Layout:
-    """The single training pass over [I | tokenized_prompt | A] (N = i + l + horizon tokens, keys = queries)."""
+    """The single training pass over [I | tokenized_prompt | A_1 .. A_K] (N = i + l + K * horizon, keys = queries)."""
     b, n_img = image_valid.shape
     n_bb = n_img + prompt_mask.shape[1]
+    n_act = action_blocks * horizon
     no_img = jnp.zeros((b, n_img), bool)
     is_it = jnp.concatenate([image_valid, prompt_mask & ~prompt_ar], axis=1)  # [b, n_bb] real I or T
     is_f = jnp.concatenate([no_img, prompt_mask & prompt_ar], axis=1)  # [b, n_bb] real F
@@ -65,17 +69,19 @@ def training_layout(
 
     # Backbone queries (I, T, F and padding) over backbone keys; they read no A key.
     bb_reads_bb = is_it[:, None, :] | (is_f[:, :, None] & is_f[:, None, :] & causal[None])
-    bb_rows = jnp.concatenate([bb_reads_bb, jnp.zeros((b, n_bb, horizon), bool)], axis=2)
-    # Action queries read real I/T keys and every A key, never F.
+    bb_rows = jnp.concatenate([bb_reads_bb, jnp.zeros((b, n_bb, n_act), bool)], axis=2)
+    # Action queries read real I/T keys and every key of their own block, never F nor another block.
+    block = jnp.arange(n_act) // horizon
+    own_block = block[:, None] == block[None, :]
     a_rows = jnp.concatenate(
-        [jnp.broadcast_to(is_it[:, None, :], (b, horizon, n_bb)), jnp.ones((b, horizon, horizon), bool)], axis=2
+        [jnp.broadcast_to(is_it[:, None, :], (b, n_act, n_bb)), jnp.broadcast_to(own_block, (b, n_act, n_act))], axis=2
     )
     mask = jnp.concatenate([bb_rows, a_rows], axis=1)
 
     bb_positions = _count_positions(is_it | is_f)  # F follows T in the prompt, so F continues after T
     a_start = jnp.sum(is_it, axis=1, dtype=jnp.int32)[:, None]
-    positions = jnp.concatenate([bb_positions, a_start + jnp.arange(horizon, dtype=jnp.int32)[None, :]], axis=1)
-    return Layout(mask, positions)
+    a_positions = a_start + jnp.tile(jnp.arange(horizon, dtype=jnp.int32), action_blocks)[None, :]
+    return Layout(mask, jnp.concatenate([bb_positions, a_positions], axis=1))
 
 
 def cumulative_ar_layout(input_mask: Bool[Array, "b n"], ar_mask: Bool[Array, "b n"]) -> Layout:

@@ -95,7 +95,13 @@ class Pi05KIConfig:
     image_size: int = 224
     # Camera order of the image tokens; empty = the observation's cameras in sorted order.
     cameras: tuple[str, ...] = ()
+    # λ of total = flow + λ·FAST; 0 = flow-only training (FAST tokens not fed, no FAST loss).
     fast_loss_weight: float = 1.0
+    # Knowledge insulation: the action expert reads the backbone's keys/values through stop_gradient. False = π0/π0.5
+    # training without KI (the flow gradient reaches the backbone); an ablation switch.
+    insulation: bool = True
+    # (noise, time) draws per example in one training pass, each its own action block reading the same prefix.
+    flow_samples: int = 1
     num_flow_steps: int = 10
     backbone_variant: str = "gemma_2b"
     expert_variant: str = "gemma_300m"
@@ -125,7 +131,10 @@ class Pi05KIConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_text_len > self.max_token_len:
             raise ConfigError(f"max_text_len {self.max_text_len} > max_token_len {self.max_token_len}")
-        for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps"):
+        if self.fast_loss_weight < 0:
+            raise ConfigError(f"fast_loss_weight must be >= 0, got {self.fast_loss_weight}")
+        for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps",
+                     "flow_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -82,9 +82,13 @@ class AdaptiveRMSNorm(nnx.Module):
         )
 
     def __call__(
-        self, x: Float[Array, "b l d"], cond: Float[Array, "b c"]
-    ) -> tuple[Float[Array, "b l d"], Float[Array, "b 1 d"]]:
-        mod = self.modulation(cond, jnp.float32)[:, None, :]
+        self, x: Float[Array, "b l d"], cond: Float[Array, "b g c"]
+    ) -> tuple[Float[Array, "b l d"], Float[Array, "b _ d"]]:
+        """cond: one conditioning vector per group of consecutive tokens (g divides l; g = 1 at inference, g = K
+        action blocks when training draws K flow samples per pass)."""
+        mod = self.modulation(cond, jnp.float32)  # [b, g, 3d]
+        if mod.shape[1] > 1:
+            mod = jnp.repeat(mod, x.shape[1] // mod.shape[1], axis=1)
         scale, shift, gate = jnp.split(mod, 3, axis=-1)
         y = _rms_normalize(x) * (1.0 + scale) + shift
         return y.astype(x.dtype), gate.astype(x.dtype)
@@ -181,7 +185,7 @@ def _cut(x: Array, stop: bool) -> Array:
 def _layer(
     blocks: Sequence[Block],
     xs: Sequence[Float[Array, "b l d"]],
-    conds: Sequence[Float[Array, "b c"] | None],
+    conds: Sequence[Float[Array, "b g c"] | None],
     positions: Int[Array, "b n"],
     mask: Bool[Array, "b n s"],
     cache: tuple[Float[Array, "b c k h"], Float[Array, "b c k h"]] | None,
@@ -223,7 +227,7 @@ def forward(
     *,
     positions: Int[Array, "b n"],
     mask: Bool[Array, "b n s"],
-    conds: Sequence[Float[Array, "b c"] | None] | None = None,
+    conds: Sequence[Float[Array, "b g c"] | None] | None = None,
     cache: KVCache | None = None,
     insulated: Sequence[bool] | None = None,
     remat: bool = False,

@@ -57,8 +57,8 @@ class PrefixCache(NamedTuple):
 
 
 class TrainForward(NamedTuple):
-    prompt_out: Float[Array, "b l w"]  # backbone outputs on the tokenized_prompt block
-    velocity: Float[Array, "b h d"]  # action expert's flow prediction (float32)
+    prompt_out: Float[Array, "b l w"]  # backbone outputs on the prompt block
+    velocity: Float[Array, "b k h d"]  # action expert's flow prediction for each of the K draws (float32)
     kv: gemma.KVCache  # K/V of every token of the pass, [depth, b, N, k, h]
     layout: attention.Layout
     num_image_tokens: int
@@ -126,14 +126,16 @@ class Pi05KI(nnx.Module):
         )
 
     def embed_actions(
-        self, x_t: Float[Array, "b h d"], time: Float[Array, " b"]
-    ) -> tuple[Float[Array, "b h e"], Float[Array, "b e"]]:
-        """Action tokens (a linear map of the noisy actions) and the adaRMS conditioning from the flow time."""
+        self, x_t: Float[Array, "b n d"], time: Float[Array, "b g"]
+    ) -> tuple[Float[Array, "b n e"], Float[Array, "b g e"]]:
+        """Action tokens (a linear map of the noisy actions) and the adaRMS conditioning from the flow time: one time
+        per group of consecutive tokens (g = 1 at inference; g = K action blocks of a K-sample training pass)."""
         width = self.config.expert.width
         tokens = self.action_in_proj(x_t, self.dtype)
-        cond = nnx.swish(self.time_mlp_in(posemb_sincos(time, width), jnp.float32))
+        b, g = time.shape
+        cond = nnx.swish(self.time_mlp_in(posemb_sincos(time.reshape(-1), width), jnp.float32))
         cond = nnx.swish(self.time_mlp_out(cond, jnp.float32))
-        return tokens, cond
+        return tokens, cond.reshape(b, g, width)
 
     # ------------------------------------------------------------------ training
 
@@ -155,24 +157,38 @@ class Pi05KI(nnx.Module):
                 f"actions {actions.shape} != [batch {obs.batch_size}, horizon {c.action_horizon}, dim {c.action_dim}]"
             )
 
-    def train_forward(self, obs: Observation, x_t: Float[Array, "b h d"], time: Float[Array, " b"]) -> TrainForward:
-        """The single pass over [I | tokenized_prompt | A] (backbone on I and the prompt, action expert on A)."""
+    @property
+    def trains_fast(self) -> bool:
+        """Whether the backbone is fed the FAST tokens and learns them (fast_loss_weight 0: flow-only training)."""
+        return self.config.fast_loss_weight != 0
+
+    def train_forward(
+        self, obs: Observation, x_t: Float[Array, "b k h d"], time: Float[Array, "b k"]
+    ) -> TrainForward:
+        """The single pass over [I | tokenized_prompt | A_1 .. A_K] (backbone on I and the prompt, action expert on
+        the K noisy action blocks). Flow-only training feeds `text_prompt` instead: no FAST tokens."""
+        c = self.config
+        b, k, h, d = x_t.shape
         img, img_valid = self.embed_images(obs)
-        prompt = self.embed_text(obs.tokenized_prompt)
-        act, cond = self.embed_actions(x_t, time)
-        prompt_mask, prompt_ar = obs.tokenized_prompt_mask.astype(bool), obs.token_ar_mask.astype(bool)
-        layout = attention.training_layout(img_valid, prompt_mask, prompt_ar, self.config.action_horizon)
+        if self.trains_fast:
+            ids, mask, ar = obs.tokenized_prompt, obs.tokenized_prompt_mask, obs.token_ar_mask
+        else:
+            ids, mask, ar = obs.text_prompt, obs.text_prompt_mask, jnp.zeros_like(obs.text_prompt_mask)
+        prompt = self.embed_text(ids)
+        act, cond = self.embed_actions(x_t.reshape(b, k * h, d), time)
+        layout = attention.training_layout(img_valid, mask.astype(bool), ar.astype(bool), h, action_blocks=k)
         (bb_out, act_out), kv = gemma.forward(
             [self.backbone, self.action_expert],
             [jnp.concatenate([img, prompt], axis=1), act],
             positions=layout.positions,
             mask=layout.mask,
             conds=[None, cond],
-            insulated=[False, True],
-            remat=self.config.remat,
+            insulated=[False, c.insulation],
+            remat=c.remat,
         )
         n_img = img.shape[1]
-        return TrainForward(bb_out[:, n_img:], self.action_out_proj(act_out, jnp.float32), kv, layout, n_img)
+        velocity = self.action_out_proj(act_out, jnp.float32).reshape(b, k, h, d)
+        return TrainForward(bb_out[:, n_img:], velocity, kv, layout, n_img)
 
     def _fast_loss(
         self, prompt_out: Float[Array, "b l w"], obs: Observation
@@ -183,16 +199,21 @@ class Pi05KI(nnx.Module):
 
     @staticmethod
     def _flow_loss(
-        velocity: Float[Array, "b h d"], target: Float[Array, "b h d"], action_is_pad: Bool[Array, "b h"] | None
+        velocity: Float[Array, "b k h d"], target: Float[Array, "b k h d"], action_is_pad: Bool[Array, "b h"] | None
     ) -> Float[Array, ""]:
-        return losses.flow_matching_loss(velocity, target, action_is_pad)
+        """The mean over the K draws of each draw's flow-matching MSE (every draw has the same real steps)."""
+        b, k, h, d = velocity.shape
+        pad = None if action_is_pad is None else jnp.repeat(action_is_pad, k, axis=0)
+        return losses.flow_matching_loss(velocity.reshape(b * k, h, d), target.reshape(b * k, h, d), pad)
 
     def _draw_noise_time(
         self, rng: jax.Array, actions: Float[Array, "b h d"]
-    ) -> tuple[Float[Array, "b h d"], Float[Array, " b"]]:
+    ) -> tuple[Float[Array, "b k h d"], Float[Array, "b k"]]:
+        """K = config.flow_samples (noise, time) draws per example; time ~ Beta(1.5, 1) in (0.001, 1] as π0's."""
+        b, k = actions.shape[0], self.config.flow_samples
         noise_rng, time_rng = jax.random.split(rng)
-        noise = jax.random.normal(noise_rng, actions.shape, jnp.float32)
-        time = jax.random.beta(time_rng, 1.5, 1.0, (actions.shape[0],)) * 0.999 + 0.001  # π0: (0.001, 1]
+        noise = jax.random.normal(noise_rng, (b, k, *actions.shape[1:]), jnp.float32)
+        time = jax.random.beta(time_rng, 1.5, 1.0, (b, k)) * 0.999 + 0.001
         return noise, time
 
     def _losses(self, flow: Float[Array, ""], fast: Float[Array, ""], acc: Float[Array, ""]) -> dict[str, Array]:
@@ -202,17 +223,24 @@ class Pi05KI(nnx.Module):
         self,
         obs: Observation,
         actions: Float[Array, "b h d"],
-        noise: Float[Array, "b h d"],
-        time: Float[Array, " b"],
+        noise: Float[Array, "b k h d"] | Float[Array, "b h d"],
+        time: Float[Array, "b k"] | Float[Array, " b"],
         action_is_pad: Bool[Array, "b h"] | None = None,
     ) -> dict[str, Array]:
-        """compute_loss with the noise and flow time given (deterministic; the tests vary them)."""
+        """compute_loss with the K noise/time draws given ([b, h, d] / [b]: one draw); deterministic, tests vary them.
+        Without FAST training (fast_loss_weight 0) the FAST loss and accuracy are not computed: NaN."""
         self._check_train(obs, actions)
-        t = time[:, None, None]
-        x_t = t * noise + (1.0 - t) * actions
+        if noise.ndim == 3:
+            noise, time = noise[:, None], time[:, None]
+        t = time[:, :, None, None]
+        x_t = t * noise + (1.0 - t) * actions[:, None]
         fwd = self.train_forward(obs, x_t, time)
+        flow = self._flow_loss(fwd.velocity, noise - actions[:, None], action_is_pad)
+        if not self.trains_fast:
+            nan = jnp.asarray(jnp.nan, jnp.float32)
+            return {"flow": flow, "fast": nan, "total": flow, "fast_accuracy": nan}
         fast, acc = self._fast_loss(fwd.prompt_out, obs)
-        return self._losses(self._flow_loss(fwd.velocity, noise - actions, action_is_pad), fast, acc)
+        return self._losses(flow, fast, acc)
 
     def compute_loss(
         self,
@@ -246,7 +274,7 @@ class Pi05KI(nnx.Module):
         insulated: bool = True,
         remat: bool = False,
     ) -> Float[Array, "b h d"]:
-        act, cond = self.embed_actions(x_t, time)
+        act, cond = self.embed_actions(x_t, time[:, None])  # one flow time for the whole chunk
         layout = attention.suffix_layout(prefix_valid, self.config.action_horizon)
         (_, out), _ = gemma.forward(
             [self.backbone, self.action_expert],

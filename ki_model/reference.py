@@ -75,7 +75,7 @@ def velocity_no_cache(
     """`Pi05KI.velocity` recomputing the prefix jointly with the action tokens (no KV cache)."""
     tokens, valid = model.embed_prefix(obs)
     n_img = valid.shape[1] - obs.text_prompt.shape[1]
-    act, cond = model.embed_actions(x_t, time)
+    act, cond = model.embed_actions(x_t, time[:, None])
     no_fast = jnp.zeros_like(obs.text_prompt_mask, dtype=bool)
     layout = attention.training_layout(valid[:, :n_img], valid[:, n_img:], no_fast, model.config.action_horizon)
     (_, out), _ = gemma.forward(
@@ -126,5 +126,5 @@ def compute_loss_two_pass(
     action_is_pad: Bool[Array, "b h"] | None = None,
 ) -> dict[str, Array]:
     """`Pi05KI.compute_loss` (the same noise and time for the same rng) through the two-pass reference."""
-    noise, time = model._draw_noise_time(rng, actions)
-    return losses_two_pass(model, obs, actions, noise, time, action_is_pad)
+    noise, time = model._draw_noise_time(rng, actions)  # [b, 1, h, d], [b, 1]: the reference takes one draw
+    return losses_two_pass(model, obs, actions, noise[:, 0], time[:, 0], action_is_pad)

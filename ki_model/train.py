@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float
 from tqdm import tqdm
@@ -380,6 +381,8 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
             (out / ckpt.MODEL_CONFIG).write_text(model_cfg.to_json())
             train_json = dataclasses.asdict(cfg) | {"optimizer": dataclasses.asdict(opt_cfg)}
             ckpt.write_json(out / ckpt.TRAIN_CONFIG, train_json)
+        if jax.process_count() > 1:  # the others wait until process 0 has (re)made the directory
+            multihost_utils.sync_global_devices("ki: checkpoint directory ready")
 
     loader = ShardLoader(
         cfg.shards,

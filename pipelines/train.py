@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+
 from ki_data.loader import LoaderError
 from ki_data.manifest import ManifestError
 from ki_model.checkpoint import CheckpointError
@@ -13,7 +15,7 @@ from ki_model.optimizer import OptimizerConfig
 from ki_model.train import TrainConfig, TrainError, train
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
     p.add_argument("--shards", required=True, help="pipelines.preprocess output directory (has manifest.json)")
     p.add_argument("--checkpoint-dir", required=True)
@@ -34,10 +36,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="first check every shard's size and sha256 against manifest.json (reads all the shards)")
     p.add_argument("--no-augment", action="store_true", help="train without image augmentation")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
+    p.add_argument("--flow-samples", type=int, default=1, metavar="K",
+                   help="(noise, time) draws per example in one pass: K action blocks share the backbone (default: 1)")
+    ablation = p.add_argument_group("ablations (docs/DESIGN.md §5; the defaults are π0.5 with knowledge insulation)")
+    ablation.add_argument("--insulation", choices=("on", "off"), default="on",
+                          help="off: the flow gradient reaches the backbone (π0/π0.5 training without KI)")
+    ablation.add_argument("--fast-loss-weight", type=float, default=1.0,
+                          help="λ in flow + λ·FAST; 0 = flow only (FAST tokens not fed, no FAST loss)")
     p.add_argument("--fast-compile", action="store_true",
                    help="CPU: compile the train step without XLA backend optimisation (~3x faster compile, ~2x slower steps)")
     p.add_argument("--init", metavar="paligemma:PATH", help="start the vision encoder and backbone from a Hugging Face "
                    "PaliGemma checkpoint directory (the shards must use its text tokenizer)")
+    dist = p.add_argument_group("multi-host (jax.distributed): run the same command on every host")
+    dist.add_argument("--coordinator-address", help="host:port of process 0's coordinator")
+    dist.add_argument("--num-processes", type=int, default=1)
+    dist.add_argument("--process-id", type=int, default=0)
     opt = p.add_argument_group("optimizer (default: the preset's schedule; pi05 = openpi's)")
     opt.add_argument("--peak-lr", type=float)
     opt.add_argument("--warmup-steps", type=int)
@@ -48,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         data.add_argument(f"--{name}", type=int)
     a = p.parse_args(argv)
 
+    if a.num_processes > 1 and not a.coordinator_address:
+        p.error("--num-processes > 1 needs --coordinator-address")
     base = OptimizerConfig.for_preset(a.config)
     changes = {k: v for k, v in (("peak_lr", a.peak_lr), ("warmup_steps", a.warmup_steps),
                                  ("decay_steps", a.decay_steps), ("decay_lr", a.decay_lr)) if v is not None}
@@ -75,15 +90,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         max_text_len=a.max_text_len,
         image_size=a.image_size,
         vocab_size=a.vocab_size,
-        model_overrides={"remat": True} if a.remat else {},
+        model_overrides={"remat": a.remat, "flow_samples": a.flow_samples, "insulation": a.insulation == "on",
+                         "fast_loss_weight": a.fast_loss_weight},
         fast_compile=a.fast_compile,
         init=a.init,
         verify=a.verify,
-    )
+    ), a
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg, dist = parse_args(argv)
+    if dist.num_processes > 1:
+        # One process per host (or per local accelerator group); process 0 writes the files.
+        jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
     try:
         train(cfg)
     except (TrainError, LoaderError, CheckpointError, ManifestError) as e:

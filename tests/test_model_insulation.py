@@ -43,7 +43,7 @@ def _forward(model, obs, actions, noise, time, is_pad):
     cache = model.prefix_cache(obs)
     return (
         model.losses_given_noise(obs, actions, noise, time, is_pad),
-        model.train_forward(obs, x_t, time),
+        model.train_forward(obs, x_t[:, None], time[:, None]),  # one action block
         cache,
         model.velocity(cache, x_t, time),
     )
@@ -171,7 +171,7 @@ def test_property5_action_expert_reads_the_inference_prefix(setup):
         # Same keys and values in every layer.
         for t, c in ((fwd.kv[0], cache.kv[0]), (fwd.kv[1], cache.kv[1])):
             np.testing.assert_allclose(np.asarray(t[:, r, read]), np.asarray(c[:, r, real]), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(fwd.velocity), np.asarray(v_inference), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(fwd.velocity[:, 0]), np.asarray(v_inference), atol=1e-5, rtol=1e-5)
 
 
 def attention_positions(valid):
@@ -208,11 +208,94 @@ def test_masked_camera_is_never_read(setup):
 
 
 def test_action_is_pad_excludes_padded_steps_from_flow_loss():
-    from ki_model.pi05_ki import Pi05KI
+    from ki_model.losses import flow_matching_loss
 
     v = jnp.zeros((2, 3, 2))
     u = jnp.array([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]], [[1.0, 3.0], [1.0, 3.0], [1.0, 3.0]]])
     pad = jnp.array([[False, False, True], [False, False, False]])
     # row 0: steps 0, 1 -> (1 + 1 + 4 + 4); row 1: (1 + 9) * 3; over 5 real steps x 2 dims
     expected = (10.0 + 30.0) / 10.0
-    assert float(Pi05KI._flow_loss(v, u, pad)) == pytest.approx(expected)
+    assert float(flow_matching_loss(v, u, pad)) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------- switches of the same model
+
+
+def _variant(setup, **changes):
+    """The setup's model (same weights) under a config with `changes`."""
+    import dataclasses
+
+    cfg, model, *_ = setup
+    other = dataclasses.replace(cfg, **changes).create(nnx.Rngs(0))
+    nnx.update(other, nnx.state(model, nnx.Param))
+    return other
+
+
+def _side_grads(model, obs, actions, noise, time, is_pad, loss="flow"):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(p):
+        return nnx.merge(graphdef, p, rest).losses_given_noise(obs, actions, noise, time, is_pad)[loss]
+
+    grads = {path: np.asarray(g) for path, g in nnx.to_flat_state(jax.jit(jax.grad(f))(params))}
+    return {side: [p for p, g in grads.items() if param_group(p) == side and np.any(g != 0)]
+            for side in ("backbone", "action_expert")}
+
+
+def test_k_flow_samples_in_one_pass_equal_k_single_draw_passes(setup):
+    """K (noise, time) draws share one backbone pass; each action block reads I, T and itself only, so the losses
+    and gradients equal K separate single-draw computations (flow loss: their mean)."""
+    k = 3
+    _, _, batch, _, _ = setup
+    model_k = _variant(setup, flow_samples=k)
+    noise = jax.random.normal(jax.random.key(8), (3, k, H, D))
+    time = jnp.array([[0.9, 0.2, 0.6], [0.35, 0.99, 0.01], [0.05, 0.5, 0.7]])
+    obs, actions, pad = batch.obs, batch.actions, batch.action_is_pad
+    graphdef, params, rest = nnx.split(model_k, nnx.Param, ...)
+
+    @jax.jit
+    def both(p):
+        def one_pass(p):
+            out = nnx.merge(graphdef, p, rest).losses_given_noise(obs, actions, noise, time, pad)
+            return out["total"], out
+
+        def separately(p):
+            m = nnx.merge(graphdef, p, rest)
+            outs = [m.losses_given_noise(obs, actions, noise[:, j], time[:, j], pad) for j in range(k)]
+            flow = sum(o["flow"] for o in outs) / k
+            return flow + outs[0]["fast"], {"flow": flow, "fast": outs[0]["fast"]}
+
+        return jax.grad(one_pass, has_aux=True)(p), jax.grad(separately, has_aux=True)(p)
+
+    (g1, l1), (g2, l2) = both(params)
+    assert abs(float(l1["flow"]) - float(l2["flow"])) <= 1e-6 * abs(float(l2["flow"]))
+    assert float(l1["fast"]) == pytest.approx(float(l2["fast"]), rel=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6, err_msg=str(path))
+    # The draws are not all alike: a block reading another block would change the result.
+    singles = [float(_losses(setup[1], obs, actions, noise[:, j], time[:, j], pad)["flow"]) for j in range(k)]
+    assert max(singles) - min(singles) > 1e-3
+
+
+def test_insulation_off_lets_the_flow_loss_reach_the_backbone(setup):
+    _, model, batch, noise, time = setup
+    args = (batch.obs, batch.actions, noise, time, batch.action_is_pad)
+    assert _side_grads(model, *args)["backbone"] == []  # insulated (the default)
+    reached = _side_grads(_variant(setup, insulation=False), *args)["backbone"]
+    assert len(reached) > 20 and {p[0] for p in reached} == {"vision", "backbone"}
+
+
+def test_flow_only_training_feeds_no_fast_tokens_and_trains_only_the_expert(setup):
+    _, _, batch, noise, time = setup
+    flow_only = _variant(setup, fast_loss_weight=0.0)
+    obs = batch.obs
+    out = _losses(flow_only, obs, batch.actions, noise, time, batch.action_is_pad)
+    assert np.isnan(float(out["fast"])) and float(out["total"]) == float(out["flow"])
+    # The FAST tokens (the whole tokenized prompt) are not read at all.
+    scrambled = obs.replace(tokenized_prompt=jnp.zeros_like(obs.tokenized_prompt), token_ar_mask=jnp.ones_like(obs.token_ar_mask))
+    again = _losses(flow_only, scrambled, batch.actions, noise, time, batch.action_is_pad)
+    assert float(again["flow"]) == float(out["flow"])
+    args = (obs, batch.actions, noise, time, batch.action_is_pad)
+    grads = _side_grads(flow_only, *args, loss="total")
+    assert grads["backbone"] == [] and len(grads["action_expert"]) > 10  # insulated and no FAST loss: backbone frozen
+    assert len(_side_grads(_variant(setup, fast_loss_weight=0.0, insulation=False), *args, loss="total")["backbone"]) > 20

@@ -179,7 +179,7 @@ def test_expert_fresh_untouched_and_backbone_init_equals_backbone(ckpt_dir):
 
     load_paligemma(ckpt_dir, cfg, expert_init="backbone").apply_to(model)
     x = jax.random.normal(jax.random.key(0), (2, 5, 64))
-    cond = jax.random.normal(jax.random.key(1), (2, 64))
+    cond = jax.random.normal(jax.random.key(1), (2, 1, 64))  # one conditioning vector for all 5 tokens
     positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
     mask = jnp.ones((2, 5, 5), bool)
     (bb, _), _ = gemma_forward([model.backbone, model.action_expert], [x, None], positions=positions, mask=mask)
