@@ -3,7 +3,7 @@
 Pass 1 (tabular columns only, every selected episode): row checks, normalization statistics, the offline text
 tokenizer (unless one is given) and the FAST tokenizer (unless one is given) fitted on every row's normalized
 chunk. Pass 2 (episode by episode, in worker processes over whole shards): columns read in bulk, each camera
-decoded once sequentially, chunks cut with numpy, prompts built, images resized/padded and PNG-encoded, one
+decoded once sequentially, chunks cut with numpy, prompts built, images resized/padded and encoded (JPEG or PNG), one
 parquet shard written atomically per planned group of episodes.
 
 Determinism: the shard plan (which episodes go to which file) depends only on the inputs and options, never on
@@ -35,7 +35,7 @@ from jaxtyping import Bool, Float, Int
 
 from ki_data import schema
 from ki_data.fast_tokenizer import FastTokenizer, dct_coefficients
-from ki_data.images import shard_image
+from ki_data.images import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, shard_image
 from ki_data.lerobot_source import (
     ACTION_KEY,
     STATE_KEY,
@@ -92,6 +92,7 @@ class PreprocessConfig:
     max_token_len: int = 200
     max_text_len: int = 128
     image_size: int = 224
+    image_format: str = DEFAULT_IMAGE_FORMAT  # ki_data.images.IMAGE_FORMATS: "jpeg" (quality 95) or "png"
     text_tokenizer: str | None = None  # a SentencePiece .model (e.g. PaliGemma's); default: train one
     fast_tokenizer: str | None = None  # a FAST directory; default: fit one
     text_vocab_size: int = 1024
@@ -127,6 +128,7 @@ class PreprocessConfig:
             (self.max_token_len >= 2, f"max_token_len must be >= 2, got {self.max_token_len}"),
             (self.max_text_len >= 2, f"max_text_len must be >= 2, got {self.max_text_len}"),
             (self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
+            (self.image_format in IMAGE_FORMATS, f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format}"),
             (self.workers >= 0, f"workers must be >= 0 (0: one per CPU core), got {self.workers}"),
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.shard_rows >= 1, f"shard_rows must be >= 1, got {self.shard_rows}"),
@@ -463,6 +465,7 @@ class Pass2Context:
     cameras: dict[str, str]  # name -> feature key
     layout: schema.ShardLayout
     image_size: int
+    image_format: str
     horizon: int
     norm_mode: str
     prompt_layout: str
@@ -503,11 +506,11 @@ class _Worker:
         return prompts, too_long
 
     def _images(self, cols: EpisodeColumns, camera_key: str, ok: np.ndarray) -> list[bytes]:
-        """Every frame decoded in order (sequential video decode); kept rows resized, padded and PNG-encoded."""
+        """Every frame decoded in order (sequential video decode); kept rows resized, padded and encoded."""
         images = []
         for k, frame in enumerate(self.reader.iter_frames(cols.episode_index, camera_key, cols.timestamp)):
             if ok[k]:
-                images.append(shard_image(frame, self.ctx.image_size))
+                images.append(shard_image(frame, self.ctx.image_size, self.ctx.image_format))
         if len(images) != int(ok.sum()):
             raise BadInputError(
                 f"LeRobot dataset '{self.ctx.spec.repo_id}', episode {cols.episode_index}: camera {camera_key} "
@@ -812,7 +815,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     )
     shard_fingerprint = _fingerprint([fingerprint, state["pass1"], vocab_size, skip_tokens])
     ctx = Pass2Context(
-        spec=spec, out=out, cameras=cameras, layout=layout, image_size=cfg.image_size, horizon=cfg.action_horizon,
+        spec=spec, out=out, cameras=cameras, layout=layout, image_size=cfg.image_size, image_format=cfg.image_format,
+        horizon=cfg.action_horizon,
         norm_mode=cfg.norm_mode, prompt_layout=cfg.prompt_layout, vocab_size=vocab_size, skip_tokens=skip_tokens, skip_bad_rows=cfg.skip_bad_rows,
         fingerprint=shard_fingerprint,
     )
@@ -855,7 +859,7 @@ def _manifest(cfg: PreprocessConfig, spec: DatasetSpec, cameras: dict[str, str],
         cameras=tuple(cameras),
         camera_keys=dict(cameras),
         image_size=cfg.image_size,
-        image_format="png",
+        image_format=cfg.image_format,
         action_horizon=layout.action_horizon,
         state_dim=layout.state_dim,
         action_dim=layout.action_dim,

@@ -134,7 +134,8 @@ class Policy:
         for cam in self.cameras:
             img = to_uint8_hwc(images[cam], where=f"camera {cam}")
             # The encode/decode round trip keeps inference on exactly the pixels the shards hold.
-            cols[f"image.{cam}"] = decode_image(shard_image(img, self.manifest.image_size))[None]
+            image = shard_image(img, self.manifest.image_size, self.manifest.image_format)
+            cols[f"image.{cam}"] = decode_image(image)[None]
             cols[f"image_mask.{cam}"] = np.ones((1,), bool)
         cols["state"] = state_n[None]
         return cols

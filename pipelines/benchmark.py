@@ -1,11 +1,16 @@
 """Speed and memory ratios of the pipeline, each of two things measured in the same run.
 
-    python -m pipelines.benchmark [--quick] [--json PATH] [--cache-dir DIR] [--loader-workers N]
+    python -m pipelines.benchmark [--quick] [--gpu] [--json PATH] [--cache-dir DIR] [--loader-workers N]
 
-Records the gym-pusht demo dataset into --cache-dir when absent (fewer episodes with --quick), then measures in one
-process per phase: preprocess vs a LeRobotDataset[i] loop vs decoding alone, the loader vs the train step (tiny and
-mid configs), the single-pass vs the two-pass train step, sample_actions vs sample_fast_tokens, cached vs uncached
-sampling, and peak host memory. Prints a table (figure, the two measurements, ratio, target, met) and writes JSON.
+Records two datasets into --cache-dir when absent, with lerobot's writer (smaller with --quick): an ALOHA-like one (3
+video cameras at 480x640, 14 dims, 50 fps, moving content) and the gym-pusht demo. Then measures in one process per
+phase: on the ALOHA-like data, preprocess vs a LeRobotDataset[i] loop vs decoding alone (one core each), shard bytes,
+our loader vs LeRobotDataset + DataLoader with the same augmentation (one core each), 1 vs 2 workers and parallel
+camera decoding, the image steps (OpenCV vs PIL resize, JPEG vs PNG); XLA memory at π0.5 size; on pusht, the same
+preprocessing figures, the loader vs the train step (tiny and mid configs), the single-pass vs the two-pass train
+step, sample_actions vs sample_fast_tokens, cached vs uncached sampling, and peak host memory. `--gpu` measures the
+π0.5-size figures on an accelerator instead. Prints a table (figure, the two measurements, ratio, target, met) and writes JSON.
+The measuring code is the ki_bench package; its figure records (ki_bench.figures) make the JSON and the table.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.benchmark_lib import SETTINGS, BenchOptions, notes, run_benchmark, table
+from ki_bench.report import notes, table
+from ki_bench.run import BenchOptions, figures, run_benchmark
+from ki_bench.settings import SETTINGS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few minutes on 2 cores: 4 episodes, mid config only for "
                    "the model comparisons, fewer repeats")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: everything shrunk
+    p.add_argument("--gpu", action="store_true", help="the GPU mode: π0.5-size inference latency (3 cameras), KI "
+                   "training samples/s per device, FAST-decode / flow-sampling latency; nothing else")
     p.add_argument("--json", help="write the figures, targets, raw measurements and machine to this file")
     p.add_argument("--cache-dir", default="runs/benchmark_cache",
                    help="demo dataset, shards and compiled programs are kept here (default: %(default)s)")
@@ -51,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         loader_workers=a.loader_workers,
         compile_cache=not a.no_compile_cache,
         progress=not a.no_progress,
+        gpu=a.gpu,
     )
     doc = run_benchmark(opts)
-    print(table(doc))
+    print(table(doc, figures(opts)))
     print()
     print(notes(doc))
     if a.json:

@@ -13,47 +13,9 @@ import argparse
 
 import numpy as np
 
-from ki_data.fast_tokenizer import FastDecodeError, FastTokenizer
-
-FAMILIES = [(50, 2), (10, 7)]
-BINS = 256
-
-
-def make_chunks(rng: np.random.Generator, n: int, horizon: int, dim: int, noise: float) -> np.ndarray:
-    t = np.linspace(0.0, 1.0, horizon)[None, :, None]
-    out = np.zeros((n, horizon, dim))
-    for _ in range(3):
-        freq = rng.uniform(0.1, 2.0, (n, 1, dim))
-        phase = rng.uniform(0.0, 2 * np.pi, (n, 1, dim))
-        out += rng.uniform(0.0, 0.33, (n, 1, dim)) * np.sin(2 * np.pi * freq * t + phase)
-    return np.clip(out + rng.normal(0.0, noise, out.shape), -1.0, 1.0)
-
-
-def binning_rms(chunks: np.ndarray) -> float:
-    """RMS error of 256 uniform bins over [-1, 1], decoded to bin centres."""
-    idx = np.clip(np.floor((chunks + 1.0) * BINS / 2.0), 0, BINS - 1)
-    return float(np.sqrt(np.mean((-1.0 + (idx + 0.5) * 2.0 / BINS - chunks) ** 2)))
-
-
-def measure(fast: FastTokenizer, chunks: np.ndarray) -> dict:
-    lengths, errors, failures = [], [], 0
-    for chunk in chunks:
-        ids = fast.encode(chunk)
-        try:
-            back = fast.decode(ids, *chunk.shape)
-        except FastDecodeError:
-            failures += 1
-            continue
-        lengths.append(len(ids))
-        errors.append(np.sqrt(np.mean((back - chunk) ** 2)))
-    return {
-        "tokens_mean": float(np.mean(lengths)),
-        "tokens_min": int(np.min(lengths)),
-        "tokens_max": int(np.max(lengths)),
-        "rms_mean": float(np.mean(errors)),
-        "rms_max": float(np.max(errors)),
-        "failures": failures,
-    }
+from ki_bench.fast_tokens import FAMILIES, KINDS, binning_rms, measure
+from ki_bench.synthetic import sinusoid_mix_chunks
+from ki_data.fast_tokenizer import FastTokenizer
 
 
 def main() -> None:
@@ -74,10 +36,10 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for horizon, dim in FAMILIES:
-        for kind, noise in (("smooth", 0.01), ("noisy", 0.2)):
+        for kind, noise in KINDS:
             rng = np.random.default_rng([args.seed, horizon, dim, int(noise * 100)])
-            train = make_chunks(rng, args.train, horizon, dim, noise)
-            held = make_chunks(rng, args.held_out, horizon, dim, noise)
+            train = sinusoid_mix_chunks(rng, args.train, horizon, dim, noise)
+            held = sinusoid_mix_chunks(rng, args.held_out, horizon, dim, noise)
             fast = FastTokenizer.fit(train, vocab_size=args.vocab_size, scale=args.scale)
             m = measure(fast, held)
             bin_tokens = horizon * dim
@@ -85,7 +47,7 @@ def main() -> None:
             print(
                 f"{f'{horizon} x {dim}':<14}{kind:<8}{fast.vocab_size:>6}{m['tokens_mean']:>16.1f}"
                 f"{span:>11}{m['rms_mean']:>10.4f}{m['rms_max']:>9.4f}"
-                f"{fast.out_of_range_count:>8}{m['failures']:>5}{bin_tokens:>8}{binning_rms(held):>9.4f}"
+                f"{m['clipped']:>8}{m['failures']:>5}{bin_tokens:>8}{binning_rms(held):>9.4f}"
                 f"{bin_tokens / m['tokens_mean']:>7.1f}"
             )
     print("ratio = binning tokens / mean FAST tokens; clipped = coefficients clipped into the fitted range;")

@@ -13,7 +13,7 @@ import sys
 
 import jax
 
-from ki_model.profiling import report_setup, time_sampling, time_train_step
+from ki_bench.model import report_setup, time_sampling, time_train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from ki_data.images import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS
 from ki_data.lerobot_source import DatasetFormatError, DatasetNotFoundError
 from ki_data.preprocess import PreprocessConfig, PreprocessError, describe_rows, run_preprocess
 from ki_data.manifest import ManifestError
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-token-len", type=int, default=200, help="tokenized prompt length, never truncated" + d)
     p.add_argument("--max-text-len", type=int, default=128, help="text prefix length" + d)
     p.add_argument("--image-size", type=int, default=224, help="images are resized with padding to this square" + d)
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default=DEFAULT_IMAGE_FORMAT,
+                   help="shard image encoding: jpeg (quality 95) or png (lossless)" + d)
     p.add_argument("--text-tokenizer", help="a SentencePiece .model (e.g. PaliGemma's); default: train one offline")
     p.add_argument("--fast-tokenizer", help="a FAST tokenizer directory; default: fit one on this dataset")
     p.add_argument("--text-vocab-size", type=int, default=1024, help="vocabulary of the offline text tokenizer" + d)
@@ -80,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         max_token_len=args.max_token_len,
         max_text_len=args.max_text_len,
         image_size=args.image_size,
+        image_format=args.image_format,
         text_tokenizer=args.text_tokenizer,
         fast_tokenizer=args.fast_tokenizer,
         text_vocab_size=args.text_vocab_size,

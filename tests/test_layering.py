@@ -51,3 +51,12 @@ def test_the_data_package_imports_no_video_or_model_stack():
     loaded = _loaded_after("import ki_data")
     assert "ki_data.prompt" in loaded
     assert not {"av", "torch", "lerobot", "jax", "grain", "ki_model"} & loaded
+
+
+def test_nothing_below_the_benchmark_imports_it():
+    # ki_bench measures ki_data and ki_model; they never reach up into it (nor into the command-line pipelines).
+    offenders = {
+        str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p) if m.split(".")[0] in ("ki_bench", "pipelines"))
+        for pkg in ("ki_data", "ki_model") for p in sorted((REPO / pkg).rglob("*.py"))
+    }
+    assert not {k: v for k, v in offenders.items() if v}

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ki_bench.loader import measure_throughput
 from ki_data.augment import AugmentConfig, augment_image, is_wrist_camera
 from ki_data.images import decode_image
 from ki_data.loader import (
@@ -19,7 +20,6 @@ from ki_data.loader import (
     ShardLoader,
     ShardReadError,
     block_shuffle_order,
-    measure_throughput,
 )
 from ki_data.manifest import Manifest
 from ki_data.schema import read_rows

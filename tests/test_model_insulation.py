@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from ki_model import Pi05KIConfig, param_group, reference
-from ki_model.synthetic import perturb_params, synthetic_batch, synthetic_tokenizers
+from ki_bench.synthetic import perturb_params, synthetic_batch, synthetic_tokenizers
 
 H, D = 4, 3
 

@@ -20,7 +20,7 @@ import pytest
 from ki_data import schema
 from ki_data.artifacts import DataArtifacts
 from ki_data.fast_tokenizer import FastTokenizer, dct_coefficients
-from ki_data.images import decode_image, resize_with_pad
+from ki_data.images import decode_image, encode_image, resize_with_pad
 from ki_data.manifest import Manifest
 from ki_data.normalize import load_norm_stats, normalize, unnormalize
 from ki_data.prompt import prefix_text
@@ -141,6 +141,7 @@ def test_state_is_normalized_with_the_saved_quantile_stats(rich, rich_out):
 def test_images_are_lerobots_frames_resized_with_padding(rich, rich_out):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+    assert rich_out.manifest.image_format == "jpeg"  # the default; its encoder is deterministic, so exact below
     ds = LeRobotDataset(rich.repo_id, video_backend="pyav", return_uint8=True)
     rows = _all_rows(rich_out.out_dir)
     for r in range(0, len(rows["index"]), 4):
@@ -148,7 +149,8 @@ def test_images_are_lerobots_frames_resized_with_padding(rich, rich_out):
         for key, cam in (("observation.images.wrist_left", "wrist_left"),
                          ("observation.images.Overhead_Cam", "Overhead_Cam")):
             frame = item[key].numpy().transpose(1, 2, 0)
-            np.testing.assert_array_equal(decode_image(rows[f"image.{cam}"][r]), resize_with_pad(frame, 32))
+            expected = decode_image(encode_image(resize_with_pad(frame, 32), "jpeg"))
+            np.testing.assert_array_equal(decode_image(rows[f"image.{cam}"][r]), expected)
 
 
 def test_prompts_prefix_masks_and_fast_postfix(rich_out):
@@ -292,8 +294,8 @@ def test_fast_fit_sample_keeps_every_coefficient_extreme():
 def test_image_storage_dataset_keeps_pixels_exactly(make_lerobot_dataset, tmp_path):
     made = make_lerobot_dataset("tests/png_frames", lengths=(5, 4), storage="image",
                                 cameras={"observation.image": (30, 40)}, state_dim=4, action_dim=4)
-    result = run_preprocess(PreprocessConfig(made.repo_id, output=str(tmp_path / "o"), **OPTIONS))
-    assert result.manifest.cameras == ("image",)
+    result = run_preprocess(PreprocessConfig(made.repo_id, output=str(tmp_path / "o"), image_format="png", **OPTIONS))
+    assert result.manifest.cameras == ("image",) and result.manifest.image_format == "png"
     rows = _all_rows(result.out_dir)
     for r in range(len(rows["index"])):
         e, t = int(rows["episode_index"][r]), int(rows["frame_index"][r])

@@ -1,5 +1,5 @@
-"""Synthetic but real-format batches for tests, demos and timing: ki_data's tokenizers and prompt builder on smooth
-random action chunks, random images, any cameras."""
+"""Synthetic data for tests, reports and timing: real-format batches (ki_data's tokenizers and prompt builder on smooth
+random action chunks, random images, any cameras) and action-chunk families for the FAST report."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def smooth_chunks(rng: np.random.Generator, n: int, horizon: int, dim: int) -> F
     phase = rng.uniform(0, 2 * np.pi, (n, 1, dim))
     amp = rng.uniform(0.3, 0.9, (n, 1, dim))
     return (amp * np.sin(2 * np.pi * freq * t + phase)).astype(np.float32)
+
+
+def sinusoid_mix_chunks(
+    rng: np.random.Generator, n: int, horizon: int, dim: int, noise: float
+) -> Float[np.ndarray, "n h d"]:
+    """Chunks in [-1, 1]: a sum of three random low-frequency sinusoids per dimension plus Gaussian `noise`."""
+    t = np.linspace(0.0, 1.0, horizon)[None, :, None]
+    out = np.zeros((n, horizon, dim))
+    for _ in range(3):
+        freq = rng.uniform(0.1, 2.0, (n, 1, dim))
+        phase = rng.uniform(0.0, 2 * np.pi, (n, 1, dim))
+        out += rng.uniform(0.0, 0.33, (n, 1, dim)) * np.sin(2 * np.pi * freq * t + phase)
+    return np.clip(out + rng.normal(0.0, noise, out.shape), -1.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +72,7 @@ class SyntheticBatch:
     action_is_pad: Bool[Array, "b h"]
 
 
-def synthetic_batch(
+def synthetic_columns(
     config,  # Pi05KIConfig (not imported: keeps this module importable from the config's users)
     tokenizers: SyntheticTokenizers,
     batch_size: int,
@@ -69,9 +82,10 @@ def synthetic_batch(
     state_dim: int = 2,
     masked_cameras: dict[str, Sequence[bool]] | None = None,
     pad_steps: Sequence[int] | None = None,
-) -> SyntheticBatch:
-    """A batch in shard format through `Observation.from_batch`; `pad_steps[r]` trailing steps of row r are padding
-    (the last real action repeated, as preprocessing does), `masked_cameras[cam][r]` False masks a camera."""
+) -> dict[str, np.ndarray]:
+    """A host batch in the loader's format (decoded shard columns, `actions` [b, h, d], `action_is_pad`);
+    `pad_steps[r]` trailing steps of row r are padding (the last real action repeated, as preprocessing does),
+    `masked_cameras[cam][r]` False masks a camera."""
     rng = np.random.default_rng(seed)
     h, d, s = config.action_horizon, config.action_dim, config.image_size
     actions = smooth_chunks(rng, batch_size, h, d)
@@ -91,7 +105,15 @@ def synthetic_batch(
         mask = (masked_cameras or {}).get(cam)
         columns[f"image_mask.{cam}"] = np.ones(batch_size, bool) if mask is None else np.asarray(mask, bool)
     columns["state"] = rng.uniform(-1, 1, (batch_size, state_dim)).astype(np.float32)
-    return SyntheticBatch(Observation.from_batch(columns), jnp.asarray(actions), jnp.asarray(is_pad))
+    columns["actions"], columns["action_is_pad"] = actions, is_pad
+    return columns
+
+
+def synthetic_batch(config, tokenizers: SyntheticTokenizers, batch_size: int, **kw) -> SyntheticBatch:
+    """`synthetic_columns` as model inputs (`Observation.from_batch`), same arguments."""
+    columns = synthetic_columns(config, tokenizers, batch_size, **kw)
+    return SyntheticBatch(Observation.from_batch(columns), jnp.asarray(columns["actions"]),
+                          jnp.asarray(columns["action_is_pad"]))
 
 
 def perturb_params(model: nnx.Module, seed: int, scale: float = 0.05) -> None:

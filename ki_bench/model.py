@@ -1,0 +1,307 @@
+"""The model's figures: train step of the single pass vs the two-pass reference, `sample_actions` vs
+`sample_fast_tokens` latency, cached vs uncached sampling, the trainer's step throughput and XLA FLOP counts.
+
+Each pair runs in one process on the same model and batch, interleaved after compilation (ki_bench.timing); medians
+over the repeats. Batches are synthetic but in shard format (ki_bench.synthetic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from ki_bench.synthetic import SyntheticTokenizers, synthetic_batch, synthetic_tokenizers
+from ki_bench.timing import interleaved_medians
+from ki_model import reference
+from ki_model.config import Pi05KIConfig
+from ki_model.decoding import FastDecodeSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSetup:
+    config: Pi05KIConfig
+    tokenizers: SyntheticTokenizers
+    cameras: tuple[str, ...] = ("top", "wrist")
+    state_dim: int = 7
+
+
+def report_setup(
+    preset: str = "small", *, action_horizon: int = 10, action_dim: int = 7, **overrides: Any
+) -> ReportSetup:
+    """A config (preset 'small': width 256, depth 4, 224-pixel images; or 'tiny') with ki_data tokenizers."""
+    toks = synthetic_tokenizers(action_horizon, action_dim)
+    kw = dict(max_token_len=160, max_text_len=64) | overrides
+    cfg = Pi05KIConfig.preset(preset, action_horizon=action_horizon, action_dim=action_dim, vocab_size=toks.vocab_size,
+                              **kw)
+    return ReportSetup(cfg, toks)
+
+
+def _batch(setup: ReportSetup, batch_size: int, seed: int):
+    return synthetic_batch(
+        setup.config, setup.tokenizers, batch_size, seed=seed, cameras=setup.cameras, state_dim=setup.state_dim
+    )
+
+
+def time_train_step(setup: ReportSetup, *, batch_size: int = 2, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Wall time of one jitted AdamW train step (forward + backward + update) for both loss computations."""
+    cfg = setup.config
+    batch = _batch(setup, batch_size, seed)
+    model = cfg.create(nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+    def make_step(two_pass: bool):
+        @nnx.jit
+        def step(model, optimizer, rng):
+            def loss_fn(m):
+                fn = functools.partial(reference.compute_loss_two_pass, m) if two_pass else m.compute_loss
+                return fn(rng, batch.obs, batch.actions, batch.action_is_pad)["total"]
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        return lambda: step(model, optimizer, jax.random.key(0))
+
+    med, comp = interleaved_medians(
+        {"single_pass": make_step(False), "two_pass": make_step(True)}, repeats, desc="train steps"
+    )
+    return {
+        "batch_size": batch_size,
+        "sequence_tokens": cfg.tokens_per_image * len(setup.cameras) + cfg.max_token_len + cfg.action_horizon,
+        "single_pass_step_s": med["single_pass"],
+        "two_pass_step_s": med["two_pass"],
+        "two_pass_over_single": med["two_pass"] / med["single_pass"],
+        "compile_s": comp,
+        "repeats": repeats,
+    }
+
+
+def time_sampling(
+    setup: ReportSetup, *, batch_size: int = 1, repeats: int = 5, num_steps: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Latency of `sample_actions` (flow, cached prefix) vs `sample_fast_tokens` (constrained greedy) per call."""
+    cfg = setup.config
+    batch = _batch(setup, batch_size, seed)
+    model = cfg.create(nnx.Rngs(seed))
+    toks = setup.tokenizers
+    spec = FastDecodeSpec.from_grammar(toks.builder(cfg).grammar(), cfg.action_horizon, cfg.action_dim)
+    steps = num_steps or cfg.num_flow_steps
+    sample = nnx.jit(lambda m, rng, obs: m.sample_actions(rng, obs, num_steps=steps))
+    decode = nnx.jit(lambda m, rng, obs: m.sample_fast_tokens(rng, obs, spec.max_decode_steps, spec=spec))
+    rng = jax.random.key(1)
+    med, comp = interleaved_medians(
+        {
+            "sample_actions": lambda: sample(model, rng, batch.obs),
+            "sample_fast_tokens": lambda: decode(model, rng, batch.obs),
+        },
+        repeats,
+        desc="sampling",
+    )
+    res = decode(model, rng, batch.obs)
+    return {
+        "batch_size": batch_size,
+        "flow_steps": steps,
+        "sample_actions_s": med["sample_actions"],
+        "sample_fast_tokens_s": med["sample_fast_tokens"],
+        "fast_over_flow": med["sample_fast_tokens"] / med["sample_actions"],
+        "fast_tokens_decoded": [int(n) for n in res.num_tokens],
+        "fast_valid": [bool(v) for v in res.valid],
+        "compile_s": comp,
+        "repeats": repeats,
+    }
+
+
+def measure_step_throughput(
+    shards: str | Path, *, config: str = "tiny", batch_size: int = 32, steps: int = 10, fsdp_devices: int = 1, seed: int = 0
+) -> dict[str, float]:
+    """Samples/s the trainer's jitted step consumes (compile excluded), on one fixed batch from the shards."""
+    from ki_data.loader import LoaderConfig, ShardLoader
+    from ki_data.manifest import Manifest
+    from ki_model import train as T
+
+    model_cfg = T.model_config(config, Manifest.load(shards))
+    with ShardLoader(shards, "train", LoaderConfig(batch_size=batch_size, seed=seed), process_index=0, process_count=1) as ld:
+        batch = next(ld)
+    return step_throughput(model_cfg, config, batch, steps=steps, fsdp_devices=fsdp_devices, seed=seed)
+
+
+def step_throughput(
+    model_cfg: Pi05KIConfig, preset: str, batch: dict, *, steps: int, fsdp_devices: int = 1, seed: int = 0
+) -> dict[str, float]:
+    """Samples/s of the trainer's own jitted step (model, optimizer of `preset`, no EMA) on one fixed host batch."""
+    from ki_model import train as T
+    from ki_model.optimizer import OptimizerConfig, make_optimizer
+    from ki_model.sharding import make_mesh
+
+    opt_cfg = OptimizerConfig.for_preset(preset)
+    mesh = make_mesh(fsdp_devices)
+    state, shardings, graphdef = T.init_train_state(model_cfg, make_optimizer(opt_cfg), mesh, seed=seed, ema=False)
+    obs, actions, pad = T.device_batch(batch, mesh)
+    batch_size = len(batch["actions"])
+    step_fn = T.make_train_step(graphdef, opt_cfg, shardings, mesh, seed=seed, ema_decay=None)
+    state, m = step_fn(state, obs, actions, pad)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step_fn(state, obs, actions, pad)
+    jax.block_until_ready(m)
+    dt = time.perf_counter() - t0
+    return {"batch_size": batch_size, "steps": steps, "seconds": dt, "steps_per_s": steps / dt, "samples_per_s": steps * batch_size / dt}
+
+
+def shards_setup(shards: str | Path, preset: str) -> ReportSetup:
+    """A ReportSetup with a shard directory's config (preset architecture, manifest data fields) and its tokenizers,
+    cameras and state size: synthetic batches in exactly those shards' format."""
+    from ki_data import DataArtifacts
+    from ki_model.train import model_config
+
+    art = DataArtifacts.open(shards)
+    toks = SyntheticTokenizers(art.prompt.text, art.prompt.fast, art.manifest.prompt_layout)
+    return ReportSetup(model_config(preset, art.manifest), toks, art.manifest.cameras, art.manifest.state_dim)
+
+
+def time_prefix_and_cache(setup: ReportSetup, *, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """`sample_actions` with the KV cache vs recomputing [prefix | actions] every flow step (use_cache=False), and
+    the prefix pass alone (what every sampler pays once), interleaved after compilation; batch 1."""
+    cfg = setup.config
+    batch = _batch(setup, 1, seed)
+    model = cfg.create(nnx.Rngs(seed))
+    steps = cfg.num_flow_steps
+    cached = nnx.jit(lambda m, rng, obs: m.sample_actions(rng, obs, num_steps=steps))
+    noise = jax.random.normal(jax.random.key(1), (1, cfg.action_horizon, cfg.action_dim))
+    uncached = nnx.jit(lambda m, rng, obs: reference.sample_actions_no_cache(m, obs, noise, steps))
+    prefix = nnx.jit(lambda m, obs: m.prefix_cache(obs))
+    rng = jax.random.key(1)
+    med, first = interleaved_medians(
+        {
+            "cached": lambda: cached(model, rng, batch.obs),
+            "uncached": lambda: uncached(model, rng, batch.obs),
+            "prefix": lambda: prefix(model, batch.obs),
+        },
+        repeats,
+    )
+    return {
+        "flow_steps": steps,
+        "cached_s": med["cached"],
+        "uncached_s": med["uncached"],
+        "prefix_s": med["prefix"],
+        "uncached_over_cached": med["uncached"] / med["cached"],
+        "compile_s": first,
+        "repeats": repeats,
+    }
+
+
+def train_step_flops(setup: ReportSetup, *, batch_size: int, seed: int = 0) -> dict[str, float]:
+    """XLA's FLOP count of loss + gradient (cost analysis of the lowered program, abstract weights: nothing is
+    allocated or compiled), single pass vs the two-pass reference on the same batch. The reference's second backbone
+    pass feeds a stop-gradient cache, so it adds one forward and no backward: the count says how far apart the two
+    steps can be at this config, whatever the hardware."""
+    from ki_model.train import abstract_model
+
+    batch = _batch(setup, batch_size, seed)
+    graphdef, params = abstract_model(setup.config)
+    rng = jax.random.key(seed)
+
+    def flops(two_pass: bool) -> float:
+        def loss(p):
+            model = nnx.merge(graphdef, p)
+            fn = functools.partial(reference.compute_loss_two_pass, model) if two_pass else model.compute_loss
+            return fn(rng, batch.obs, batch.actions, batch.action_is_pad)["total"]
+
+        cost = jax.jit(jax.grad(loss)).lower(params).cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    single, two = flops(False), flops(True)
+    return {"batch_size": batch_size, "single_pass_gflop": single / 1e9, "two_pass_gflop": two / 1e9,
+            "two_pass_over_single_pass_flops": two / single}
+
+
+# ------------------------------------------------------------------------------------------------ benchmark phases
+# Each runs in its own process (ki_bench.timing.run_isolated) and returns a JSON-able dict.
+
+
+def use_compile_cache(compile_cache: str | None) -> None:
+    if compile_cache:
+        from ki_model.compile import enable_compilation_cache
+
+        enable_compilation_cache(compile_cache, min_compile_time_s=0.0)
+
+
+def _device() -> dict[str, str]:
+    return {"jax_backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+
+
+def train_phase(shards: str, preset: str, batch_size: int, steps: int, compile_cache: str | None) -> dict:
+    """measure_step_throughput: the trainer's jitted step, compiled, on a batch from the shards. This process's peak
+    memory is that of training at this config (model, optimizer, compiled step, a batch)."""
+    use_compile_cache(compile_cache)
+    out = measure_step_throughput(shards, config=preset, batch_size=batch_size, steps=steps)
+    return out | {"step_s": out["seconds"] / out["steps"]} | _device()
+
+
+def flops_phase(shards: str, preset: str, batch_size: int) -> dict:
+    """train_step_flops at another preset (e.g. pi05: full size, abstract weights) on the shards' data fields."""
+    return {"preset": preset} | train_step_flops(shards_setup(shards, preset), batch_size=batch_size)
+
+
+def model_phase(shards: str, preset: str, batch_size: int, repeats: int, compile_cache: str | None) -> dict:
+    """At the shards' config: single vs two-pass train step on one batch, sample_actions vs sample_fast_tokens; then
+    cached vs uncached sampling and the prefix pass; the FLOP counts."""
+    use_compile_cache(compile_cache)
+    setup = shards_setup(shards, preset)
+    cfg = setup.config
+    return {
+        "preset": preset,
+        "config": {k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)},
+        "image_tokens": cfg.tokens_per_image * len(setup.cameras),
+        "train_step": time_train_step(setup, batch_size=batch_size, repeats=repeats),
+        "sampling": time_sampling(setup, batch_size=1, repeats=repeats),
+        "cache": time_prefix_and_cache(setup, repeats=repeats),
+        "flops": train_step_flops(setup, batch_size=batch_size),
+    } | _device()
+
+
+def time_flow_cost(setup: ReportSetup, *, batch_size: int, repeats: int, k: int = 4, seed: int = 0) -> dict[str, Any]:
+    """What KI and extra flow samples cost per train step (AdamW, same batch), interleaved after compilation: the KI
+    step, the flow-only step of the same model (`fast_loss_weight=0`: FAST tokens not fed, no FAST loss) and the KI
+    step with `k` flow samples sharing one backbone pass."""
+    base = setup.config
+    batch = _batch(setup, batch_size, seed)
+    variants = {"ki": base, "flow_only": dataclasses.replace(base, fast_loss_weight=0.0),
+                f"ki_k{k}": dataclasses.replace(base, flow_samples=k)}
+
+    def make_step(cfg: Pi05KIConfig):
+        model = cfg.create(nnx.Rngs(seed))
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, rng):
+            def loss_fn(m):
+                return m.compute_loss(rng, batch.obs, batch.actions, batch.action_is_pad)["total"]
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        return lambda: step(model, optimizer, jax.random.key(0))
+
+    med, comp = interleaved_medians({name: make_step(cfg) for name, cfg in variants.items()}, repeats,
+                                    desc="KI cost")
+    return {
+        "batch_size": batch_size, "k": k, "repeats": repeats, "compile_s": comp,
+        "ki_step_s": med["ki"], "flow_only_step_s": med["flow_only"], f"ki_k{k}_step_s": med[f"ki_k{k}"],
+        "extra_flow_sample_cost": (med[f"ki_k{k}"] / med["ki"] - 1.0) / (k - 1),
+    }
+
+
+def flow_cost_phase(preset: str, batch_size: int, repeats: int, compile_cache: str | None) -> dict:
+    """time_flow_cost at `preset` (small: width 256, depth 4, two 224-pixel cameras), synthetic batches."""
+    use_compile_cache(compile_cache)
+    return {"preset": preset} | time_flow_cost(report_setup(preset), batch_size=batch_size, repeats=repeats) | _device()

@@ -1,0 +1,148 @@
+"""The benchmark's outputs from the figure records: the JSON document, the table and the notes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ki_bench.figures import Figure, Raw, directions, targets
+
+# The JSON's keys that are not figures; every other top-level key is a figure (a number).
+META_KEYS = ("targets", "directions", "met", "not_measured", "machine", "settings", "raw", "wall_s", "mode")
+
+
+def document(raw: Raw, figures: list[Figure]) -> dict[str, Any]:
+    """The JSON's figures (key -> value), their targets and directions, whether each measured one is met, and the
+    figures not measured (key -> why)."""
+    measured = [f for f in figures if f.needs is None]
+    doc: dict[str, Any] = {f.key: f.value(raw) for f in measured}
+    doc["targets"] = targets(figures)
+    doc["directions"] = directions(figures)
+    doc["met"] = {f.key: f.met(doc[f.key]) for f in measured if f.target is not None}
+    doc["not_measured"] = {f.key: f.needs for f in figures if f.needs is not None}
+    return doc
+
+
+def table(doc: dict[str, Any], figures: list[Figure]) -> str:
+    """One line per figure: the two measurements (a, b), a / b, the target and whether it is met; then the peak
+    memories."""
+    raw = doc["raw"]
+    ratios = [f for f in figures if f.section == "ratios"]
+    w = max(len(f.key) for f in figures) + 2
+    lines = [f"{'figure':<{w}}{'a':<36}{'b':<44}{'a / b':>8}  {'target':<8}met"]
+    if not any(f.section == "memory" for f in figures):  # the GPU mode: values, no memory section
+        lines[0] = f"{'figure':<{w}}{'a':<36}{'b':<44}{'value':>8}  {'target':<8}met"
+    for f in ratios:
+        tgt = "-" if f.target is None else f"{f.direction} {f.target:g}"
+        if f.needs is not None:
+            lines.append(f"{f.key:<{w}}{'not measured (' + f.needs + ')':<80}{'':>8}  {tgt:<8}-")
+            continue
+        b = f.context if f.b is None else f"{f.b.text(raw)} {f.context}".strip()
+        met = f.met(doc[f.key])
+        mark = "-" if met is None else ("yes" if met else "no")
+        lines.append(f"{f.key:<{w}}{f.a.text(raw):<36}{b:<44}{doc[f.key]:>8.2f}  {tgt:<8}{mark}")
+    lines.append("")
+    for f in figures:
+        if f.section == "memory":
+            lines.append(f"{f.key:<{w}}{f.a.label:<36}{doc[f.key]:>8.0f} MB peak RSS")
+    return "\n".join(lines)
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.1f} ms"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%"
+
+
+def notes(doc: dict[str, Any]) -> str:
+    """How each figure was measured, and the split of each cost that says what bounds the ratio."""
+    raw, s, m = doc["raw"], doc["settings"], doc["machine"]
+    lines = [
+        f"machine: {m['cpus_usable']} CPUs, jax {m['jax_backend']} ({m['device']}), load average "
+        f"{m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f}; mode {s['mode']}, {doc['wall_s']:.0f} s",
+    ]
+    if "gpu" in raw:
+        g = raw["gpu"]
+        sa, tr = g["sampling"], g["train"]
+        return "\n".join(lines + [
+            f"GPU mode: preset {g['preset']}, cameras {g['cameras']}, random weights; sampling batch 1, medians of "
+            f"{sa['repeats']} after compilation: sample_actions ({sa['flow_steps']} flow steps) "
+            f"{sa['sample_actions_s'] * 1e3:.1f} ms, sample_fast_tokens {sa['sample_fast_tokens_s'] * 1e3:.1f} ms "
+            f"({max(sa['fast_tokens_decoded'])} tokens); train step batch {tr['batch_size']} x {tr['steps']} steps: "
+            f"{tr['samples_per_s']:.1f} samples/s on one {g['device']} ({g['device_count']} visible)",
+        ])
+    for name, pre_key, loop_key in (("ALOHA-like", "preprocess", "lerobot_loop"),
+                                    ("pusht", "preprocess_pusht", "lerobot_loop_pusht")):
+        pre, loop = raw[pre_key], raw[loop_key]
+        img, frames = pre["image_cost_ms"], pre["frames"]
+        cams = pre["cameras"]
+        per_frame = pre["preprocess_cpu_s"] * 1e3 / frames
+        decode = pre["decode_only_cpu_s"] * 1e3 / frames
+        image = cams * (img["resize_ms"] + img[f"{pre['image_format']}_encode_ms"])
+        pass1 = pre["pass1_s"] * 1e3 / frames
+        lines += [
+            f"{name}: {s['datasets'][pre_key]}, {frames} frames x {cams} cameras {img['source_shape'][:2]} -> "
+            f"{pre['image_size']} px {pre['image_format'].upper()}, horizon {pre['action_horizon']}; one core each "
+            f"(CPU seconds; lerobot import {pre['import_s']:.1f} s off the clock)",
+            f"  preprocess {per_frame:.2f} CPU-ms/frame = video decode {decode:.2f} ({_pct(decode, per_frame)}) + "
+            f"resize and encode {image:.2f} ({_pct(image, per_frame)}) + pass 1 {pass1:.2f} + the rest "
+            f"{per_frame - decode - image - pass1:.2f} (tokens, parquet); median of {len(pre['preprocess_s_all'])}",
+            f"  LeRobotDataset[i] loop: {1e3 / loop['fps_cpu']:.2f} CPU-ms/item ({loop['backend']}, {loop['frames']} "
+            f"items, a {pre['action_horizon']}-step action chunk each; construction {loop['open_seconds']:.1f} s not "
+            f"counted): it decodes every item's frames from the last keyframe, preprocessing decodes each frame once",
+            f"  per camera-frame: resize {img['resize_ms']:.2f} ms (PIL {img['resize_pil_ms']:.2f}; largest pixel "
+            f"difference {img['resize_max_abs_diff']}, mean {img['resize_mean_abs_diff']:.2f}); JPEG encode "
+            f"{img['jpeg_encode_ms']:.2f} / decode {img['jpeg_decode_ms']:.2f} ms, {img['jpeg_kb']:.1f} kB; PNG encode "
+            f"{img['png_encode_ms']:.2f} / decode {img['png_decode_ms']:.2f} ms, {img['png_kb']:.1f} kB",
+        ]
+    w = raw["workers"]
+    cd = w["camera_decode"]
+    lines.append(
+        f"workers (ALOHA-like, wall, all cores): 1 worker {w['workers_1_s']:.1f} s, 2 workers {w['workers_2_s']:.1f} s "
+        f"over {w['shards']} shards (a worker takes whole shards); decoding alone uses {w['decode_cpu_over_wall']:.2f} "
+        f"CPU-s per wall-s; cameras of an episode decoded in parallel threads {cd['parallel_s']:.2f} s vs in turn "
+        f"{cd['sequential_s']:.2f} s")
+    cl = raw["core_loader"]
+    ours, theirs = cl["ours"], cl["lerobot"]
+    lines.append(
+        f"loaders, one core each, {cl['cameras']} cameras at {cl['image_size']} px, augmentation on: ours "
+        f"{1e3 / ours['samples_per_cpu_s']:.2f} CPU-ms/sample ({cl['image_format'].upper()} decode + augment), "
+        f"LeRobotDataset + DataLoader {1e3 / theirs['samples_per_cpu_s']:.2f} CPU-ms/sample (video decode at the "
+        f"source resolution + resize + the same augmentation)")
+    mem = raw["memory"]
+    lines.append(
+        f"XLA memory at {mem['preset']} (batch {mem['batch_size']}, {len(mem['cameras'])} cameras, remat "
+        f"{mem['remat']}, {mem['dtype']}, vocabulary {mem['vocab_size']}): KI loss + grad temporaries "
+        f"{mem['train_step']['temp_gib']:.2f} GiB (arguments {mem['train_step']['argument_gib']:.2f}, outputs "
+        f"{mem['train_step']['output_gib']:.2f}); FAST loss part {mem['fast_ce']['temp_gib']:.2f} GiB")
+    for key, why in doc["not_measured"].items():
+        lines.append(f"{key}: not measured ({why})")
+    loader = raw["loader"]
+    lines.append(f"pusht loader: {loader['num_batches']} batches of {loader['batch_size']} after warm-up, "
+                 f"{loader['num_workers']} worker processes, image decode + augmentation")
+    for z in s["sizes"]:
+        t = raw[f"train_{z['label']}"]
+        lines.append(f"train step {z['label']}: preset {z['preset']}, batch {z['train_batch']}, {t['steps']} timed steps "
+                     f"after compilation: {t['step_s']:.2f} s/step")
+    for label in s["model_sizes"]:
+        mm = raw[f"model_{label}"]
+        c, ts, sa, ca, fl = mm["config"], mm["train_step"], mm["sampling"], mm["cache"], mm["flops"]
+        k = max(sa["fast_tokens_decoded"])
+        lines += [
+            f"model {label}: {c['backbone_variant']} + {c['expert_variant']} + {c['vision_variant']}, "
+            f"{mm['image_tokens']} image tokens, max_token_len {c['max_token_len']}, horizon {c['action_horizon']} x "
+            f"dim {c['action_dim']}; train batch {ts['batch_size']}, sampling batch {sa['batch_size']}; medians of "
+            f"{ts['repeats']} after compilation",
+            f"  train step FLOPs (XLA count, loss + gradient): two-pass / single = "
+            f"{fl['two_pass_over_single_pass_flops']:.2f} (the reference's second pass is forward-only)",
+            f"  sampling: prefix pass alone {_ms(ca['prefix_s'])}; sample_actions = prefix + {sa['flow_steps']} flow "
+            f"steps ({(sa['sample_actions_s'] - ca['prefix_s']) * 1e3 / sa['flow_steps']:.1f} ms each); "
+            f"sample_fast_tokens = prefix + {k} tokens ({(sa['sample_fast_tokens_s'] - ca['prefix_s']) * 1e3 / k:.1f} "
+            f"ms each)",
+        ]
+    for preset in s["flops_presets"]:
+        fl = raw[f"flops_{preset}"]
+        lines.append(f"FLOPs at {preset} (batch {fl['batch_size']}): two-pass / single = "
+                     f"{fl['two_pass_over_single_pass_flops']:.2f}")
+    return "\n".join(lines)

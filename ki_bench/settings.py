@@ -1,0 +1,98 @@
+"""What a benchmark run measures and how much: the modes (full, quick, smoke) and the model sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ki_bench.datasets import AlohaLikeConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    label: str  # suffix of the per-config figure keys ("tiny", "mid")
+    preset: str  # a ki_model.config.PRESETS name; the data-dependent fields come from the shards' manifest
+    train_batch: int
+    train_steps: int  # timed steps after the compiling one
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    mode: str
+    episodes: int  # demo dataset size (gym-pusht, scripted policy)
+    max_steps: int  # episode length cap
+    preprocess_options: dict[str, int]  # PreprocessConfig fields; {} = the demo's defaults (224 px, horizon 50)
+    preprocess_repeats: int
+    loop_frames: int | None  # frames of the LeRobotDataset loop (None: all, the frames preprocess reads)
+    loader_batch: int
+    loader_batches: int
+    sizes: tuple[ModelSize, ...]  # loader vs train step and training memory, per config
+    model_sizes: tuple[str, ...]  # labels of `sizes` for the two-pass and sampling comparisons
+    model_batch: int  # train-step batch of the two-pass comparison (sampling uses batch 1)
+    repeats: int  # timed repeats of the model comparisons (median)
+    headline: str = "mid"  # label whose model figures fill the unsuffixed keys
+    flops_presets: tuple[str, ...] = ()  # more presets whose train-step FLOPs are counted (no weights, no compile)
+    fast_compile: bool = False  # XLA backend optimisation off (CPU): compiles faster, runs slower; tests only
+    # The ALOHA-like dataset (ki_bench.datasets) and what is measured on it.
+    aloha: AlohaLikeConfig = AlohaLikeConfig()
+    # PreprocessConfig fields: 224 px, horizon 50, room for 14 state values and a 50 x 14 FAST chunk
+    aloha_options: dict[str, int] = dataclasses.field(default_factory=lambda: {"max_token_len": 320})
+    aloha_loop_frames: int | None = None
+    core_loader_batch: int = 8  # our loader vs LeRobotDataset + DataLoader, one core each
+    core_loader_batches: int = 16  # of ours; the LeRobot loader runs a quarter of them
+    flow_cost_preset: str = "small"  # KI vs flow-only and K flow samples, two 224-pixel cameras
+    flow_cost_batch: int = 4
+    memory_preset: str = "pi05"  # XLA memory analysis (abstract weights: no allocation)
+    memory_batch: int = 32
+    # GPU mode: π0.5-size figures on the accelerator
+    gpu_preset: str = "pi05"
+    gpu_train_batch: int = 32
+    gpu_train_steps: int = 10
+    gpu_repeats: int = 10
+    gpu_action_horizon: int = 50
+    gpu_action_dim: int = 14
+
+    def size(self, label: str) -> ModelSize:
+        return next(s for s in self.sizes if s.label == label)
+
+    @property
+    def base_size(self) -> str:
+        """The size whose loader/training figures fill the unsuffixed keys."""
+        return self.sizes[0].label
+
+    @property
+    def headline_model(self) -> str:
+        """The size whose model timings fill the unsuffixed keys."""
+        return self.headline if self.headline in self.model_sizes else self.model_sizes[0]
+
+
+_TINY_SHARDS = {"image_size": 32, "action_horizon": 10, "max_token_len": 64, "max_text_len": 32}
+
+SETTINGS: dict[str, BenchSettings] = {
+    # tiny = the demo's training (tiny preset, batch 16, on the demo shards); mid = width 256, depth 4 on 224 px.
+    "full": BenchSettings(
+        mode="full", episodes=20, max_steps=150, preprocess_options={}, preprocess_repeats=3, loop_frames=None,
+        loader_batch=16, loader_batches=30,
+        sizes=(ModelSize("tiny", "tiny", 16, 10), ModelSize("mid", "small", 8, 5)),
+        model_sizes=("tiny", "mid"), model_batch=4, repeats=5, flops_presets=("pi05",),
+        aloha=AlohaLikeConfig(episodes=4, frames=300),
+    ),
+    "quick": BenchSettings(
+        mode="quick", episodes=4, max_steps=150, preprocess_options={}, preprocess_repeats=2, loop_frames=None,
+        loader_batch=16, loader_batches=12,
+        sizes=(ModelSize("tiny", "tiny", 16, 5), ModelSize("mid", "small", 4, 3)),
+        model_sizes=("mid",), model_batch=2, repeats=3,
+        aloha=AlohaLikeConfig(episodes=2, frames=250), aloha_loop_frames=250, core_loader_batches=8,
+    ),
+    # Tests only: everything shrunk (32 px shards, the tiny preset alone, quick compiles); its numbers mean nothing.
+    "smoke": BenchSettings(
+        mode="smoke", episodes=2, max_steps=12, preprocess_options=_TINY_SHARDS, preprocess_repeats=1,
+        loop_frames=None, loader_batch=4, loader_batches=3, sizes=(ModelSize("tiny", "tiny", 4, 1),),
+        model_sizes=("tiny",), model_batch=2, repeats=1, fast_compile=True,
+        aloha=AlohaLikeConfig(episodes=2, frames=12, height=48, width=64),
+        aloha_options=_TINY_SHARDS | {"max_token_len": 160, "max_text_len": 96},
+        core_loader_batch=4, core_loader_batches=4, memory_preset="tiny", memory_batch=2,
+        flow_cost_preset="tiny", flow_cost_batch=2,
+        gpu_preset="tiny", gpu_train_batch=2, gpu_train_steps=1, gpu_repeats=1, gpu_action_horizon=10,
+        gpu_action_dim=7,
+    ),
+}
