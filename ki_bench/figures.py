@@ -66,17 +66,6 @@ def _peak(label: str, phase: str) -> Quantity:
     return Quantity(label, "MB", lambda r: r[phase]["peak_rss_mb"])
 
 
-def needs_flow_api() -> str | None:
-    """Why the KI-cost figures cannot be measured yet, or None once ki_model has K flow samples and flow-only."""
-    import dataclasses as dc
-
-    from ki_model.config import Pi05KIConfig
-
-    if "flow_samples" in {f.name for f in dc.fields(Pi05KIConfig)}:  # with fast_loss_weight=0 as flow-only
-        return None
-    return "needs ki_model flow_samples/flow-only"
-
-
 def _preprocess_figures(phase: str, loop: str, suffix: str, targets: bool) -> list[Figure]:
     q = lambda k: lambda r: r[phase][k]  # noqa: E731
     return [
@@ -93,7 +82,6 @@ def _preprocess_figures(phase: str, loop: str, suffix: str, targets: bool) -> li
 def figures_for(s: BenchSettings) -> list[Figure]:
     """Every figure of a CPU run with settings `s`, in table order (`gpu_figures` for the GPU mode)."""
     img = lambda k: lambda r: r["preprocess"]["image_cost_ms"][k]  # noqa: E731
-    flow_api = needs_flow_api()
     out = _preprocess_figures("preprocess", "lerobot_loop", "", True) + [
         Figure("shard_kb_per_camera_frame",
                Quantity("shard bytes / (rows x cameras)", "kB",
@@ -106,11 +94,10 @@ def figures_for(s: BenchSettings) -> list[Figure]:
                target=10.0, context="(augmented)"),
         Figure("ki_over_flow_only_step", Quantity("KI train step", "s", lambda r: r["flow_cost"]["ki_step_s"]),
                Quantity("flow-only step", "s", lambda r: r["flow_cost"]["flow_only_step_s"]), target=1.25,
-               context="(small preset)",
-               direction="<=", needs=flow_api),
+               context="(small preset; flow-only = π0-style: no FAST tokens, insulation off)", direction="<="),
         Figure("extra_flow_sample_cost", Quantity("(K=4 step / K=1 step - 1) / 3", "",
                                                   lambda r: r["flow_cost"]["extra_flow_sample_cost"], fmt=".3f"),
-               context="(small preset)", target=0.15, direction="<=", needs=flow_api),
+               context="(small preset)", target=0.15, direction="<="),
         Figure("fast_ce_temp_gib_pi05", Quantity("XLA temporaries, FAST loss + grad", "GiB",
                                                  lambda r: r["memory"]["fast_ce"]["temp_gib"]),
                target=1.5, direction="<="),

@@ -270,11 +270,12 @@ def model_phase(shards: str, preset: str, batch_size: int, repeats: int, compile
 
 def time_flow_cost(setup: ReportSetup, *, batch_size: int, repeats: int, k: int = 4, seed: int = 0) -> dict[str, Any]:
     """What KI and extra flow samples cost per train step (AdamW, same batch), interleaved after compilation: the KI
-    step, the flow-only step of the same model (`fast_loss_weight=0`: FAST tokens not fed, no FAST loss) and the KI
+    step, the flow-only step of the same model as π0/π0.5 train it (`fast_loss_weight=0`: FAST tokens not fed, no
+    FAST loss; insulation off: the flow trains the backbone, whose backward pass KI's flow loss skips), and the KI
     step with `k` flow samples sharing one backbone pass."""
     base = setup.config
     batch = _batch(setup, batch_size, seed)
-    variants = {"ki": base, "flow_only": dataclasses.replace(base, fast_loss_weight=0.0),
+    variants = {"ki": base, "flow_only": dataclasses.replace(base, fast_loss_weight=0.0, insulation=False),
                 f"ki_k{k}": dataclasses.replace(base, flow_samples=k)}
 
     def make_step(cfg: Pi05KIConfig):

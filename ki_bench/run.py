@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ki_bench import datasets
-from ki_bench.figures import figures_for, gpu_figures, needs_flow_api
+from ki_bench.figures import figures_for, gpu_figures
 from ki_bench.report import document
 from ki_bench.settings import BenchSettings
 from ki_bench.timing import run_isolated, usable_cpus
@@ -100,9 +100,8 @@ def _phases(opts: BenchOptions, cache: Path, compile_cache: str | None, raw: dic
     for label in s.model_sizes:
         phases.append((f"model_{label}", f"model timings ({label})", lambda z=s.size(label): run_isolated(
             "ki_bench.model:model_phase", shards, z.preset, s.model_batch, s.repeats, compile_cache)))
-    if needs_flow_api() is None:  # ki_model has K flow samples per pass and the flow-only mode
-        phases.append(("flow_cost", f"KI cost ({s.flow_cost_preset})", lambda: run_isolated(
-            "ki_bench.model:flow_cost_phase", s.flow_cost_preset, s.flow_cost_batch, s.repeats, compile_cache)))
+    phases.append(("flow_cost", f"KI cost ({s.flow_cost_preset})", lambda: run_isolated(
+        "ki_bench.model:flow_cost_phase", s.flow_cost_preset, s.flow_cost_batch, s.repeats, compile_cache)))
     for preset in s.flops_presets:
         phases.append((f"flops_{preset}", f"FLOP count ({preset})",
                        lambda preset=preset: run_isolated("ki_bench.model:flops_phase", shards, preset, s.model_batch)))
