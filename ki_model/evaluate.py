@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ki_data.loader import LoaderConfig, ShardLoader
 from ki_model.checkpoint import check_same_data
-from ki_model.observation import Observation
+from ki_model.observation import Observation, pad_action_dim
 from ki_model.policy import Policy
 
 REPORT_FILE = "eval_report.json"
@@ -100,7 +100,7 @@ def evaluate(
     def losses(params, rng, obs: Observation, actions, pad):
         return nnx.merge(graphdef, params).compute_loss(rng, obs, actions, pad)
 
-    dim = policy.config.action_dim
+    dim = policy.manifest.action_dim
     errors = {k: _ErrorSum(dim) for k in ("flow", "fast_constrained", "fast_unconstrained", "mean_action_baseline")}
     valid = {"fast_constrained": [0, 0], "fast_unconstrained": [0, 0]}
     loss_sums: dict[str, float] = {"flow": 0.0, "fast": 0.0, "fast_accuracy": 0.0}
@@ -139,7 +139,8 @@ def evaluate(
                 valid[name][1] += n
                 errors[name].add(np.nan_to_num(pred), true, real & ok[:, None])
                 fast_pred[name] = pred
-            m = jax.device_get(losses(params, rng, obs, true_n, batch["action_is_pad"].astype(bool)))
+            padded = pad_action_dim(true_n, policy.config.action_dim)
+            m = jax.device_get(losses(params, rng, obs, padded, batch["action_is_pad"].astype(bool)))
             for k in loss_sums:
                 loss_sums[k] += float(m[k]) * n  # padded rows repeat a real row: a small bias on the last batch only
             frames += n
@@ -205,7 +206,7 @@ def predict_row(policy: Policy, batch: dict[str, np.ndarray], *, seed: int = 0, 
     one (decoded images, the six token columns, `actions`, `action_is_pad`)."""
     obs = Observation.from_batch(batch)
     rng = jax.random.key(seed)
-    horizon, dim = policy.config.action_horizon, policy.config.action_dim
+    horizon, dim = policy.config.action_horizon, policy.manifest.action_dim
     flow = policy.sample_normalized(obs, rng)[0]
     spec = policy.fast_decode_spec()
     tokens = np.asarray(policy.model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens)[0]

@@ -21,6 +21,15 @@ TOKEN_COLUMNS = (
 )
 
 
+def pad_action_dim(actions: Float[np.ndarray, "*b h d"], dim: int) -> Float[np.ndarray, "*b h dim"]:
+    """A dataset's action chunks zero-padded to the model's action dimension (openpi's π0.5 checkpoints have 32;
+    the FAST tokens and everything a user sees stay over the dataset's own dimensions)."""
+    actions = np.asarray(actions, np.float32)
+    if actions.shape[-1] > dim:
+        raise ObservationError(f"actions have {actions.shape[-1]} dimensions, more than the model's {dim}")
+    return np.pad(actions, [(0, 0)] * (actions.ndim - 1) + [(0, dim - actions.shape[-1])])
+
+
 class ObservationError(ValueError):
     """A batch that cannot become an Observation (missing column, wrong dtype or shape)."""
 

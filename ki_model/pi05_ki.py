@@ -335,9 +335,9 @@ class Pi05KI(nnx.Module):
         """
         if spec.coeffs_per_model_id.shape[0] != self.config.vocab_size:
             raise ValueError(f"spec vocabulary {spec.coeffs_per_model_id.shape[0]} != model {self.config.vocab_size}")
-        if (spec.horizon, spec.action_dim) != (self.config.action_horizon, self.config.action_dim):
+        if spec.horizon != self.config.action_horizon or spec.action_dim > self.config.action_dim:
             raise ValueError(f"spec is for {spec.horizon}x{spec.action_dim} actions, model for "
-                             f"{self.config.action_horizon}x{self.config.action_dim}")
+                             f"{self.config.action_horizon}x{self.config.action_dim} (FAST may cover fewer dims)")
         b = obs.batch_size
         cache = self.prefix_cache(obs)
         n_prefix = cache.valid.shape[1]

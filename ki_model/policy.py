@@ -149,10 +149,12 @@ class Policy:
         return nnx.merge(self._graphdef, params).sample_actions(rng, obs, num_steps)
 
     def sample_normalized(self, obs: Observation, rng: jax.Array | None = None) -> Float[np.ndarray, "b h d"]:
+        """Normalized chunks over the dataset's action dimensions (a model with more, as openpi's 32, is cut back)."""
         if rng is None:
             rng = jax.random.fold_in(self._key, self._calls)
             self._calls += 1
-        return np.asarray(self._sample(self._params, rng, obs, self.num_steps))
+        actions = np.asarray(self._sample(self._params, rng, obs, self.num_steps))
+        return actions[..., : self.manifest.action_dim]
 
     def unnormalize_actions(self, actions: Float[np.ndarray, "*b h d"]) -> Float[np.ndarray, "*b h d"]:
         return self.data.unnormalize_actions(actions)
@@ -162,7 +164,8 @@ class Policy:
         return self.unnormalize_actions(self.sample_normalized(self.prepare(frame)))[0]
 
     def fast_decode_spec(self) -> FastDecodeSpec:
-        return FastDecodeSpec.from_grammar(self.data.prompt.grammar(), self.config.action_horizon, self.config.action_dim)
+        # The FAST tokens are over the dataset's own action dimensions, whatever the model's.
+        return FastDecodeSpec.from_grammar(self.data.prompt.grammar(), self.config.action_horizon, self.manifest.action_dim)
 
     @property
     def model(self) -> nnx.Module:

@@ -32,7 +32,7 @@ from ki_model import checkpoint as ckpt
 from ki_model.checkpoint import CheckpointError
 from ki_model.compile import compiler_options
 from ki_model.config import ConfigError, Pi05KIConfig
-from ki_model.observation import Observation
+from ki_model.observation import Observation, pad_action_dim
 from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
 from ki_model.pi05_ki import param_group
 from ki_model.sharding import MeshError, batch_sharding, make_mesh, param_shardings
@@ -62,6 +62,10 @@ def model_config(preset: str, manifest: Manifest, *, explicit: dict[str, Any] | 
     with the manifest is refused (a model trained on other shapes than its data would silently be wrong).
     """
     data = manifest.model_fields()
+    if overrides.get("action_dim", data["action_dim"]) < data["action_dim"]:
+        raise TrainError(f"the model's action_dim {overrides['action_dim']} is smaller than the shards' "
+                         f"{data['action_dim']} (it may be larger: actions are zero-padded to it)")
+    data["action_dim"] = overrides.pop("action_dim", data["action_dim"])
     for key, value in (explicit or {}).items():
         if value is None:
             continue
@@ -223,14 +227,18 @@ def step_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 1)
 
 
-def device_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> tuple[Observation, Array, Array]:
-    """Host batch (this process's rows) -> global arrays sharded over the batch axes."""
+def device_batch(
+    batch: dict[str, np.ndarray], mesh: Mesh, action_dim: int | None = None
+) -> tuple[Observation, Array, Array]:
+    """Host batch (this process's rows) -> global arrays sharded over the batch axes; actions zero-padded to the
+    model's `action_dim` when it is larger than the dataset's."""
     sharding = batch_sharding(mesh)
     obs = Observation.from_batch(batch)
     put = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))  # noqa: E731
+    actions = batch["actions"].astype(np.float32)
     return (
         jax.tree.map(put, obs),
-        put(batch["actions"].astype(np.float32)),
+        put(actions if action_dim is None else pad_action_dim(actions, action_dim)),
         put(batch["action_is_pad"].astype(bool)),
     )
 
@@ -452,7 +460,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
         t_last, n_timed = None, 0
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="train")
         for step in bar:
-            obs, actions, pad = device_batch(next(loader), mesh)
+            obs, actions, pad = device_batch(next(loader), mesh, model_cfg.action_dim)
             state, m = step_fn(state, obs, actions, pad)
             pending.append(m)
             done = step + 1

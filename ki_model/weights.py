@@ -1161,8 +1161,14 @@ def init_model_config(spec: str, config: Pi05KIConfig) -> Pi05KIConfig:
     path = parse_init(spec)
     if not spec.startswith(OPENPI_PREFIX):
         return config
-    architecture = ("backbone_variant", "expert_variant", "vision_variant")
-    return openpi_config(path, **{k: v for k, v in dataclasses.asdict(config).items() if k not in architecture})
+    # The checkpoint decides the architecture and its action dimension (32 for the released π0.5 checkpoints): a
+    # dataset with fewer dimensions trains with zero-padded actions (docs/DESIGN.md §3).
+    decided = ("backbone_variant", "expert_variant", "vision_variant", "action_dim")
+    out = openpi_config(path, **{k: v for k, v in dataclasses.asdict(config).items() if k not in decided})
+    if out.action_dim < config.action_dim:
+        raise CheckpointError(f"{path}: the checkpoint's action_dim {out.action_dim} is smaller than the data's "
+                              f"{config.action_dim}")
+    return out
 
 
 def load_init(spec: str, config: Pi05KIConfig) -> PaliGemmaCheckpoint | OpenpiCheckpoint:

@@ -368,8 +368,9 @@ def paligemma_sized_tokenizer(base: Path, out: Path) -> Path:
 
 def test_train_starts_from_an_openpi_checkpoint(demo_dataset, demo_shards, tmp_path):
     """Shards in PaliGemma's vocabulary layout and an openpi-layout tree of random weights sized for them (sizes unlike
-    any preset): the run takes the checkpoint's architecture and, with a zero learning rate, saves exactly its
-    weights after one step."""
+    any preset, 4 more action dimensions than the data, as openpi's 32 against a robot's 7): the run takes the
+    checkpoint's architecture, trains on zero-padded actions and, with a zero learning rate, saves exactly its
+    weights after one step; the Policy answers in the data's own dimensions."""
     from conftest import DEMO_REPO_ID, DEMO_SHARD_OPTIONS
 
     from ki_data.preprocess import PreprocessConfig, run_preprocess
@@ -382,7 +383,7 @@ def test_train_starts_from_an_openpi_checkpoint(demo_dataset, demo_shards, tmp_p
     manifest = json.loads((shards / "manifest.json").read_text())
     assert (manifest["vocab_size"], manifest["skip_tokens"]) == (PALIGEMMA_VOCAB_SIZE, 128)
     sizes = Pi05KIConfig(
-        action_horizon=manifest["action_horizon"], action_dim=manifest["action_dim"],
+        action_horizon=manifest["action_horizon"], action_dim=manifest["action_dim"] + 4,
         vocab_size=manifest["vocab_size"], image_size=manifest["image_size"], max_token_len=manifest["max_token_len"],
         max_text_len=manifest["max_text_len"],
         backbone_variant=GemmaConfig(width=48, depth=1, mlp_dim=96, num_heads=4, num_kv_heads=1, head_dim=8),
@@ -398,6 +399,7 @@ def test_train_starts_from_an_openpi_checkpoint(demo_dataset, demo_shards, tmp_p
                       optimizer=OptimizerConfig(peak_lr=0.0, warmup_steps=1, decay_steps=10, decay_lr=0.0)))
     saved = ckpt.load_model_config(out)
     assert (saved.backbone, saved.expert, saved.vision) == (sizes.backbone, sizes.expert, sizes.vision)
+    assert saved.action_dim == manifest["action_dim"] + 4
     abstract = nnx.eval_shape(lambda: saved.create(nnx.Rngs(0)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -410,3 +412,24 @@ def test_train_starts_from_an_openpi_checkpoint(demo_dataset, demo_shards, tmp_p
         for key in path:
             node = node[key]
         assert np.array_equal(np.asarray(node), value), path
+
+    from ki_data import inspect as ki_inspect
+    from ki_model.observation import Observation
+    from ki_model.policy import Policy
+
+    policy = Policy.load(out)
+    row = ki_inspect.load_row(ki_inspect.open_shards(shards))
+    chunk = policy.sample_normalized(Observation.from_batch(row.as_batch()))
+    assert chunk.shape == (1, manifest["action_horizon"], manifest["action_dim"]) and np.isfinite(chunk).all()
+    assert policy.fast_decode_spec().action_dim == manifest["action_dim"]  # FAST covers the data's dimensions
+
+
+def test_actions_are_zero_padded_to_the_model_dimension():
+    from ki_model.observation import ObservationError, pad_action_dim
+
+    chunk = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    padded = pad_action_dim(chunk, 5)
+    assert padded.shape == (2, 3, 5) and np.array_equal(padded[..., :2], chunk) and not padded[..., 2:].any()
+    assert pad_action_dim(chunk, 2) is not None and np.array_equal(pad_action_dim(chunk, 2), chunk)
+    with pytest.raises(ObservationError, match="more than the model's 1"):
+        pad_action_dim(chunk, 1)

@@ -271,3 +271,14 @@ def test_a_whole_update_is_insulated_through_the_optimizer(demo_shards, jax_cach
     differ = {jax.tree_util.keystr(p) for p in flat["action_expert"] if not np.array_equal(get(after[0], p), get(after[1], p))}
     assert "['action_out_proj']['kernel']" in differ and "['action_in_proj']['kernel']" in differ
     assert sum("modulation" in p for p in differ) >= 4
+
+
+def test_the_model_may_have_more_action_dimensions_than_the_data(demo_shards):
+    from ki_data.manifest import Manifest
+    from ki_model import train as T
+
+    manifest = Manifest.load(demo_shards)
+    assert T.model_config("tiny", manifest).action_dim == manifest.action_dim
+    assert T.model_config("tiny", manifest, action_dim=manifest.action_dim + 3).action_dim == manifest.action_dim + 3
+    with pytest.raises(TrainError, match="smaller than the shards"):
+        T.model_config("tiny", manifest, action_dim=manifest.action_dim - 1)
