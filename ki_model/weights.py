@@ -53,6 +53,22 @@ from ki_model.config import ConfigError, GemmaConfig, Pi05KIConfig, SiglipConfig
 
 logger = logging.getLogger(__name__)
 
+
+def write_into_params(params: dict, tensors: Iterator[tuple[tuple, np.ndarray]]) -> None:
+    """Put converted arrays into a `nnx.to_pure_dict` parameter tree in place, one at a time: each new array placed
+    with the sharding of the one it replaces (so the old one is freed as it goes), its shape checked."""
+    for target, value in tensors:
+        *parents, leaf = target
+        node = params
+        for key in parents:
+            node = node[key]
+        old = node[leaf]
+        if tuple(old.shape) != value.shape:
+            raise CheckpointError(f"parameter {target} has shape {tuple(old.shape)}, converted {value.shape}")
+        sharding = getattr(old, "sharding", None)
+        node[leaf] = jax.device_put(value.astype(old.dtype), sharding) if sharding else value.astype(old.dtype)
+        del old
+
 ParamPath = tuple[str | int, ...]
 EXPERT_INITS = ("fresh", "backbone")
 INIT_PREFIX = "paligemma:"
@@ -494,19 +510,8 @@ class PaliGemmaCheckpoint:
         return self.report
 
     def apply_to_params(self, params: dict, progress: bool = False) -> dict:
-        """Replace the leaves of a `nnx.to_pure_dict` parameter tree IN PLACE (each new array placed with the
-        sharding of the one it replaces, so the old one is freed as it goes); returns the same dict."""
-        for target, value in self.tensors(progress):
-            *parents, leaf = target
-            node = params
-            for key in parents:
-                node = node[key]
-            old = node[leaf]
-            if tuple(old.shape) != value.shape:
-                raise CheckpointError(f"parameter {target} has shape {tuple(old.shape)}, converted {value.shape}")
-            sharding = getattr(old, "sharding", None)
-            node[leaf] = jax.device_put(value.astype(old.dtype), sharding) if sharding else value.astype(old.dtype)
-            del old
+        """Replace the leaves of a `nnx.to_pure_dict` parameter tree IN PLACE; returns the same dict."""
+        write_into_params(params, self.tensors(progress))
         logger.info(self.report.summary())
         return params
 
@@ -1081,19 +1086,8 @@ class OpenpiCheckpoint:
         return self.report
 
     def apply_to_params(self, params: dict, progress: bool = False) -> dict:
-        """Replace the leaves of a `nnx.to_pure_dict` parameter tree IN PLACE, each placed with the sharding of the
-        array it replaces; returns the same dict."""
-        for target, value in self.tensors(progress):
-            *parents, leaf = target
-            node = params
-            for key in parents:
-                node = node[key]
-            old = node[leaf]
-            if tuple(old.shape) != value.shape:
-                raise CheckpointError(f"parameter {target} has shape {tuple(old.shape)}, converted {value.shape}")
-            sharding = getattr(old, "sharding", None)
-            node[leaf] = jax.device_put(value.astype(old.dtype), sharding) if sharding else value.astype(old.dtype)
-            del old
+        """Replace the leaves of a `nnx.to_pure_dict` parameter tree IN PLACE; returns the same dict."""
+        write_into_params(params, self.tensors(progress))
         logger.info(self.report.summary())
         return params
 
