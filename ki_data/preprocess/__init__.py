@@ -1,15 +1,17 @@
 """LeRobot dataset -> token shards (docs/DESIGN.md §3-4): the library behind `python -m pipelines.preprocess`.
 
-Pass 1 (tabular columns only, every selected episode): row checks, normalization statistics, the offline text
-tokenizer (unless one is given) and the FAST tokenizer (unless one is given) fitted on every row's normalized
-chunk. Pass 2 (episode by episode, in worker processes over whole shards): columns read in bulk, each camera
-decoded once sequentially, chunks cut with numpy, prompts built, images resized/padded and encoded, one parquet
-shard written atomically per planned group of episodes.
+Pass 1 (tabular columns only, every selected episode, one process): row checks, normalization statistics, the
+offline text tokenizer (unless one is given) and the FAST tokenizer (unless one is given) fitted on every row's
+normalized chunk. Pass 2 (DataTrove tasks over groups of whole shards, on this machine, a Ray cluster or Slurm):
+columns read in bulk, each camera decoded once sequentially, chunks cut with numpy, prompts built, images
+resized/padded and encoded, one parquet shard written atomically per planned group of episodes. A final merge
+writes the manifest and a Hugging Face dataset card (`datasets.load_dataset(<out>)` opens the shards).
 
 Determinism: the shard plan (which episodes go to which file) depends only on the inputs and options, never on
-the worker count, and each shard is written by one worker from the same code, so shards have the same bytes
-whatever `workers` is. A killed run leaves finished shards with a sidecar (rows, sha256, options fingerprint) in
-`<out>/.ki_progress/`; the next run reuses those whose file still hashes to the sidecar and redoes the rest.
+the executor, task or worker count, and each shard is written by one task from the same code, so shards have the
+same bytes wherever they are written. A killed run leaves finished shards with a sidecar (rows, sha256, options
+fingerprint) in `<out>/.ki_progress/`; the next run (on any executor) reuses those whose file still hashes to the
+sidecar, skips the tasks DataTrove logged as complete, and redoes the rest.
 
 The modules, in the order a run meets them:
 
@@ -19,24 +21,38 @@ The modules, in the order a run meets them:
     chunks    action chunks inside an episode
     pass1     statistics and tokenizers from the tabular columns
     pass2     episodes -> shard columns -> one parquet shard (ShardWorker)
-    workers   pass 2 over the shards, in this process or a pool
+    executors pass 2 as DataTrove tasks: local processes, a Ray cluster, a Slurm job array
     resume    fingerprints, sidecars, what an interrupted run left and whether it can be kept
-    run       run_preprocess: the job, the manifest it writes and its summary
+    merge     the final step: sidecars -> manifest (with the summary) and the dataset card
+    card      the dataset card: Hugging Face features and data files from the manifest
+    run       run_preprocess / write_slurm_preprocess: the job from start to merge
     describe  the end summary and a few decoded rows
 """
 
 from ki_data.preprocess.checks import REASONS, RowProblems, find_row_problems
 from ki_data.preprocess.chunks import action_chunks, chunk_indices
-from ki_data.preprocess.config import BadInputError, OutputExistsError, PreprocessConfig, PreprocessError
+from ki_data.preprocess.card import hf_features, write_card
+from ki_data.preprocess.config import (
+    EXECUTORS,
+    BadInputError,
+    ExecutorConfig,
+    OutputExistsError,
+    PreprocessConfig,
+    PreprocessError,
+)
 from ki_data.preprocess.describe import describe_rows, summary_text
+from ki_data.preprocess.executors import SlurmJob, task_groups
+from ki_data.preprocess.merge import PreprocessResult
 from ki_data.preprocess.pass1 import FitChunkCollector, Pass1Result, run_pass1
 from ki_data.preprocess.pass2 import Pass2Context, ShardResult, ShardWorker
 from ki_data.preprocess.plan import JobPlan, ShardPlan, plan_job, plan_shards, select_cameras, select_episodes, split_episodes
-from ki_data.preprocess.run import PreprocessResult, run_preprocess
+from ki_data.preprocess.run import run_preprocess, write_slurm_preprocess
 
 __all__ = [
+    "EXECUTORS",
     "REASONS",
     "BadInputError",
+    "ExecutorConfig",
     "FitChunkCollector",
     "JobPlan",
     "OutputExistsError",
@@ -49,10 +65,12 @@ __all__ = [
     "ShardPlan",
     "ShardResult",
     "ShardWorker",
+    "SlurmJob",
     "action_chunks",
     "chunk_indices",
     "describe_rows",
     "find_row_problems",
+    "hf_features",
     "plan_job",
     "plan_shards",
     "run_pass1",
@@ -61,4 +79,7 @@ __all__ = [
     "select_episodes",
     "split_episodes",
     "summary_text",
+    "task_groups",
+    "write_card",
+    "write_slurm_preprocess",
 ]

@@ -1,4 +1,5 @@
-"""What a preprocessing run is asked to do (`PreprocessConfig`) and the errors it raises for the user to fix."""
+"""What a preprocessing run is asked to do (`PreprocessConfig`, `ExecutorConfig`) and the errors it raises for the
+user to fix."""
 
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ class OutputExistsError(PreprocessError, FileExistsError):
     """The output directory holds a finished (or foreign) run and --overwrite was not given."""
 
 
+EXECUTORS = ("local", "ray", "slurm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorConfig:
+    """Where pass 2 runs (DataTrove executors). None of it changes what is written: a run started on one executor
+    resumes on another."""
+
+    kind: str = "local"  # local: processes on this machine; ray: a Ray cluster; slurm: write a Slurm job array
+    tasks: int = 0  # DataTrove tasks, each a contiguous group of planned shards; 0: one task per shard
+    ray_address: str | None = None  # a running cluster ("auto", "ray://host:10001", "host:6379"); None: start one
+    slurm_partition: str | None = None
+    slurm_time: str = "24:00:00"  # per task
+    slurm_cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0  # reserved per task CPU on Ray and Slurm
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
     repo_id: str
@@ -37,7 +55,7 @@ class PreprocessConfig:
     fast_scale: float = 10.0
     cameras: tuple[str, ...] | None = None  # camera names or feature keys; default all
     episodes: tuple[int, ...] | None = None  # default all
-    workers: int = 1  # processes for pass 2; 0 = one per CPU core (at most one per shard)
+    workers: int = 1  # pass-2 tasks run at once; 0 = one per CPU core (local) or no limit (ray, slurm)
     val_fraction: float = 0.1
     seed: int = 0
     shard_rows: int = 1000  # target rows per shard (a shard holds whole episodes)
@@ -46,6 +64,7 @@ class PreprocessConfig:
     skip_bad_rows: bool = False
     overwrite: bool = False
     progress: bool = True
+    executor: ExecutorConfig = ExecutorConfig()
 
     @property
     def output_dir(self) -> Path:
@@ -53,7 +72,7 @@ class PreprocessConfig:
 
     def options(self) -> dict[str, Any]:
         """The options as recorded in the manifest."""
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(self)  # the executor as a nested dict
         out.pop("progress")
         for k in ("cameras", "episodes"):
             out[k] = None if out[k] is None else list(out[k])
@@ -70,6 +89,13 @@ class PreprocessConfig:
             (self.shard_rows >= 1, f"shard_rows must be >= 1, got {self.shard_rows}"),
             (self.norm_mode in ("quantile", "zscore"), f"norm_mode must be quantile or zscore, got {self.norm_mode}"),
             (self.prompt_layout in LAYOUTS, f"prompt_layout must be one of {LAYOUTS}, got {self.prompt_layout}"),
+            (self.executor.kind in EXECUTORS, f"executor must be one of {EXECUTORS}, got {self.executor.kind}"),
+            (self.executor.tasks >= 0, f"tasks must be >= 0 (0: one per shard), got {self.executor.tasks}"),
+            (self.executor.kind != "slurm" or bool(self.executor.slurm_partition),
+             "--executor slurm needs --slurm-partition"),
+            (self.executor.slurm_cpus_per_task >= 1,
+             f"slurm_cpus_per_task must be >= 1, got {self.executor.slurm_cpus_per_task}"),
+            (self.executor.mem_per_cpu_gb > 0, f"mem_per_cpu_gb must be > 0, got {self.executor.mem_per_cpu_gb}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -11,6 +11,10 @@ from ki_data.artifacts import DataArtifacts
 from ki_data.manifest import Manifest
 
 
+def _fps(value: float | None) -> str:
+    return "reused" if value is None else f"{value:,.0f} frames/s"
+
+
 def summary_text(manifest: Manifest, out_dir: Path) -> str:
     s = manifest.summary
     rejected = ", ".join(f"{k} {v}" for k, v in s["rows_rejected"].items()) or "none"
@@ -22,9 +26,11 @@ def summary_text(manifest: Manifest, out_dir: Path) -> str:
         f"{s['fast_tokens_per_chunk']['max']}; prompt tokens: mean {s['prompt_tokens']['mean']:.1f}, max "
         f"{s['prompt_tokens']['max']} of {manifest.max_token_len}",
         f"  rows rejected: {rejected}",
-        f"  wall time {s['seconds']:.1f} s ({s['frames_per_second']:.0f} frames/s, {s['workers']} worker(s); "
+        f"  wall time {s['seconds']:.1f} s ({s['frames_per_second']:.0f} frames/s; "
         + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds_by_phase"].items()) + ")"
         + (f"; {s['shards_reused']} shard(s) reused from an interrupted run" if s["shards_reused"] else ""),
+        f"  pass 1 {_fps(s.get('pass1_frames_per_second'))}, pass 2 {_fps(s.get('pass2_frames_per_second'))} "
+        f"on the {s.get('executor', 'local')} executor ({s.get('tasks', '?')} task(s), {s['workers']} worker(s))",
     ]
     if s["fast_values_clipped"]:
         lines.append(f"  warning: {s['fast_values_clipped']} FAST coefficients were clipped to the tokenizer range")

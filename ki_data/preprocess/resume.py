@@ -18,6 +18,7 @@ from typing import Any
 from ki_data import schema
 from ki_data.lerobot_source import DatasetSpec
 from ki_data.manifest import MANIFEST_FILE
+from ki_data.preprocess.card import CARD_FILE
 from ki_data.preprocess.config import OutputExistsError
 from ki_data.preprocess.pass2 import ShardResult
 from ki_data.preprocess.plan import ShardPlan
@@ -25,6 +26,7 @@ from ki_data.shard_writer import atomic_write_json, sha256_file
 
 PROGRESS_DIR = ".ki_progress"
 STATE_FILE = "state.json"
+SLURM_DIR = "slurm"  # a Slurm run's job files and logs; they stay after the run
 
 
 def fingerprint(obj: Any) -> str:
@@ -53,9 +55,9 @@ def source_identity(spec: DatasetSpec) -> dict:
 
 def clear_output(out: Path) -> None:
     """Remove what a preprocessing run writes (and nothing else)."""
-    for name in (MANIFEST_FILE, schema.NORM_STATS_FILE):
+    for name in (MANIFEST_FILE, CARD_FILE, schema.NORM_STATS_FILE):
         (out / name).unlink(missing_ok=True)
-    for name in (schema.SHARDS_DIR, "tokenizer", PROGRESS_DIR):
+    for name in (schema.SHARDS_DIR, "tokenizer", PROGRESS_DIR, SLURM_DIR):
         if (out / name).exists():
             shutil.rmtree(out / name)
 
@@ -134,8 +136,9 @@ def record_shard(out: Path, result: ShardResult, shard_fingerprint: str) -> None
     atomic_write_json(sidecar_path(out, result.path), sidecar)
 
 
-def reusable_shard(out: Path, plan: ShardPlan, shard_fingerprint: str) -> ShardResult | None:
-    """A shard finished by an earlier (killed) run with the same inputs and options, verified by its sha256."""
+def reusable_shard(out: Path, plan: ShardPlan, shard_fingerprint: str, check_hash: bool = True) -> ShardResult | None:
+    """A shard finished by an earlier (killed) run with the same inputs and options, verified by its sha256
+    (check_hash=False: by its size only, for shards whose sidecar this run wrote right after hashing the file)."""
     sidecar, path = sidecar_path(out, plan.path), out / plan.path
     if not (sidecar.is_file() and path.is_file()):
         return None
@@ -145,7 +148,7 @@ def reusable_shard(out: Path, plan: ShardPlan, shard_fingerprint: str) -> ShardR
         return None
     if data.get("fingerprint") != shard_fingerprint or data.get("episodes") != list(plan.episodes):
         return None
-    if sha256_file(path) != data.get("sha256"):
+    if path.stat().st_size != data.get("bytes") or (check_hash and sha256_file(path) != data.get("sha256")):
         return None
     data.pop("fingerprint")
     return ShardResult(**data, reused=True)

@@ -1,0 +1,345 @@
+"""Pass 2 as DataTrove tasks: on this machine's processes (`LocalPipelineExecutor`), on a Ray cluster (Ray tasks,
+each running DataTrove's executor for its rank; see `run_ray` for why not `RayPipelineExecutor`) or as a Slurm job
+array (`SlurmPipelineExecutor`, written for the user to submit).
+
+Task r of T writes the r-th contiguous group of planned shards (`task_groups`), skipping those whose file already
+hashes to its sidecar; every shard it writes gets its sidecar at once. What a task needs (the Pass2Context and the
+groups) is pickled once into `.ki_progress/pass2/job.pkl` and read by each task, so an executor ships a path, not a
+dataset's worth of episode metadata per task.
+
+Resuming: DataTrove marks a finished task in its logging directory (`completions/`) and skips it when the same
+command runs again; our hashes overrule it: a task is run again when one of its shards no longer verifies. The
+completion logs live in a directory named for the task count, so a rerun with another --tasks starts them afresh
+(finished shards are still kept by their hashes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import sys
+import threading
+from pathlib import Path
+
+from datatrove.pipeline.base import PipelineStep
+
+from ki_data.preprocess import resume
+from ki_data.preprocess.config import ExecutorConfig, PreprocessConfig, PreprocessError
+from ki_data.preprocess.pass2 import Pass2Context, ShardWorker
+from ki_data.preprocess.plan import JobPlan, ShardPlan
+from ki_data.shard_writer import atomic_write_bytes
+
+PASS2_DIR = "pass2"  # under resume.PROGRESS_DIR: the job file and the local/Ray logging directories
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass2Job:
+    """What every pass-2 task and the merge step read (pickled once into the job file)."""
+
+    cfg: PreprocessConfig
+    plan: JobPlan
+    ctx: Pass2Context
+    groups: tuple[tuple[ShardPlan, ...], ...]  # task rank -> its shards, contiguous in plan order
+
+    @property
+    def tasks(self) -> int:
+        return len(self.groups)
+
+
+def task_groups(shards: tuple[ShardPlan, ...], tasks: int) -> tuple[tuple[ShardPlan, ...], ...]:
+    """`tasks` (0: one per shard) contiguous groups of nearly equal size; consecutive shards share video files."""
+    n = min(tasks or len(shards), len(shards))
+    size, extra = divmod(len(shards), n)
+    groups, start = [], 0
+    for r in range(n):
+        end = start + size + (r < extra)
+        groups.append(shards[start:end])
+        start = end
+    return tuple(groups)
+
+
+def save_job(path: Path, job: Pass2Job) -> None:
+    atomic_write_bytes(path, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_job(path: str | Path) -> Pass2Job:
+    return pickle.loads(Path(path).read_bytes())
+
+
+def job_file(out: Path) -> Path:
+    return out / resume.PROGRESS_DIR / PASS2_DIR / "job.pkl"
+
+
+# ------------------------------------------------------------------------------------------------ pipeline steps
+
+
+class WriteShards(PipelineStep):
+    """DataTrove step: task `rank` writes its group of shards (those not already written and verified)."""
+
+    name = "write shards"
+    type = "ki pass 2"
+
+    def __init__(self, job_path: str):
+        super().__init__()
+        self.job_path = job_path
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:
+        job = load_job(self.job_path)
+        ctx = job.ctx
+        worker = None
+        try:
+            for plan in job.groups[rank]:
+                if resume.reusable_shard(ctx.out, plan, ctx.fingerprint) is not None:
+                    self.stat_update("shards_kept")
+                    continue
+                worker = worker or ShardWorker(ctx)
+                result = worker.write_shard(plan, lambda n: self.stat_update("frames", value=n))
+                resume.record_shard(ctx.out, result, ctx.fingerprint)
+                self.stat_update("shards_written")
+                self.stat_update("rows", value=result.rows)
+        finally:
+            if worker is not None:
+                worker.close()
+
+
+class MergeShards(PipelineStep):
+    """DataTrove step for Slurm's dependent job: the final merge (manifest, dataset card) once every shard is done."""
+
+    name = "merge"
+    type = "ki manifest"
+
+    def __init__(self, job_path: str, record):
+        super().__init__()
+        self.job_path, self.record = job_path, record
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:
+        from ki_data.preprocess.merge import finish
+
+        job = load_job(self.job_path)
+        result = finish(job.cfg, job.plan, job.ctx, self.record)
+        print(result.summary_text())
+
+
+# ------------------------------------------------------------------------------------------------ before a run
+
+
+def prepare_tasks(job: Pass2Job, logging_dir: Path, verified: set[str]) -> list[int]:
+    """Forget what the hashes contradict: sidecars of shards that do not verify, and DataTrove completions of tasks
+    holding one. Returns the ranks with shards still to write."""
+    todo = []
+    for rank, group in enumerate(job.groups):
+        stale = [p for p in group if p.path not in verified]
+        for plan in stale:
+            resume.sidecar_path(job.ctx.out, plan.path).unlink(missing_ok=True)
+        if stale:
+            (logging_dir / "completions" / f"{rank:05d}").unlink(missing_ok=True)
+            todo.append(rank)
+    return todo
+
+
+class ShardProgress:
+    """A tqdm bar over pass 2's frames, advanced as the sidecars of finished shards appear: it works the same
+    whichever process, machine or executor writes them (the output directory is shared)."""
+
+    def __init__(self, out: Path, plans: tuple[ShardPlan, ...], done: set[str], enabled: bool):
+        from tqdm import tqdm
+
+        self.out, self.plans, self.counted = out, plans, set(done)
+        self.bar = tqdm(total=sum(p.frames for p in plans), initial=sum(p.frames for p in plans if p.path in done),
+                        desc="pass 2/2 (frames)", unit="fr", disable=not enabled)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _poll(self) -> None:
+        for plan in self.plans:
+            if plan.path not in self.counted and resume.sidecar_path(self.out, plan.path).is_file():
+                self.counted.add(plan.path)
+                self.bar.update(plan.frames)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def __enter__(self) -> ShardProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        self.bar.close()
+
+
+def resolve_workers(requested: int, tasks: int) -> int:
+    """Tasks to run at once on this machine: the request (0: one per CPU core), never more than tasks to run."""
+    wanted = requested if requested > 0 else (os.cpu_count() or 1)
+    return max(1, min(wanted, tasks))
+
+
+# ------------------------------------------------------------------------------------------------ executors
+
+
+def run_local(job_path: Path, tasks: int, workers: int, logging_dir: Path) -> None:
+    """DataTrove's LocalPipelineExecutor: one task after another in this process (workers=1), or a pool of
+    `workers` processes. A task's exception (e.g. a BadInputError) reaches the caller as it was raised."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    LocalPipelineExecutor(pipeline=[WriteShards(str(job_path))], tasks=tasks, workers=workers,
+                          logging_dir=str(logging_dir), skip_completed=True).run()
+
+
+def ki_pass2_task(job_path: str, tasks: int, rank: int, logging_dir: str) -> None:
+    """One pass-2 task, as a Ray task runs it: DataTrove's run of this rank, in this process (its task log, stats and
+    completion record; skipped when a previous run completed it). `_run_for_rank` is what every DataTrove executor
+    calls per rank; `LocalPipelineExecutor.run` would also fork a `multiprocess` manager, and a forked child keeps
+    the Ray worker's connection open, so Ray would not see the worker die."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    executor = LocalPipelineExecutor(pipeline=[WriteShards(job_path)], tasks=tasks, workers=1,
+                                     logging_dir=logging_dir, skip_completed=True)
+    executor._run_for_rank(rank)
+
+
+def run_ray(job_path: Path, tasks: int, ranks: list[int], workers: int, logging_dir: Path, ex: ExecutorConfig) -> None:
+    """Ray tasks (`ray.remote`), one per DataTrove rank, on the cluster at `ex.ray_address` or on a local one started
+    for the run with `workers` CPUs. Every node needs ki installed and the output directory on a shared filesystem.
+
+    Not DataTrove's RayPipelineExecutor: it runs each rank in a `multiprocess` pool child of its actor, and when that
+    child dies (SIGKILL, the OOM killer) the pool waits for it forever and the run hangs without an error. A Ray task
+    whose worker process dies is retried by Ray (`max_retries`), and the retry keeps the shards already written.
+    """
+    import ray
+
+    owns = not ray.is_initialized()
+    if owns:
+        if ex.ray_address:
+            ray.init(address=ex.ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(ki_pass2_task).options(num_cpus=1, memory=int(ex.mem_per_cpu_gb * 2**30), max_retries=3)
+    limit = workers if workers > 0 else len(ranks)
+    queue, running = list(ranks), []
+    try:
+        while queue or running:
+            while queue and len(running) < limit:
+                running.append(remote.remote(str(job_path), tasks, queue.pop(0), str(logging_dir)))
+            done, running = ray.wait(running, num_returns=1)
+            try:
+                ray.get(done)
+            except ray.exceptions.RayTaskError as e:
+                # The task's own exception (e.g. a BadInputError naming the episode and frame), without Ray's wrapper.
+                raise (e.cause if isinstance(e.cause, PreprocessError) else e) from None
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        if owns:
+            ray.shutdown()
+
+
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")
+
+
+def task_error(logging_dir: Path, rank: int) -> str | None:
+    """The last exception line a DataTrove task logged, if any."""
+    path = logging_dir / "logs" / f"task_{rank:05d}.log"
+    if not path.is_file():
+        return None
+    lines = [m.group(0) for line in path.read_text(errors="replace").splitlines() if (m := _ERROR_LINE.match(line))]
+    return lines[-1] if lines else None
+
+
+def unfinished_error(job: Pass2Job, missing: list[str], logging_dir: Path) -> PreprocessError:
+    ranks = [r for r, g in enumerate(job.groups) if any(p.path in missing for p in g)]
+    said = next((e for r in ranks if (e := task_error(logging_dir, r))), None)
+    return PreprocessError(
+        f"pass 2 did not finish: {len(missing)} of {len(job.plan.shards)} shard(s) missing after task(s) "
+        f"{ranks[:10]}{'...' if len(ranks) > 10 else ''} ended"
+        + (f"; task {ranks[0]} said: {said}" if said else "")
+        + f" (task logs in {logging_dir / 'logs'}); run the same command again to resume"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ Slurm
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmJob:
+    """A written Slurm job: pass 2 as an array, then the merge, submitted together by `submit_script`."""
+
+    out_dir: Path
+    submit_script: Path
+    pass2_script: Path
+    merge_script: Path
+    tasks: int
+
+    def instructions(self) -> str:
+        return (f"wrote a Slurm job for {self.out_dir}: pass 2 as {self.tasks} task(s) ({self.pass2_script}), then "
+                f"the merge that writes the manifest ({self.merge_script}).\n"
+                f"submit it from a login node of the cluster with:\n  bash {self.submit_script}\n"
+                f"the output directory must be on a filesystem the nodes share; run the same preprocess command again "
+                f"to resubmit what did not finish")
+
+
+def _environment_command() -> str:
+    """What a Slurm task runs first: this Python environment and this working directory (so ki imports)."""
+    lines = [f"cd {os.getcwd()}", f"export PYTHONPATH={os.getcwd()}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if activate.is_file():
+        lines.insert(0, f"source {activate}")
+    return "\n".join(lines)
+
+
+def _write_launch(executor) -> tuple[Path, int]:
+    """Write what DataTrove's `SlurmPipelineExecutor.launch_job` writes before it calls sbatch (the pickled
+    executor, the ranks to run, the array script), without submitting. Returns (script, array submissions needed)."""
+    import math
+
+    import dill
+    from dill import CONTENTS_FMODE
+
+    ranks = executor.get_incomplete_ranks()
+    with executor.logging_dir.open("executor.pik", "wb") as f:
+        dill.dump(executor, f, fmode=CONTENTS_FMODE)
+    executor.save_executor_as_json()
+    with executor.logging_dir.open("ranks_to_run.json", "w") as f:
+        json.dump(ranks, f)
+    jobs = math.ceil(len(ranks) / executor.tasks_per_job)
+    max_array = min(jobs, executor.max_array_size) if executor.max_array_size != -1 else jobs
+    command = f"srun -l -n 1 launch_pickled_pipeline {executor.logging_dir.resolve_paths('executor.pik')}"
+    with executor.logging_dir.open("launch_script.slurm", "w") as f:
+        f.write(executor.get_launch_file_contents(executor.get_sbatch_args(max_array), command))
+    return Path(executor.logging_dir.resolve_paths("launch_script.slurm")), math.ceil(jobs / max_array)
+
+
+def write_slurm_job(job_path: Path, job: Pass2Job, todo: list[int], record, logging_dir: Path) -> SlurmJob:
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    ex = job.cfg.executor
+    common = dict(time=ex.slurm_time, partition=ex.slurm_partition, mem_per_cpu_gb=ex.mem_per_cpu_gb,
+                  env_command=_environment_command(), skip_completed=True, mail_type="NONE")
+    pass2 = SlurmPipelineExecutor(
+        pipeline=[WriteShards(str(job_path))], tasks=job.tasks, cpus_per_task=ex.slurm_cpus_per_task,
+        workers=job.cfg.workers or -1, job_name="ki-pass2", logging_dir=str(logging_dir), **common)
+    merge = SlurmPipelineExecutor(
+        pipeline=[MergeShards(str(job_path), record)], tasks=1, cpus_per_task=1, job_name="ki-merge",
+        logging_dir=str(logging_dir.parent / "merge"), **common)
+    pass2_script, arrays = _write_launch(pass2)
+    merge_script, _ = _write_launch(merge)
+    submit = logging_dir.parent / "submit.sh"
+    submit.write_text(
+        "#!/bin/bash\n"
+        f"# pass 2: {len(todo)} of {job.tasks} task(s) to run, as {arrays} array job(s); then the merge, which runs "
+        "once they all succeed and writes manifest.json.\n"
+        "set -euo pipefail\nids=()\n"
+        f"for offset in $(seq 0 {arrays - 1}); do\n"
+        f"  ids+=($(sbatch --parsable --export=ALL,RUN_OFFSET=$offset {pass2_script} | cut -d';' -f1))\n"
+        "done\n"
+        f"merge=$(sbatch --parsable --dependency=afterok:$(IFS=:; echo \"${{ids[*]}}\") {merge_script} | cut -d';' -f1)\n"
+        f"echo \"pass 2: job(s) ${{ids[*]}}; merge: job $merge (writes {job.ctx.out / 'manifest.json'})\"\n"
+    )
+    submit.chmod(0o755)
+    return SlurmJob(job.ctx.out, submit, pass2_script, merge_script, job.tasks)
