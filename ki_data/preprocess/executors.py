@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
@@ -296,8 +297,6 @@ def _environment_command() -> str:
 def _write_launch(executor) -> tuple[Path, int]:
     """Write what DataTrove's `SlurmPipelineExecutor.launch_job` writes before it calls sbatch (the pickled
     executor, the ranks to run, the array script), without submitting. Returns (script, array submissions needed)."""
-    import math
-
     import dill
     from dill import CONTENTS_FMODE
 
@@ -319,8 +318,9 @@ def write_slurm_job(job_path: Path, job: Pass2Job, todo: list[int], record, logg
     from datatrove.executor.slurm import SlurmPipelineExecutor
 
     ex = job.cfg.executor
-    common = dict(time=ex.slurm_time, partition=ex.slurm_partition, mem_per_cpu_gb=ex.mem_per_cpu_gb,
-                  env_command=_environment_command(), skip_completed=True, mail_type="NONE")
+    # sbatch takes whole gigabytes here; no QoS line, so the cluster's default applies.
+    common = dict(time=ex.slurm_time, partition=ex.slurm_partition, mem_per_cpu_gb=math.ceil(ex.mem_per_cpu_gb),
+                  env_command=_environment_command(), skip_completed=True, mail_type="NONE", qos="")
     pass2 = SlurmPipelineExecutor(
         pipeline=[WriteShards(str(job_path))], tasks=job.tasks, cpus_per_task=ex.slurm_cpus_per_task,
         workers=job.cfg.workers or -1, job_name="ki-pass2", logging_dir=str(logging_dir), **common)
