@@ -110,7 +110,7 @@ def write_card(manifest: Manifest, out: Path) -> None:
         # The split's files by pattern: the shards directory holds exactly the manifest's shards.
         data_files.append({"split": HF_SPLITS[split], "path": f"{schema.SHARDS_DIR}/{split}-*.parquet"})
         splits.add(SplitInfo(HF_SPLITS[split], num_examples=counts[split] or 0))
-    card_data = DatasetCardData(license="other", tags=["robotics", "lerobot", "ki", "pi0.5"],
+    card_data = DatasetCardData(tags=["robotics", "lerobot", "ki", "pi0.5"],
                                 task_categories=["robotics"])
     MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(card_data)
     info = DatasetInfo(features=hf_features(manifest), splits=splits)
