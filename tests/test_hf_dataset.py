@@ -22,8 +22,8 @@ def _assert_same_row(hf_row: dict, ours: dict, r: int, m: Manifest) -> None:
         np.testing.assert_array_equal(np.asarray(hf_row[schema.image_column(cam)].convert("RGB")),
                                       decode_image(ours[schema.image_column(cam)][r]))
         assert hf_row[schema.image_mask_column(cam)] == ours[schema.image_mask_column(cam)][r]
-    np.testing.assert_array_equal(np.asarray(hf_row[schema.ACTIONS], np.float32).reshape(m.action_horizon, m.action_dim),
-                                  ours[schema.ACTIONS][r])
+    actions = np.asarray(hf_row[schema.ACTIONS], np.float32).reshape(m.action_horizon, m.action_dim)
+    np.testing.assert_array_equal(actions, ours[schema.ACTIONS][r])
     for name in (schema.STATE, schema.ACTION_IS_PAD, schema.TOKENIZED_PROMPT, schema.TOKENIZED_PROMPT_MASK,
                  schema.TOKEN_AR_MASK, schema.TOKEN_LOSS_MASK, schema.TEXT_PROMPT, schema.TEXT_PROMPT_MASK):
         np.testing.assert_array_equal(np.asarray(hf_row[name]), ours[name][r], err_msg=name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,6 +104,7 @@ def ray_cluster(tmp_path_factory):
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
     env_vars.undo()
 
 

@@ -45,7 +45,15 @@ from ki_data.preprocess.executors import SlurmJob, task_groups
 from ki_data.preprocess.merge import PreprocessResult
 from ki_data.preprocess.pass1 import FitChunkCollector, Pass1Result, run_pass1
 from ki_data.preprocess.pass2 import Pass2Context, ShardResult, ShardWorker
-from ki_data.preprocess.plan import JobPlan, ShardPlan, plan_job, plan_shards, select_cameras, select_episodes, split_episodes
+from ki_data.preprocess.plan import (
+    JobPlan,
+    ShardPlan,
+    plan_job,
+    plan_shards,
+    select_cameras,
+    select_episodes,
+    split_episodes,
+)
 from ki_data.preprocess.run import run_preprocess, write_slurm_preprocess
 
 __all__ = [

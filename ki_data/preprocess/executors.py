@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from ki_data.preprocess import resume
 from ki_data.preprocess.config import ExecutorConfig, PreprocessConfig, PreprocessError
+from ki_data.preprocess.merge import RunRecord, finish
 from ki_data.preprocess.pass2 import Pass2Context, ShardWorker
 from ki_data.preprocess.plan import JobPlan, ShardPlan
 from ki_data.shard_writer import atomic_write_bytes
@@ -112,13 +114,11 @@ class MergeShards(PipelineStep):
     name = "merge"
     type = "ki manifest"
 
-    def __init__(self, job_path: str, record):
+    def __init__(self, job_path: str, record: RunRecord):
         super().__init__()
         self.job_path, self.record = job_path, record
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:
-        from ki_data.preprocess.merge import finish
-
         job = load_job(self.job_path)
         result = finish(job.cfg, job.plan, job.ctx, self.record)
         print(result.summary_text())
@@ -223,17 +223,24 @@ def run_ray(job_path: Path, tasks: int, ranks: list[int], workers: int, logging_
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(ki_pass2_task).options(num_cpus=1, memory=int(ex.mem_per_cpu_gb * 2**30), max_retries=3)
     limit = workers if workers > 0 else len(ranks)
-    queue, running = list(ranks), []
+    queue, running = list(ranks), {}  # object ref -> rank
     try:
         while queue or running:
             while queue and len(running) < limit:
-                running.append(remote.remote(str(job_path), tasks, queue.pop(0), str(logging_dir)))
-            done, running = ray.wait(running, num_returns=1)
+                rank = queue.pop(0)
+                running[remote.remote(str(job_path), tasks, rank, str(logging_dir))] = rank
+            [done], _ = ray.wait(list(running), num_returns=1)
+            rank = running.pop(done)
             try:
                 ray.get(done)
             except ray.exceptions.RayTaskError as e:
                 # The task's own exception (e.g. a BadInputError naming the episode and frame), without Ray's wrapper.
                 raise (e.cause if isinstance(e.cause, PreprocessError) else e) from None
+            except ray.exceptions.RayError as e:  # the worker died more often than Ray retries, the node was lost...
+                raise PreprocessError(
+                    f"pass 2 stopped: Ray task {rank} failed ({type(e).__name__}: {str(e).splitlines()[0]}); run the "
+                    f"same command again to resume from the finished shards"
+                ) from None
     finally:
         for ref in running:
             ray.cancel(ref, force=True)
@@ -287,11 +294,12 @@ class SlurmJob:
 
 def _environment_command() -> str:
     """What a Slurm task runs first: this Python environment and this working directory (so ki imports)."""
-    lines = [f"cd {os.getcwd()}", f"export PYTHONPATH={os.getcwd()}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    cwd = shlex.quote(os.getcwd())
+    lines = [f"cd {cwd}", f"export PYTHONPATH={cwd}${{PYTHONPATH:+:$PYTHONPATH}}"]
     activate = Path(sys.prefix) / "bin" / "activate"
     if activate.is_file():
-        lines.insert(0, f"source {activate}")
-    return "\n".join(lines)
+        lines.insert(0, f"source {shlex.quote(str(activate))}")
+    return " && ".join(lines)  # one line: DataTrove places it inside an indented template
 
 
 def _write_launch(executor) -> tuple[Path, int]:
@@ -314,7 +322,7 @@ def _write_launch(executor) -> tuple[Path, int]:
     return Path(executor.logging_dir.resolve_paths("launch_script.slurm")), math.ceil(jobs / max_array)
 
 
-def write_slurm_job(job_path: Path, job: Pass2Job, todo: list[int], record, logging_dir: Path) -> SlurmJob:
+def write_slurm_job(job_path: Path, job: Pass2Job, todo: list[int], record: RunRecord, logging_dir: Path) -> SlurmJob:
     from datatrove.executor.slurm import SlurmPipelineExecutor
 
     ex = job.cfg.executor
@@ -338,7 +346,8 @@ def write_slurm_job(job_path: Path, job: Pass2Job, todo: list[int], record, logg
         f"for offset in $(seq 0 {arrays - 1}); do\n"
         f"  ids+=($(sbatch --parsable --export=ALL,RUN_OFFSET=$offset {pass2_script} | cut -d';' -f1))\n"
         "done\n"
-        f"merge=$(sbatch --parsable --dependency=afterok:$(IFS=:; echo \"${{ids[*]}}\") {merge_script} | cut -d';' -f1)\n"
+        "after=$(IFS=:; echo \"${ids[*]}\")\n"
+        f"merge=$(sbatch --parsable --dependency=afterok:$after {merge_script} | cut -d';' -f1)\n"
         f"echo \"pass 2: job(s) ${{ids[*]}}; merge: job $merge (writes {job.ctx.out / 'manifest.json'})\"\n"
     )
     submit.chmod(0o755)

@@ -129,7 +129,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     todo = prepare_tasks(job, logging_dir, prep.verified)
     # Local: processes on this machine. Ray: tasks at once (0: as many as the cluster's CPUs allow); a cluster
     # started for the run gets that many CPUs.
-    workers = resolve_workers(cfg.workers, len(todo)) if kind == "local" or not cfg.executor.ray_address else cfg.workers
+    local_cpus = kind == "local" or not cfg.executor.ray_address
+    workers = resolve_workers(cfg.workers, len(todo)) if local_cpus else cfg.workers
     pass2_started_at = time.time()
     with ShardProgress(out, job.plan.shards, prep.verified, cfg.progress):
         if todo and kind == "local":
