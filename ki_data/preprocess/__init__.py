@@ -21,7 +21,8 @@ The modules, in the order a run meets them:
     chunks    action chunks inside an episode
     pass1     statistics and tokenizers from the tabular columns
     pass2     episodes -> shard columns -> one parquet shard (ShardWorker)
-    executors pass 2 as DataTrove tasks: local processes, a Ray cluster, a Slurm job array
+    executors pass 2 as DataTrove tasks: local processes or a Ray cluster
+    slurm     pass 2 as a Slurm job array and the merge job, written for sbatch
     resume    fingerprints, sidecars, what an interrupted run left and whether it can be kept
     merge     the final step: sidecars -> manifest (with the summary) and the dataset card
     card      the dataset card: Hugging Face features and data files from the manifest
@@ -41,7 +42,7 @@ from ki_data.preprocess.config import (
     PreprocessError,
 )
 from ki_data.preprocess.describe import describe_rows, summary_text
-from ki_data.preprocess.executors import SlurmJob, task_groups
+from ki_data.preprocess.executors import task_groups
 from ki_data.preprocess.merge import PreprocessResult
 from ki_data.preprocess.pass1 import FitChunkCollector, Pass1Result, run_pass1
 from ki_data.preprocess.pass2 import Pass2Context, ShardResult, ShardWorker
@@ -55,6 +56,7 @@ from ki_data.preprocess.plan import (
     split_episodes,
 )
 from ki_data.preprocess.run import run_preprocess, write_slurm_preprocess
+from ki_data.preprocess.slurm import SlurmJob
 
 __all__ = [
     "EXECUTORS",

@@ -21,7 +21,6 @@ from ki_data.preprocess.executors import (
     PASS2_DIR,
     Pass2Job,
     ShardProgress,
-    SlurmJob,
     job_file,
     prepare_tasks,
     resolve_workers,
@@ -30,12 +29,12 @@ from ki_data.preprocess.executors import (
     save_job,
     task_groups,
     unfinished_error,
-    write_slurm_job,
 )
 from ki_data.preprocess.merge import PreprocessResult, RunRecord, finish, written_shards
 from ki_data.preprocess.pass1 import run_pass1
 from ki_data.preprocess.pass2 import Pass2Context
 from ki_data.preprocess.plan import JobPlan, plan_job
+from ki_data.preprocess.slurm import SlurmJob, write_slurm_job
 from ki_data.prompt import vocab_layout
 from ki_data.shard_writer import remove_temp_files, sha256_file
 from ki_data.text_tokenizer import TextTokenizer
