@@ -19,6 +19,8 @@ import dataclasses
 import os
 import pickle
 import re
+import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -163,13 +165,40 @@ def resolve_workers(requested: int, tasks: int) -> int:
 # ------------------------------------------------------------------------------------------------ executors
 
 
+class _ForkedChildrenDieWithParent:
+    """While active, a process forked from this one gets SIGKILL when its parent dies (Linux `PR_SET_PDEATHSIG`).
+
+    `LocalPipelineExecutor.run` forks a `multiprocess` manager server that waits for connections forever: without
+    this, every run killed from outside (`kill -9`, the OOM killer) would leave an idle copy of the whole
+    process behind (about 0.5 GB here)."""
+
+    active = False
+
+    @staticmethod
+    def after_fork_in_child() -> None:
+        if _ForkedChildrenDieWithParent.active and sys.platform == "linux":
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+    def __enter__(self) -> None:
+        type(self).active = True
+
+    def __exit__(self, *exc) -> None:
+        type(self).active = False
+
+
+os.register_at_fork(after_in_child=_ForkedChildrenDieWithParent.after_fork_in_child)
+
+
 def run_local(job_path: Path, tasks: int, workers: int, logging_dir: Path) -> None:
     """DataTrove's LocalPipelineExecutor: one task after another in this process (workers=1), or a pool of
     `workers` processes. A task's exception (e.g. a BadInputError) reaches the caller as it was raised."""
     from datatrove.executor import LocalPipelineExecutor
 
-    LocalPipelineExecutor(pipeline=[WriteShards(str(job_path))], tasks=tasks, workers=workers,
-                          logging_dir=str(logging_dir), skip_completed=True).run()
+    with _ForkedChildrenDieWithParent():
+        LocalPipelineExecutor(pipeline=[WriteShards(str(job_path))], tasks=tasks, workers=workers,
+                              logging_dir=str(logging_dir), skip_completed=True).run()
 
 
 def ki_pass2_task(job_path: str, tasks: int, rank: int, logging_dir: str) -> None:
