@@ -2,10 +2,13 @@
 
     python -m pipelines.preprocess REPO_ID [--root DIR] [--output DIR] [--action-horizon 50] [--max-token-len 200]
         [--text-tokenizer PATH] [--fast-tokenizer DIR] [--cameras NAME ...] [--episodes 0-9 12 ...] [--workers N]
+        [--executor local|ray|slurm] [--tasks N] [--ray-address ADDR] [--slurm-partition P --slurm-time T ...]
 
 Reads through `lerobot` (the hub when online; `$HF_LEROBOT_HOME/<repo_id>` or --root offline) and writes
-manifest.json, norm_stats.json, tokenizer/ and shards/*.parquet into --output (default ./shards/<repo_id>).
-Started again after an interruption, it reuses the finished shards.
+manifest.json, norm_stats.json, tokenizer/, shards/*.parquet and a dataset card (README.md: the directory opens with
+`datasets.load_dataset`) into --output (default ./shards/<repo_id>). Pass 2 runs as DataTrove tasks on this machine
+(--executor local), a Ray cluster (--executor ray) or a Slurm job array (--executor slurm writes the job and says
+how to submit it). Started again after an interruption, on any executor, it reuses the finished shards.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ import sys
 
 from ki_data.images import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS
 from ki_data.lerobot_source import DatasetFormatError, DatasetNotFoundError
-from ki_data.preprocess import PreprocessConfig, PreprocessError, describe_rows, run_preprocess
+from ki_data.preprocess import (
+    EXECUTORS,
+    ExecutorConfig,
+    PreprocessConfig,
+    PreprocessError,
+    SlurmJob,
+    describe_rows,
+    run_preprocess,
+    write_slurm_preprocess,
+)
 from ki_data.manifest import ManifestError
 from ki_data.prompt import DEFAULT_LAYOUT, LAYOUTS
 
@@ -59,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", nargs="+", help="camera names or feature keys to keep, in order (default: all)")
     p.add_argument("--episodes", nargs="+", help="episodes to use: 3, 0-9 (inclusive), 0:10 (default: all)")
     p.add_argument("--workers", type=int, default=0,
-                   help="worker processes for pass 2, 0: one per CPU core" + d + "; the shards do not depend on it")
+                   help="pass-2 tasks run at once: local processes (0: one per CPU core), Ray tasks or Slurm array "
+                   "tasks (0: no limit)" + d + "; the shards do not depend on it")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes held out for validation" + d)
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split" + d)
     p.add_argument("--shard-rows", type=int, default=1000, help="target rows per shard, whole episodes" + d)
@@ -67,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
                    help="pi05: openpi's pi0.5 prefix (... State: ...;\\nAction: ), fast: pi0-FAST's (lower-cased task, "
                    "'Action: ' opens the postfix)" + d)
+    e = p.add_argument_group("executor (where pass 2 runs; the shards do not depend on it)")
+    e.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: DataTrove's LocalPipelineExecutor here; ray: Ray tasks (each running DataTrove's "
+                   "executor for its task) on --ray-address or a local cluster started for the run; slurm: write "
+                   "a DataTrove Slurm job array and say how to submit it" + d)
+    e.add_argument("--tasks", type=int, default=0, help="DataTrove tasks, each a group of whole shards; 0: one per "
+                   "shard" + d)
+    e.add_argument("--ray-address", help="a running Ray cluster, e.g. auto or HEAD_IP:6379 (default: start one with "
+                   "--workers CPUs)")
+    e.add_argument("--slurm-partition", help="Slurm partition (needed with --executor slurm)")
+    e.add_argument("--slurm-time", default="24:00:00", help="Slurm time limit per task" + d)
+    e.add_argument("--slurm-cpus-per-task", type=int, default=1, help="CPUs per Slurm task" + d)
+    e.add_argument("--mem-per-cpu-gb", type=float, default=2.0, help="memory per task CPU on Ray and Slurm" + d)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
     p.add_argument("--show-rows", type=int, default=0, metavar="N", help="print N decoded rows at the end")
@@ -100,6 +126,15 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         skip_bad_rows=args.skip_bad_rows,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        executor=ExecutorConfig(
+            kind=args.executor,
+            tasks=args.tasks,
+            ray_address=args.ray_address,
+            slurm_partition=args.slurm_partition,
+            slurm_time=args.slurm_time,
+            slurm_cpus_per_task=args.slurm_cpus_per_task,
+            mem_per_cpu_gb=args.mem_per_cpu_gb,
+        ),
     )
 
 
@@ -112,13 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = run_preprocess(cfg)
+        result = write_slurm_preprocess(cfg) if cfg.executor.kind == "slurm" else run_preprocess(cfg)
     except (PreprocessError, DatasetNotFoundError, DatasetFormatError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the finished shards", file=sys.stderr)
         return 130
+    if isinstance(result, SlurmJob):
+        print(result.instructions())
+        return 0
     print(result.summary_text())
     if args.show_rows:
         print(describe_rows(result.out_dir, args.show_rows))

@@ -29,7 +29,7 @@ from ki_data.preprocess import (
     FitChunkCollector,
     OutputExistsError,
     PreprocessConfig,
-    _Worker,
+    ShardWorker as _Worker,
     describe_rows,
     run_preprocess,
     split_episodes,

@@ -1,0 +1,154 @@
+"""The job: open and plan, pass 1 (unless a killed run finished it), pass 2 on a DataTrove executor over the shards
+not yet written and verified, then the merge (manifest and dataset card), written last.
+
+`run_preprocess` runs pass 2 here (local processes) or on a Ray cluster and returns the finished run;
+`write_slurm_preprocess` runs pass 1 here and writes pass 2 and the merge as a Slurm job for the user to submit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from ki_data import schema
+from ki_data.fast_tokenizer import FastTokenizer
+from ki_data.lerobot_source import ensure_local, open_lerobot_dataset
+from ki_data.manifest import SCHEMA_VERSION
+from ki_data.preprocess import resume
+from ki_data.preprocess.config import PreprocessConfig, PreprocessError
+from ki_data.preprocess.executors import (
+    PASS2_DIR,
+    Pass2Job,
+    ShardProgress,
+    job_file,
+    prepare_tasks,
+    resolve_workers,
+    run_local,
+    run_ray,
+    save_job,
+    task_groups,
+    unfinished_error,
+)
+from ki_data.preprocess.merge import PreprocessResult, RunRecord, finish, written_shards
+from ki_data.preprocess.pass1 import run_pass1
+from ki_data.preprocess.pass2 import Pass2Context
+from ki_data.preprocess.plan import JobPlan, plan_job
+from ki_data.preprocess.slurm import SlurmJob, write_slurm_job
+from ki_data.prompt import vocab_layout
+from ki_data.shard_writer import remove_temp_files, sha256_file
+from ki_data.text_tokenizer import TextTokenizer
+
+
+def _run_fingerprint(cfg: PreprocessConfig, job: JobPlan) -> str:
+    """Inputs and options that change what is written (not where, nor how many processes or which executor)."""
+    options = cfg.options()
+    for k in ("workers", "overwrite", "output", "executor"):
+        options.pop(k)
+    if cfg.text_tokenizer:
+        options["text_tokenizer"] = sha256_file(Path(cfg.text_tokenizer))
+    if cfg.fast_tokenizer:
+        options["fast_tokenizer"] = resume.dir_sha(Path(cfg.fast_tokenizer))
+    return resume.fingerprint({"schema_version": SCHEMA_VERSION, "source": resume.source_identity(job.spec),
+                               "options": options, "cameras": job.cameras})
+
+
+def _pass2_context(cfg: PreprocessConfig, job: JobPlan, out: Path, state: dict, run_fingerprint: str) -> Pass2Context:
+    text = TextTokenizer.load(out / schema.TEXT_TOKENIZER_FILE)
+    fast = FastTokenizer.load(out / schema.FAST_TOKENIZER_DIR)
+    vocab_size, skip_tokens = vocab_layout(text, fast)
+    layout = schema.ShardLayout(
+        cameras=tuple(job.cameras), state_dim=job.spec.state_dim, action_dim=job.spec.action_dim,
+        action_horizon=cfg.action_horizon, max_token_len=cfg.max_token_len, max_text_len=cfg.max_text_len,
+    )
+    return Pass2Context(
+        spec=job.spec, out=out, cameras=job.cameras, layout=layout, image_size=cfg.image_size, image_format=cfg.image_format,
+        horizon=cfg.action_horizon, norm_mode=cfg.norm_mode, prompt_layout=cfg.prompt_layout, vocab_size=vocab_size,
+        skip_tokens=skip_tokens, skip_bad_rows=cfg.skip_bad_rows,
+        fingerprint=resume.fingerprint([run_fingerprint, state["pass1"], vocab_size, skip_tokens]),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    job: Pass2Job
+    verified: set[str]  # shards an interrupted run finished, verified by their sha256
+    timings: dict[str, float]
+    started_at: float
+    pass1_reused: bool
+
+    def record(self, executor: str, workers: int, pass2_started_at: float) -> RunRecord:
+        return RunRecord(executor=executor, tasks=self.job.tasks, workers=workers, reused=frozenset(self.verified),
+                         timings=self.timings, pass1_reused=self.pass1_reused, started_at=self.started_at,
+                         pass2_started_at=pass2_started_at)
+
+
+def _prepare(cfg: PreprocessConfig) -> _Prepared:
+    """Everything up to pass 2: the plan, the output directory, pass 1, and the job file the tasks read."""
+    started_at, t0 = time.time(), time.perf_counter()
+    cfg.validate()
+    spec = open_lerobot_dataset(cfg.repo_id, cfg.root)
+    # Absolute paths: tasks on other processes and machines may run in another working directory.
+    spec = dataclasses.replace(spec, root=spec.root.resolve())
+    timings = {"open": time.perf_counter() - t0}
+    plan = plan_job(cfg, spec)
+    ensure_local(spec, list(plan.episodes), list(plan.cameras.values()))
+
+    out = cfg.output_dir
+    run_fingerprint = _run_fingerprint(cfg, plan)
+    state = resume.prepare_output(out, run_fingerprint, cfg.overwrite)
+    remove_temp_files(out)
+    out = out.resolve()
+
+    # Pass 1, unless an interrupted run of the same job finished it.
+    t1 = time.perf_counter()
+    pass1_reused = resume.pass1_valid(out, state.get("pass1"))
+    if not pass1_reused:
+        pass1 = run_pass1(cfg, spec, list(plan.episodes), out)
+        state = state | {"pass1": resume.pass1_record(out, pass1.rejected)}
+        resume.save_state(out, state)
+    ctx = _pass2_context(cfg, plan, out, state, run_fingerprint)
+    timings["pass1"] = time.perf_counter() - t1
+
+    job = Pass2Job(cfg, plan, ctx, task_groups(plan.shards, cfg.executor.tasks))
+    save_job(job_file(out), job)
+    verified = {p.path for p in plan.shards if resume.reusable_shard(out, p, ctx.fingerprint) is not None}
+    return _Prepared(job, verified, timings, started_at, pass1_reused)
+
+
+def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
+    """The whole job on the local or Ray executor; returns the manifest it wrote. Raises PreprocessError (and
+    subclasses) or DatasetNotFoundError / DatasetFormatError with a one-line message for problems the user can fix."""
+    kind = cfg.executor.kind
+    if kind == "slurm":
+        raise PreprocessError("the Slurm executor writes a job to submit: use write_slurm_preprocess")
+    prep = _prepare(cfg)
+    job, out = prep.job, prep.job.ctx.out
+    logging_dir = out / resume.PROGRESS_DIR / PASS2_DIR / f"tasks-{job.tasks}"
+    todo = prepare_tasks(job, logging_dir, prep.verified)
+    # Local: processes on this machine. Ray: tasks at once (0: as many as the cluster's CPUs allow); a cluster
+    # started for the run gets that many CPUs.
+    local_cpus = kind == "local" or not cfg.executor.ray_address
+    workers = resolve_workers(cfg.workers, len(todo)) if local_cpus else cfg.workers
+    pass2_started_at = time.time()
+    with ShardProgress(out, job.plan.shards, prep.verified, cfg.progress):
+        if todo and kind == "local":
+            run_local(job_file(out), job.tasks, workers, logging_dir)
+        elif todo:
+            run_ray(job_file(out), job.tasks, todo, workers, logging_dir, cfg.executor)
+    _, missing = written_shards(job.plan, job.ctx)
+    if missing:
+        raise unfinished_error(job, missing, logging_dir)
+    return finish(cfg, job.plan, job.ctx, prep.record(kind, workers, pass2_started_at))
+
+
+def write_slurm_preprocess(cfg: PreprocessConfig) -> SlurmJob | PreprocessResult:
+    """Pass 1 here, then pass 2 (a job array) and the merge (a job depending on it) written for `sbatch`; when every
+    shard is already written (the job ran), the merge runs here and the finished run is returned."""
+    prep = _prepare(cfg)
+    job, out = prep.job, prep.job.ctx.out
+    logging_dir = out / resume.SLURM_DIR / f"pass2-tasks-{job.tasks}"
+    todo = prepare_tasks(job, logging_dir, prep.verified)
+    if not todo:
+        return finish(cfg, job.plan, job.ctx, prep.record("slurm", cfg.workers, time.time()))
+    return write_slurm_job(job_file(out), job, todo, prep.record("slurm", cfg.workers, time.time()), logging_dir)
