@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class ShardWorker:
             vocab_size=ctx.vocab_size, skip_tokens=ctx.skip_tokens,
         )
         self.stats = load_norm_stats(ctx.out / schema.NORM_STATS_FILE)
+        self._pool = ThreadPoolExecutor(max(1, len(ctx.cameras)), thread_name_prefix="camera")
 
     def _prompts(self, cols: EpisodeColumns, ok: Bool[np.ndarray, " n"], state: Float[np.ndarray, "n s"],
                  chunks: Float[np.ndarray, "n h d"]) -> tuple[dict[int, PromptTokens], list[int]]:
@@ -142,8 +144,10 @@ class ShardWorker:
 
         rows = np.flatnonzero(ok)
         out: dict[str, Any] = {}
-        for name, key in ctx.cameras.items():
-            out[schema.image_column(name)] = self._images(cols, key, ok)
+        # The cameras of an episode decode side by side: PyAV, OpenCV and libjpeg-turbo release the GIL.
+        encoded = self._pool.map(lambda key: self._images(cols, key, ok), ctx.cameras.values())
+        for name, images in zip(ctx.cameras, encoded, strict=True):
+            out[schema.image_column(name)] = images
             out[schema.image_mask_column(name)] = [True] * len(rows)
         out[schema.EPISODE_INDEX] = np.full(len(rows), ep, np.int64)
         out[schema.FRAME_INDEX] = cols.frame_index[rows]
@@ -188,4 +192,5 @@ class ShardWorker:
         )
 
     def close(self) -> None:
+        self._pool.shutdown()
         self.reader.close()
