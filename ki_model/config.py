@@ -83,6 +83,10 @@ class Pi05KIConfig:
     # Camera order of the image tokens; empty = the observation's cameras in sorted order.
     cameras: tuple[str, ...] = ()
     fast_loss_weight: float = 1.0
+    # Knowledge insulation: the action expert reads the backbone's keys/values through stop_gradient, so the flow loss
+    # never changes a backbone weight. False is the ablation (π0 / π0.5 without KI: the flow gradient reaches the
+    # backbone and the vision encoder).
+    insulation: bool = True
     num_flow_steps: int = 10
     backbone_variant: str = "gemma_2b"
     expert_variant: str = "gemma_300m"
@@ -112,6 +116,8 @@ class Pi05KIConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_text_len > self.max_token_len:
             raise ConfigError(f"max_text_len {self.max_text_len} > max_token_len {self.max_token_len}")
+        if self.fast_loss_weight < 0:
+            raise ConfigError(f"fast_loss_weight must be >= 0, got {self.fast_loss_weight}")
         for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -4,7 +4,8 @@ Training is ONE forward pass over [I | tokenized_prompt | A] with the table of `
 backbone learns FAST tokens by cross-entropy, the action expert learns the flow, and in every layer the action
 expert reads the backbone's keys/values through stop_gradient, so no flow gradient reaches any backbone weight.
 Inference fills a KV cache with [I | text_prompt] once; the action expert integrates the flow reading it, and
-`sample_fast_tokens` decodes FAST tokens from the same cache.
+`sample_fast_tokens` decodes FAST tokens from the same cache. `config.insulation = False` (an ablation) lifts the
+stop_gradient: the flow gradient then reaches the backbone, as in π0 / π0.5 trained without KI.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class Pi05KI(nnx.Module):
             positions=layout.positions,
             mask=layout.mask,
             conds=[None, cond],
-            insulated=[False, True],
+            insulated=[False, self.config.insulation],
             remat=self.config.remat,
         )
         n_img = img.shape[1]
@@ -273,9 +274,8 @@ class Pi05KI(nnx.Module):
         _, kv = gemma.forward(experts, [tokens, None], positions=pre.positions, mask=pre.mask, remat=remat)
         t = time[:, None, None]
         x_t = t * noise + (1.0 - t) * actions
-        velocity = self._velocity_from_cache(
-            jax.lax.stop_gradient(kv), prefix_valid, x_t, time, insulated=False, remat=remat
-        )
+        kv = jax.lax.stop_gradient(kv) if self.config.insulation else kv
+        velocity = self._velocity_from_cache(kv, prefix_valid, x_t, time, insulated=False, remat=remat)
         return self._losses(self._flow_loss(velocity, noise - actions, action_is_pad), fast, acc)
 
     def compute_loss_two_pass(

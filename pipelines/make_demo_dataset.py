@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ki_data.demo_pusht import DEFAULT_REPO_ID, DemoConfig, record_demo_dataset
+from ki_data.demo_pusht import DEFAULT_REPO_ID, DemoConfig, check_seed_range, record_demo_dataset
 from ki_data.lerobot_source import lerobot_home
 
 
@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
     a = p.parse_args(argv)
     if a.episodes < 1 or a.max_steps < 1:
         p.error("--episodes and --max-steps must be positive")
+    try:
+        check_seed_range(a.seed, a.episodes)
+    except ValueError as e:
+        p.error(str(e))
     if a.overwrite and a.skip_existing:
         p.error("--overwrite and --skip-existing exclude each other")
     cfg = DemoConfig(repo_id=a.repo_id, root=a.root, episodes=a.episodes, seed=a.seed, max_steps=a.max_steps,

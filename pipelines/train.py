@@ -22,6 +22,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty --checkpoint-dir and start over")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="score a few fixed validation batches every N steps into metrics.jsonl (0: never)")
+    p.add_argument("--eval-batches", type=int, default=2, help="validation batches scored by --eval-every")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (openpi: 0.999)")
@@ -30,6 +33,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--shuffle-buffer", type=int, default=2048, help="rows shuffled together")
     p.add_argument("--no-augment", action="store_true", help="train without image augmentation")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
+    p.add_argument("--number-embeddings", action="store_true",
+                   help="from scratch: start the embeddings of number tokens (the state bins) from a code of their "
+                        "value (README: training from scratch)")
+    abl = p.add_argument_group("ablations (README: what knowledge insulation buys)")
+    abl.add_argument("--insulation", choices=("on", "off"), default="on",
+                     help="off: the flow gradient reaches the backbone and vision encoder (π0/π0.5 without KI)")
+    abl.add_argument("--fast-loss-weight", type=float, default=None,
+                     help="weight of the FAST cross-entropy in the total loss (default: the model config's, 1.0; 0 "
+                          "with insulation on trains no backbone weight)")
     p.add_argument("--fast-compile", action="store_true",
                    help="CPU: compile the train step without XLA backend optimisation (~3x faster compile, ~2x slower steps)")
     p.add_argument("--init", metavar="paligemma:PATH", help="start the vision encoder and backbone from a Hugging Face "
@@ -71,10 +83,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         max_text_len=a.max_text_len,
         image_size=a.image_size,
         vocab_size=a.vocab_size,
-        model_overrides={"remat": True} if a.remat else {},
+        model_overrides=model_overrides(a),
         fast_compile=a.fast_compile,
         init=a.init,
+        eval_every=a.eval_every,
+        number_embeddings=a.number_embeddings,
+        eval_batches=a.eval_batches,
     )
+
+
+def model_overrides(a: argparse.Namespace) -> dict:
+    out: dict = {"remat": True} if a.remat else {}
+    if a.insulation == "off":
+        out["insulation"] = False
+    if a.fast_loss_weight is not None:
+        out["fast_loss_weight"] = a.fast_loss_weight
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
