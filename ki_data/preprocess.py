@@ -34,7 +34,6 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from ki_data import schema
-from ki_data.action_space import same_quantity, to_delta
 from ki_data.fast_tokenizer import FastTokenizer, dct_coefficients
 from ki_data.images import encode_image, resize_with_pad
 from ki_data.lerobot_source import (
@@ -107,7 +106,6 @@ class PreprocessConfig:
     fast_tokenizer: str | None = None  # a FAST directory; default: fit one
     text_vocab_size: int = 1024
     text_split_digits: bool = False  # the offline text tokenizer writes numbers digit by digit (as PaliGemma's)
-    delta_actions: bool = False  # chunks relative to the current state (ki_data.action_space)
     fast_vocab_size: int = 1024
     fast_scale: float = 10.0
     cameras: tuple[str, ...] | None = None  # camera names or feature keys; default all
@@ -271,20 +269,6 @@ def action_chunks(
 # ------------------------------------------------------------------------------------------------ planning
 
 
-def raw_chunks(cols: EpisodeColumns, horizon: int, *, delta: bool) -> tuple[np.ndarray, np.ndarray]:
-    """An episode's action chunks in the dataset's units (non-finite values as 0: their rows are rejected), relative
-    to each frame's state when `delta`; and the pad mask."""
-    chunks, is_pad = action_chunks(np.nan_to_num(cols.actions), horizon)
-    return (to_delta(chunks, np.nan_to_num(cols.state)) if delta else chunks), is_pad
-
-
-def _check_delta(spec: DatasetSpec) -> None:
-    ok, why = same_quantity(spec.state_dim, spec.action_dim, spec.state_names, spec.action_names)
-    if not ok:
-        raise PreprocessError(f"LeRobot dataset '{spec.repo_id}': --delta-actions needs state and action to be the "
-                              f"same quantity, but {why}")
-
-
 def select_episodes(spec: DatasetSpec, wanted: tuple[int, ...] | None) -> list[int]:
     available = [e.index for e in spec.episodes]
     if not available:
@@ -434,16 +418,7 @@ def run_pass1(
 
     # Statistics over every row whose own value is usable (a row may be dropped only for its chunk or task).
     states = np.concatenate([c.state[np.isfinite(c.state).all(1)] for c, _ in kept])
-    if cfg.delta_actions:
-        _check_delta(spec)
-        # Statistics of what the model is trained on: every real step of the usable rows' delta chunks.
-        deltas = []
-        for c, ok in kept:
-            chunks, is_pad = raw_chunks(c, cfg.action_horizon, delta=True)
-            deltas.append(chunks[ok][~is_pad[ok]])
-        actions = np.concatenate(deltas)
-    else:
-        actions = np.concatenate([c.actions[np.isfinite(c.actions).all(1)] for c, _ in kept])
+    actions = np.concatenate([c.actions[np.isfinite(c.actions).all(1)] for c, _ in kept])
     stats = {"state": compute_stats(states), "actions": compute_stats(actions)}
     save_norm_stats(out / schema.NORM_STATS_FILE, stats)
 
@@ -456,8 +431,8 @@ def run_pass1(
     for cols, ok in kept:
         if not ok.any():
             continue
-        chunks = raw_chunks(cols, cfg.action_horizon, delta=cfg.delta_actions)[0]
-        fit.add(normalize(chunks, stats["actions"], cfg.norm_mode)[ok])
+        norm_actions = normalize(np.nan_to_num(cols.actions), stats["actions"], cfg.norm_mode)
+        fit.add(action_chunks(norm_actions, cfg.action_horizon)[0][ok])
         rows = np.flatnonzero(ok)
         lo, hi = np.searchsorted(text_pick, [offset, offset + len(rows)])
         for r in rows[text_pick[lo:hi] - offset]:
@@ -511,7 +486,6 @@ class Pass2Context:
     skip_tokens: int
     skip_bad_rows: bool
     fingerprint: str
-    delta_actions: bool = False
 
 
 class _Worker:
@@ -567,8 +541,8 @@ class _Worker:
             raise_first_problem(spec, cols, problems)
         ok, codes = problems.ok.copy(), problems.codes.copy()
         state = normalize(np.nan_to_num(cols.state), self.stats["state"], ctx.norm_mode)
-        chunks, is_pad = raw_chunks(cols, ctx.horizon, delta=ctx.delta_actions)
-        chunks = normalize(chunks, self.stats["actions"], ctx.norm_mode)
+        actions = normalize(np.nan_to_num(cols.actions), self.stats["actions"], ctx.norm_mode)
+        chunks, is_pad = action_chunks(actions, ctx.horizon)
         prompts = self._prompts(cols, ok, codes, state, chunks)
 
         rows = np.flatnonzero(ok)
@@ -856,7 +830,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     ctx = Pass2Context(
         spec=spec, out=out, cameras=cameras, layout=layout, image_size=cfg.image_size, horizon=cfg.action_horizon,
         norm_mode=cfg.norm_mode, vocab_size=vocab_size, skip_tokens=skip_tokens, skip_bad_rows=cfg.skip_bad_rows,
-        fingerprint=shard_fingerprint, delta_actions=cfg.delta_actions,
+        fingerprint=shard_fingerprint,
     )
 
     timings["pass1"] = time.perf_counter() - t1
@@ -909,7 +883,6 @@ def _manifest(cfg, spec, cameras, layout, text, fast, vocab_size, skip_tokens, t
         "action_horizon": layout.action_horizon,
         "state_dim": layout.state_dim,
         "action_dim": layout.action_dim,
-        "delta_actions": cfg.delta_actions,
         "state_names": None if spec.state_names is None else list(spec.state_names),
         "action_names": None if spec.action_names is None else list(spec.action_names),
         "max_token_len": layout.max_token_len,

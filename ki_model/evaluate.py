@@ -6,8 +6,7 @@ units.
 - FAST head: `sample_fast_tokens` (greedy) -> ki_data FastTokenizer decode -> unnormalized, constrained to the
   FAST grammar and not; the share of rows that decode is the validity rate;
 - teacher-forced FAST token accuracy and both losses, as in training;
-- a baseline that always predicts the dataset's mean action (with delta actions: the mean displacement), to read
-  the errors against;
+- a baseline that always predicts the dataset's mean action, to read the errors against;
 - a hold-still baseline (the current state repeated over the chunk) where state and action mean the same thing
   (`hold_still_applies`: same dimension and the same recorded feature names, as pusht's agent xy);
 - the flow loss with every row given another row's observation (same actions, noise and time): how much the action
@@ -28,7 +27,6 @@ from flax import nnx
 from jaxtyping import Bool, Float
 from tqdm import tqdm
 
-from ki_data.action_space import same_quantity
 from ki_data.loader import LoaderConfig, ShardLoader
 from ki_data.normalize import unnormalize
 from ki_data.schema import load_manifest
@@ -83,8 +81,15 @@ def hold_still_applies(manifest: dict[str, Any]) -> tuple[bool, str]:
 
     Decided from the manifest: equal dimensions and equal, recorded feature names (LeRobot `names`).
     """
-    return same_quantity(manifest.get("state_dim"), manifest.get("action_dim"), manifest.get("state_names"),
-                         manifest.get("action_names"))
+    s_dim, a_dim = manifest.get("state_dim"), manifest.get("action_dim")
+    if s_dim != a_dim:
+        return False, f"state has {s_dim} values and the action {a_dim}"
+    s_names, a_names = manifest.get("state_names"), manifest.get("action_names")
+    if s_names is None or a_names is None:
+        return False, "the dataset records no feature names for observation.state and action"
+    if list(s_names) != list(a_names):
+        return False, f"state names {list(s_names)} differ from action names {list(a_names)}"
+    return True, f"state and action are the same quantities ({', '.join(map(str, s_names))})"
 
 
 def shuffle_observation(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -171,22 +176,19 @@ def evaluate(
             real = ~batch["action_is_pad"].astype(bool)
             real[n:] = False  # padding rows of a short last batch
             state = unnormalize(batch["state"], policy.norm_stats["state"], mode=policy.norm_mode)
-            # Every prediction in the dataset's own action units (delta chunks get the state added back).
-            absolute = lambda x, state=state: policy.to_dataset_actions(x, state)  # noqa: E731
-            true = absolute(policy.unnormalize_actions(true_n))
+            true = policy.unnormalize_actions(true_n)
             flow_n = [policy.sample_normalized(obs, jax.random.fold_in(rng, j)) for j in range(flow_samples)]
-            flow = absolute(policy.unnormalize_actions(flow_n[0]))
+            flow = policy.unnormalize_actions(flow_n[0])
             errors["flow"].add(flow, true, real)
             if flow_samples > 1:
-                errors["flow_sample_mean"].add(absolute(policy.unnormalize_actions(np.mean(flow_n, axis=0))), true, real)
-            errors["mean_action_baseline"].add(absolute(np.broadcast_to(actions_stats.mean, true.shape)), true, real)
+                errors["flow_sample_mean"].add(policy.unnormalize_actions(np.mean(flow_n, axis=0)), true, real)
+            errors["mean_action_baseline"].add(np.broadcast_to(actions_stats.mean, true.shape), true, real)
             if hold_still:
                 errors["hold_still_baseline"].add(np.broadcast_to(state[:, None, :], true.shape), true, real)
             fast_pred = {}
             for name, constrained in (("fast_constrained", True), ("fast_unconstrained", False)):
                 tokens = np.asarray(decode_fast(params, rng, obs, constrained))
                 pred, ok = fast_tokens_to_actions(tokens, spec, policy.fast_tokenizer, norm_stats=actions_stats, norm_mode=policy.norm_mode)
-                pred = absolute(pred)
                 ok[n:] = False
                 valid[name][0] += int(ok.sum())
                 valid[name][1] += n

@@ -2,11 +2,14 @@
 
 π0.5 writes the state into the prompt as 256 bins ("State: 217 124;"). A pretrained backbone (PaliGemma) already
 embeds numbers so that close values look alike. A backbone trained from scratch starts every bin as an unrelated
-random vector: our offline tokenizer gives each bin its own piece ("▁217"; "▁124;" where a ";" follows), so the model
-must learn a 512-entry lookup table before it can tell where the robot is, and with knowledge insulation only the
-FAST loss teaches it. `apply_number_embeddings` (train `--number-embeddings`) writes a sinusoidal code of the bin
-value into part of each such token's embedding, so that the bin is linearly readable from the first layer on.
-Nothing changes for a backbone loaded from PaliGemma (it is not applied with --init).
+random vector: our offline tokenizer gives each bin its own piece ("▁217"; "▁124;" where a ";" follows). With
+knowledge insulation only the FAST loss trains the backbone, and it learns to decode the bins where it predicts the
+FAST tokens (the postfix), which the action expert never reads: the prefix keeps the unrelated per-bin vectors and the
+expert, reading the prefix through stop_gradient, cannot tell where the robot is (learn log, issue 13).
+
+`apply_number_embeddings` (train `--number-embeddings`) sets each number token's row to a sinusoidal code of its value
+spread over all columns by a fixed random projection, so the bin is linearly readable in the prefix from the first
+layer on and neighbouring bins start alike. Nothing changes for a backbone loaded from PaliGemma (refused with --init).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from jaxtyping import Float
 from ki_data import TextTokenizer
 from ki_data.prompt import STATE_BINS
 
-# A piece that spells a state bin: an optional word-start marker, the digits, optional punctuation after it.
-_NUMBER_PIECE = re.compile(r"^▁?(\d{1,3})[;,.:]?$")
+# A piece that spells a whole state bin: the word-start marker, the digits, optional punctuation after it. Pieces
+# without the marker ("8;" after "▁12" when the tokenizer splits "▁128;") are a number's tail, not a number.
+_NUMBER_PIECE = re.compile(r"^▁(\d{1,3})[;,.:]?$")
 CODE_FREQUENCIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # cycles over the bin range
 
 
@@ -43,17 +47,21 @@ def number_code(values: np.ndarray, width: int) -> Float[np.ndarray, "n c"]:
 
 
 def apply_number_embeddings(
-    embedding: Float[np.ndarray, "vocab width"], text: TextTokenizer
+    embedding: Float[np.ndarray, "vocab width"], text: TextTokenizer, seed: int = 0
 ) -> tuple[Float[np.ndarray, "vocab width"], int]:
-    """The embedding table with the first columns of every number token replaced by its value code, at the scale of
-    the table's entries; returns (table, number of tokens changed)."""
+    """The embedding table with every number token's row replaced by its value code spread over all columns (a fixed
+    random projection), at the RMS of the table's entries; "▁12" and "▁12;" get the same row. Returns (table, number
+    of tokens changed)."""
     table = np.array(embedding, dtype=np.float32, copy=True)
     ids = number_tokens(text)
     if not ids:
         return table, 0
     rows = np.fromiter(ids.keys(), int)
     code = number_code(np.fromiter(ids.values(), int), table.shape[1])
+    code = code - code.mean(axis=0)  # what sets the numbers apart, not what they share
+    projection = np.random.default_rng(seed).standard_normal((code.shape[1], table.shape[1]))
+    rows_code = code @ projection
     # Same RMS per entry as the random initialisation (normal, std width**-0.5): the code neither drowns nor vanishes.
-    scale = float(np.sqrt(np.mean(np.square(table)))) / float(np.sqrt(np.mean(np.square(code))))
-    table[rows, : code.shape[1]] = code * scale
+    scale = float(np.sqrt(np.mean(np.square(table)))) / float(np.sqrt(np.mean(np.square(rows_code))))
+    table[rows] = rows_code * scale
     return table, len(rows)

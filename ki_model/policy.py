@@ -3,7 +3,7 @@
 `Policy.prepare(frame)` turns one observation into the model's input with the very code preprocessing used
 (ki_data.normalize, ki_data.build_prompt with actions=None, ki_data.images.resize_with_pad + PNG round trip), so the
 tensors are bit-identical to that frame's shard row; `Policy.infer(frame)` runs the action expert's flow and returns
-the chunk in the dataset's own units (for shards with delta actions, with the frame's state added back).
+the chunk in the dataset's own units.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from flax import nnx
 from jaxtyping import Float, UInt8
 
 from ki_data import FastTokenizer, TextTokenizer, build_prompt
-from ki_data.action_space import is_delta, to_absolute
 from ki_data.images import decode_image, encode_image, resize_with_pad
 from ki_data.normalize import NormStats, load_norm_stats, normalize, unnormalize
 from ki_data.schema import FAST_TOKENIZER_DIR, NORM_STATS_FILE, TEXT_TOKENIZER_FILE, camera_name
@@ -182,21 +181,9 @@ class Policy:
     def unnormalize_actions(self, actions: Float[np.ndarray, "*b h d"]) -> Float[np.ndarray, "*b h d"]:
         return unnormalize(actions, self.norm_stats["actions"], mode=self.norm_mode)
 
-    @property
-    def delta_actions(self) -> bool:
-        return is_delta(self.manifest)
-
-    def to_dataset_actions(
-        self, actions: Float[np.ndarray, "*b h d"], state: Float[np.ndarray, "*b s"]
-    ) -> Float[np.ndarray, "*b h d"]:
-        """Unnormalized chunks as the dataset's actions: with delta actions (ki_data.action_space) the state (in the
-        dataset's units) is added back; absolute chunks are returned as they are."""
-        return to_absolute(actions, state) if self.delta_actions else np.asarray(actions, np.float32)
-
     def infer(self, frame: Mapping[str, Any]) -> Float[np.ndarray, "h d"]:
         """The action chunk [horizon, action_dim] in the dataset's units for one observation."""
-        chunk = self.unnormalize_actions(self.sample_normalized(self.prepare(frame)))[0]
-        return self.to_dataset_actions(chunk, np.asarray(frame["observation.state"], np.float32).reshape(-1))
+        return self.unnormalize_actions(self.sample_normalized(self.prepare(frame)))[0]
 
     def fast_decode_spec(self) -> FastDecodeSpec:
         return FastDecodeSpec.from_tokenizers(

@@ -320,10 +320,11 @@ def run_rollout(
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     plot_rollout(report, cfg.controllers, out / PLOT_FILE)
-    write_video([videos[n] for n in cfg.controllers if videos[n]], [n for n in cfg.controllers if videos[n]],
-                out / VIDEO_FILE)
-    report["report_path"], report["plot_path"], report["video_path"] = (
-        str(out / REPORT_FILE), str(out / PLOT_FILE), str(out / VIDEO_FILE))
+    shown = [n for n in cfg.controllers if videos[n]]
+    if shown:
+        write_video([videos[n] for n in shown], shown, out / VIDEO_FILE)
+    report["report_path"], report["plot_path"] = str(out / REPORT_FILE), str(out / PLOT_FILE)
+    report["video_path"] = str(out / VIDEO_FILE) if shown else None
     return report
 
 

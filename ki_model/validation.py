@@ -19,7 +19,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ki_data.action_space import is_delta, to_absolute
 from ki_data.loader import LoaderConfig, ShardLoader
 from ki_data.normalize import NormStats, load_norm_stats, unnormalize
 from ki_data.schema import NORM_STATS_FILE
@@ -51,7 +50,6 @@ class Validator:
     ):
         self.config = config
         self.norm_mode = manifest.get("norm_mode", "quantile")
-        self.delta = is_delta(manifest)
         stats: dict[str, NormStats] = load_norm_stats(Path(shards_dir) / NORM_STATS_FILE)
         self.action_stats = stats["actions"]
         loader = ShardLoader(
@@ -75,11 +73,11 @@ class Validator:
                 real[n:] = False
                 actions = batch["actions"].astype(np.float32)
                 state = unnormalize(batch["state"], stats["state"], mode=self.norm_mode)
-                true = self._absolute(unnormalize(actions, self.action_stats, mode=self.norm_mode), state)
+                true = unnormalize(actions, self.action_stats, mode=self.norm_mode)
                 obs = Observation.from_batch(batch)
                 shuffled = Observation.from_batch(shuffle_observation(batch, n))
-                self.batches.append((obs, shuffled, actions, batch["action_is_pad"].astype(bool), real, state, true))
-                preds = {"mean_action": self._absolute(np.broadcast_to(self.action_stats.mean, true.shape), state)}
+                self.batches.append((obs, shuffled, actions, batch["action_is_pad"].astype(bool), real, true))
+                preds = {"mean_action": np.broadcast_to(self.action_stats.mean, true.shape)}
                 if hold_still:
                     preds["hold_still"] = np.broadcast_to(state[:, None, :], true.shape)
                 for k, pred in preds.items():
@@ -99,13 +97,10 @@ class Validator:
         self._losses = jax.jit(losses, compiler_options=compiler_options)
         self._sample = jax.jit(sample, compiler_options=compiler_options)
 
-    def _absolute(self, chunks: np.ndarray, state: np.ndarray) -> np.ndarray:
-        return to_absolute(chunks, state) if self.delta else np.asarray(chunks, np.float32)
-
     def __call__(self, params: Any) -> dict[str, float]:
         sums = {"val_flow_loss": 0.0, "val_fast_loss": 0.0, "val_fast_accuracy": 0.0, "val_flow_loss_shuffled": 0.0}
         sq, count = 0.0, 0.0
-        for i, (obs, shuffled, actions, pad, real, state, true) in enumerate(self.batches):
+        for i, (obs, shuffled, actions, pad, real, true) in enumerate(self.batches):
             rng = jax.random.fold_in(self._key, i)  # the same noise and time at every evaluation
             m = jax.device_get(self._losses(params, rng, obs, actions, pad))
             sums["val_flow_loss"] += float(m["flow"])
@@ -113,7 +108,6 @@ class Validator:
             sums["val_fast_accuracy"] += float(m["fast_accuracy"])
             sums["val_flow_loss_shuffled"] += float(jax.device_get(self._losses(params, rng, shuffled, actions, pad))["flow"])
             pred = unnormalize(np.asarray(self._sample(params, rng, obs)), self.action_stats, mode=self.norm_mode)
-            pred = self._absolute(pred, state)
             s, c = _mse(pred, true, real)
             sq, count = sq + s, count + c
         out = {k: v / len(self.batches) for k, v in sums.items()}

@@ -52,9 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-vocab-size", type=int, default=1024, help="vocabulary of the offline text tokenizer" + d)
     p.add_argument("--text-split-digits", action="store_true",
                    help="the offline text tokenizer writes numbers digit by digit, as PaliGemma's does")
-    p.add_argument("--delta-actions", action="store_true",
-                   help="store each chunk relative to the frame's state (state and action must be the same quantity, "
-                        "e.g. pusht's agent xy); the policy adds the state back")
     p.add_argument("--fast-vocab-size", type=int, default=1024, help="vocabulary of the fitted FAST tokenizer" + d)
     p.add_argument("--fast-scale", type=float, default=10.0, help="FAST DCT coefficient scale" + d)
     p.add_argument("--cameras", nargs="+", help="camera names or feature keys to keep, in order (default: all)")
@@ -85,7 +82,6 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         fast_tokenizer=args.fast_tokenizer,
         text_vocab_size=args.text_vocab_size,
         text_split_digits=args.text_split_digits,
-        delta_actions=args.delta_actions,
         fast_vocab_size=args.fast_vocab_size,
         fast_scale=args.fast_scale,
         cameras=tuple(args.cameras) if args.cameras else None,

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(r))
     print(f"report: {r['report_path']}")
     print(f"plot:   {r['plot_path']}")
-    print(f"video:  {r['video_path']}")
+    if r["video_path"]:
+        print(f"video:  {r['video_path']}")
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 from ki_data.loader import LoaderError
 from ki_data.schema import ManifestError
 from ki_model.checkpoint import CheckpointError
+from ki_model.config import SIGLIP_VARIANTS
 from ki_model.train import PRESETS, OptimizerConfig, TrainConfig, TrainError, train
 
 
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--number-embeddings", action="store_true",
                    help="from scratch: start the embeddings of number tokens (the state bins) from a code of their "
                         "value (README: training from scratch)")
+    p.add_argument("--vision-variant", choices=sorted(SIGLIP_VARIANTS), default=None,
+                   help="the vision encoder instead of the preset's (e.g. siglip_tiny_p8: 8-px patches)")
     abl = p.add_argument_group("ablations (README: what knowledge insulation buys)")
     abl.add_argument("--insulation", choices=("on", "off"), default="on",
                      help="off: the flow gradient reaches the backbone and vision encoder (π0/π0.5 without KI)")
@@ -98,6 +101,8 @@ def model_overrides(a: argparse.Namespace) -> dict:
         out["insulation"] = False
     if a.fast_loss_weight is not None:
         out["fast_loss_weight"] = a.fast_loss_weight
+    if a.vision_variant is not None:
+        out["vision_variant"] = a.vision_variant
     return out
 
 
