@@ -169,6 +169,7 @@ def _final_bars(ax: Any, runs: list[Run]) -> None:
             shown = True
         ax.bar(np.arange(3) + (j - (len(runs) - 1) / 2) * width, values, width, color=f"C{j}", label=run.label)
     ax.axhline(1.0, color="k", lw=1)
+    ax.legend(fontsize=8)
     ax.set_xticks(np.arange(3), names, fontsize=8)
     ax.set_title("final evaluation (1 = baseline)" if shown else "final evaluation: no eval/rollout reports found",
                  fontsize=10)

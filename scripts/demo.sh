@@ -10,7 +10,7 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cac
 py=.venv/bin/python
 repo_id=ki/pusht_demo
 out=runs/demo
-steps="${DEMO_STEPS:-3000}"
+steps="${DEMO_STEPS:-4000}"
 
 $py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISODES:-100}" --seed 0 --skip-existing
 # Small images and a 16-step horizon keep the CPU demo to minutes; the defaults are 224 px and 50.
