@@ -41,6 +41,9 @@ class DataArtifacts:
     def normalize_state(self, state: Float[np.ndarray, "*b s"]) -> Float[np.ndarray, "*b s"]:
         return normalize(state, self.norm_stats["state"], self.manifest.norm_mode)
 
+    def unnormalize_state(self, state: Float[np.ndarray, "*b s"]) -> Float[np.ndarray, "*b s"]:
+        return unnormalize(state, self.norm_stats["state"], self.manifest.norm_mode)
+
     def normalize_actions(self, actions: Float[np.ndarray, "*b d"]) -> Float[np.ndarray, "*b d"]:
         return normalize(actions, self.norm_stats["actions"], self.manifest.norm_mode)
 

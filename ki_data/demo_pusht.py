@@ -13,6 +13,7 @@ lengths make the episodes differ.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -26,6 +27,31 @@ PUSHT_TASK = "Push the T-shaped block onto the T-shaped target."
 PUSHT_FPS = 10
 DEFAULT_REPO_ID = "ki/pusht_demo"
 IMAGE_KEY = "observation.image"
+# Written into the dataset's meta/ directory: the reset seeds, episode limit and image size of the recording, so that
+# a closed-loop evaluation can check its initial states against the recorded ones and render like the recording.
+RECORDING_FILE = "meta/ki_pusht_recording.json"
+
+# env.reset seeds. Recording: seed * SEED_STRIDE + episode; closed-loop evaluation: EVAL_SEED_BASE + the same. With
+# 0 <= seed < MAX_SEED and episode < SEED_STRIDE, recording seeds stay below MAX_SEED * SEED_STRIDE < EVAL_SEED_BASE,
+# so no evaluation episode starts from a recorded episode's seed.
+SEED_STRIDE = 100_003
+MAX_SEED = 2**20
+EVAL_SEED_BASE = 2**40
+
+
+def check_seed_range(seed: int, episodes: int) -> None:
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}), got {seed}")
+    if not 0 < episodes <= SEED_STRIDE:
+        raise ValueError(f"episodes must be in [1, {SEED_STRIDE}], got {episodes}")
+
+
+def recording_reset_seed(seed: int, episode: int) -> int:
+    return seed * SEED_STRIDE + episode
+
+
+def evaluation_reset_seed(seed: int, episode: int) -> int:
+    return EVAL_SEED_BASE + seed * SEED_STRIDE + episode
 
 AGENT_RADIUS = 15.0
 # Rotational inertia over mass of gym-pusht's T (both parts use the bar's moment: 2 * 1500).
@@ -334,6 +360,7 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
     from lerobot.utils.constants import HF_LEROBOT_HOME
     from tqdm import tqdm
 
+    check_seed_range(cfg.seed, cfg.episodes)
     root = Path(cfg.root) if cfg.root else HF_LEROBOT_HOME / cfg.repo_id
     _prepare_root(root, cfg.overwrite)
     _quiet_writers()
@@ -366,13 +393,16 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
         )
 
     records = []
+    seeds = [recording_reset_seed(cfg.seed, ep) for ep in range(cfg.episodes)]
     try:
         for ep in tqdm(range(cfg.episodes), desc="recording pusht", unit="episode", disable=not progress):
-            records.append(run_episode(env, seed=cfg.seed * 100_003 + ep, policy_seed=(cfg.seed, ep),
+            records.append(run_episode(env, seed=seeds[ep], policy_seed=(cfg.seed, ep),
                                        max_steps=cfg.max_steps, on_step=add))
             dataset.save_episode()
     finally:
         dataset.finalize()
         env.close()
     _remove_empty_dirs(root / "images")  # lerobot's emptied staging folders
+    recording = {"reset_seeds": seeds, "max_steps": cfg.max_steps, "image_size": cfg.image_size, "task": PUSHT_TASK}
+    (root / RECORDING_FILE).write_text(json.dumps(recording, indent=2) + "\n")
     return DemoSummary(root=root, repo_id=cfg.repo_id, episodes=records, seconds=time.perf_counter() - t0)

@@ -187,6 +187,10 @@ class DatasetSpec:
     tasks: dict[int, str]  # task_index -> task
     episodes: tuple[Episode, ...]  # sorted by index
     requested_root: Path | None = None  # the root the caller named (None: lerobot's home or the hub cache)
+    # The features' recorded names, flattened (None when the dataset names none): tells whether state and action
+    # are the same quantities (pusht: both the agent's x, y).
+    state_names: tuple[str, ...] | None = None
+    action_names: tuple[str, ...] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -241,6 +245,16 @@ def _episodes_from_meta(meta) -> tuple[Episode, ...]:
     return tuple(sorted(out, key=lambda e: e.index))
 
 
+def feature_names(feature: dict) -> tuple[str, ...] | None:
+    """A LeRobot feature's `names` flattened: a list as is, a dict's lists in order (`{"motors": [...]}`)."""
+    names = feature.get("names")
+    if isinstance(names, dict):
+        names = [n for group in names.values() for n in (group if isinstance(group, (list, tuple)) else [group])]
+    if not names:
+        return None
+    return tuple(str(n) for n in names)
+
+
 def open_lerobot_dataset(repo_id: str, root: str | Path | None = None, *, download: bool = True) -> DatasetSpec:
     """Resolve a dataset through lerobot's metadata: `root`, else `$HF_LEROBOT_HOME/<repo_id>`, else the hub.
 
@@ -286,6 +300,8 @@ def open_lerobot_dataset(repo_id: str, root: str | Path | None = None, *, downlo
         tasks=tasks,
         episodes=_episodes_from_meta(meta),
         requested_root=None if root is None else Path(root),
+        state_names=feature_names(features[STATE_KEY]),
+        action_names=feature_names(features[ACTION_KEY]),
     )
 
 

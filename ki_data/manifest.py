@@ -69,6 +69,10 @@ class Manifest:
     norm_mode: str
     splits: dict[str, tuple[int, ...]]  # split -> episode indices
     shards: tuple[ShardEntry, ...]
+    # The dataset's feature names of observation.state and action (LeRobot `names`, flattened; None: unnamed): say
+    # whether state and action are the same quantities (pusht: both the agent's x, y).
+    state_names: tuple[str, ...] | None = None
+    action_names: tuple[str, ...] | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the preprocessing options used
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)  # counts and timings of the run
     norm_stats: str = "norm_stats.json"
@@ -93,6 +97,8 @@ class Manifest:
         fields = {k: v for k, v in d.items() if k in known}
         try:
             fields["cameras"] = tuple(d["cameras"])
+            for key in ("state_names", "action_names"):
+                fields[key] = None if d.get(key) is None else tuple(d[key])
             fields["tokenizers"] = {k: TokenizerEntry(**v) for k, v in d["tokenizers"].items()}
             fields["splits"] = {k: tuple(v) for k, v in d["splits"].items()}
             fields["shards"] = tuple(ShardEntry(**{**s, "episodes": tuple(s["episodes"])}) for s in d["shards"])
@@ -134,6 +140,17 @@ class Manifest:
     def model_fields(self) -> dict[str, Any]:
         """The model config's data-dependent fields (Pi05KIConfig takes them by these names)."""
         return {k: getattr(self, k) for k in MODEL_FIELDS}
+
+    def hold_still(self) -> tuple[bool, str]:
+        """(applies, why): whether repeating the current state is a meaningful action chunk (the "hold still"
+        baseline), i.e. state and action are the same quantities: equal dimensions and equal recorded names."""
+        if self.state_dim != self.action_dim:
+            return False, f"state has {self.state_dim} values and the action {self.action_dim}"
+        if self.state_names is None or self.action_names is None:
+            return False, "the dataset records no feature names for observation.state and action"
+        if self.state_names != self.action_names:
+            return False, f"state names {list(self.state_names)} differ from action names {list(self.action_names)}"
+        return True, f"state and action are the same quantities ({', '.join(self.state_names)})"
 
     def data_differences(self, other: Manifest) -> list[tuple[str, Any, Any]]:
         """(field, value here, value in `other`) for everything that would make `other`'s shards read differently

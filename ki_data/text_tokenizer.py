@@ -50,8 +50,11 @@ class TextTokenizer:
             raise ValueError(f"{path} is not a SentencePiece model: {e}") from e
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int = 1024) -> TextTokenizer:
+    def train(cls, texts: Sequence[str], vocab_size: int = 1024, *, split_digits: bool = False) -> TextTokenizer:
         """Train a small BPE SentencePiece model on `texts` (e.g. the dataset's prompts or tasks).
+
+        split_digits: every digit its own piece, as in PaliGemma's tokenizer, so that a state bin is written with the
+        ten digit tokens (compositional) rather than as one of 256 unrelated pieces.
 
         `vocab_size` is a soft limit: it is raised to the minimum SentencePiece accepts (4 specials + 256 byte
         pieces + every distinct character) and the result may be smaller when the corpus has fewer merges.
@@ -81,7 +84,7 @@ class TextTokenizer:
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
-            split_digits=False,
+            split_digits=split_digits,
             max_sentence_length=1 << 20,
             input_sentence_size=0,
             shuffle_input_sentence=False,

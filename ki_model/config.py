@@ -53,6 +53,7 @@ SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
     "so400m/14": SiglipConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14),
     "siglip_small": SiglipConfig(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=16),
     "siglip_tiny": SiglipConfig(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=16),
+    "siglip_tiny_p8": SiglipConfig(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=8),
 }
 
 DTYPES = ("float32", "bfloat16")

@@ -1,10 +1,16 @@
-"""Evaluation of a checkpoint on the manifest's validation episodes: both action heads in the dataset's units.
+"""Evaluation of a checkpoint on the manifest's validation (or training) episodes: both action heads in the dataset's
+units.
 
-- flow head: `sample_actions` (the action expert), unnormalized with norm_stats.json;
+- flow head: `sample_actions` (the action expert), unnormalized with norm_stats.json; one sample per frame, and the
+  mean of `flow_samples` samples (one sample of a wide distribution scores worse in MSE than its mean);
 - FAST head: `sample_fast_tokens` (greedy) -> ki_data FastTokenizer decode -> unnormalized, constrained to the
   FAST grammar and not; the share of rows that decode is the validity rate;
 - teacher-forced FAST token accuracy and both losses, as in training;
-- a baseline that always predicts the dataset's mean action, to read the errors against.
+- a baseline that always predicts the dataset's mean action, to read the errors against;
+- a hold-still baseline (the current state repeated over the chunk) where state and action mean the same thing
+  (`hold_still_applies`: same dimension and the same recorded feature names, as pusht's agent xy);
+- the flow loss with every row given another row's observation (same actions, noise and time): how much the action
+  expert reads the observation at all.
 Errors cover real action steps only (`action_is_pad` steps are the last action repeated, not data).
 """
 
@@ -68,6 +74,14 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.nd
     return {k: v[idx] for k, v in batch.items()}, n
 
 
+def shuffle_observation(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Each of the first n rows gets the images, prompt and state of the row n // 2 further on (cyclically); actions
+    stay. Half a batch apart, so that rows read in file order (consecutive frames) get a distant frame."""
+    keep = ("actions", "action_is_pad", "episode_index", "frame_index", "index")
+    roll = np.concatenate([np.roll(np.arange(n), -(n // 2)), np.arange(n, len(batch["actions"]))])
+    return {k: (v if k in keep else np.asarray(v)[roll]) for k, v in batch.items()}
+
+
 def evaluate(
     checkpoint_dir: str | Path,
     shards_dir: str | Path,
@@ -79,8 +93,21 @@ def evaluate(
     plot_frames: int = 4,
     progress: bool = True,
     fast_compile: bool = False,
+    split: str = "val",
+    flow_samples: int = 8,
+    shuffle: bool = False,
 ) -> dict[str, Any]:
-    """Writes `eval_report.json` and `eval_plot.png` into `output_dir` (default `<checkpoint_dir>/eval`)."""
+    """Writes `eval_report.json` and `eval_plot.png` into `output_dir` (default `<checkpoint_dir>/eval`).
+
+    split: the manifest's "val" (held-out episodes) or "train" episodes (memorising vs learning).
+    flow_samples: flow samples averaged per frame for `flow_sample_mean` (1: not reported).
+    shuffle: read the split in the training loader's shuffled order (a fixed seed), so that `batches` spans
+    episodes; default in file order.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if flow_samples < 1:
+        raise ValueError(f"flow_samples must be at least 1, got {flow_samples}")
     policy = Policy.load(checkpoint_dir, seed=seed, fast_compile=fast_compile)
     check_same_data(checkpoint_dir, shards_dir, doing="evaluate")
     out = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "eval"
@@ -101,15 +128,19 @@ def evaluate(
         return nnx.merge(graphdef, params).compute_loss(rng, obs, actions, pad)
 
     dim = policy.manifest.action_dim
-    errors = {k: _ErrorSum(dim) for k in ("flow", "fast_constrained", "fast_unconstrained", "mean_action_baseline")}
+    heads = ["flow", "fast_constrained", "fast_unconstrained", "mean_action_baseline"]
+    hold_still, hold_still_why = policy.manifest.hold_still()
+    heads += ["flow_sample_mean"] if flow_samples > 1 else []
+    heads += ["hold_still_baseline"] if hold_still else []
+    errors = {k: _ErrorSum(dim) for k in heads}
     valid = {"fast_constrained": [0, 0], "fast_unconstrained": [0, 0]}
-    loss_sums: dict[str, float] = {"flow": 0.0, "fast": 0.0, "fast_accuracy": 0.0}
+    loss_sums: dict[str, float] = {"flow": 0.0, "fast": 0.0, "fast_accuracy": 0.0, "flow_shuffled": 0.0}
     frames, plots = 0, []
     key = jax.random.key(seed)
     loader = ShardLoader(
         shards_dir,
-        "val",
-        LoaderConfig(batch_size=batch_size, seed=seed, shuffle=False, augment=False, repeat=False),
+        split,
+        LoaderConfig(batch_size=batch_size, seed=seed, shuffle=shuffle, augment=False, repeat=False),
         process_index=0,
         process_count=1,
     )
@@ -125,10 +156,16 @@ def evaluate(
             true_n = batch["actions"].astype(np.float32)
             real = ~batch["action_is_pad"].astype(bool)
             real[n:] = False  # padding rows of a short last batch
+            state = policy.data.unnormalize_state(batch["state"])
             true = policy.unnormalize_actions(true_n)
-            flow = policy.unnormalize_actions(policy.sample_normalized(obs, rng))
+            flow_n = [policy.sample_normalized(obs, jax.random.fold_in(rng, j)) for j in range(flow_samples)]
+            flow = policy.unnormalize_actions(flow_n[0])
             errors["flow"].add(flow, true, real)
+            if flow_samples > 1:
+                errors["flow_sample_mean"].add(policy.unnormalize_actions(np.mean(flow_n, axis=0)), true, real)
             errors["mean_action_baseline"].add(np.broadcast_to(actions_stats.mean, true.shape), true, real)
+            if hold_still:
+                errors["hold_still_baseline"].add(np.broadcast_to(state[:, None, :], true.shape), true, real)
             fast_pred = {}
             for name, constrained in (("fast_constrained", True), ("fast_unconstrained", False)):
                 tokens = np.asarray(decode_fast(params, rng, obs, constrained))
@@ -139,8 +176,12 @@ def evaluate(
                 valid[name][1] += n
                 errors[name].add(np.nan_to_num(pred), true, real & ok[:, None])
                 fast_pred[name] = pred
+            pad = batch["action_is_pad"].astype(bool)
             padded = pad_action_dim(true_n, policy.config.action_dim)
-            m = jax.device_get(losses(params, rng, obs, padded, batch["action_is_pad"].astype(bool)))
+            m = jax.device_get(losses(params, rng, obs, padded, pad))
+            # Same actions, noise and flow time; only the observation is another row's.
+            shuffled = Observation.from_batch(shuffle_observation(batch, n))
+            m["flow_shuffled"] = jax.device_get(losses(params, rng, shuffled, padded, pad))["flow"]
             for k in loss_sums:
                 loss_sums[k] += float(m[k]) * n  # padded rows repeat a real row: a small bias on the last batch only
             frames += n
@@ -157,22 +198,29 @@ def evaluate(
                         }
                     )
     if frames == 0:
-        raise ValueError(f"{shards_dir}: no validation frames to evaluate")
+        raise ValueError(f"{shards_dir}: no {split} frames to evaluate")
 
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
         "shards": str(shards_dir),
+        "split": split,
         "frames": frames,
         "units": "dataset (unnormalized with norm_stats.json)",
         "flow": errors["flow"].summary(),
         "fast_constrained": errors["fast_constrained"].summary() | {"validity_rate": valid["fast_constrained"][0] / frames},
         "fast_unconstrained": errors["fast_unconstrained"].summary() | {"validity_rate": valid["fast_unconstrained"][0] / frames},
         "mean_action_baseline": errors["mean_action_baseline"].summary(),
+        "hold_still_baseline": errors["hold_still_baseline"].summary() if hold_still else None,
+        "hold_still_applies": hold_still,
+        "hold_still_note": hold_still_why,
         "token_accuracy": loss_sums["fast_accuracy"] / frames,
         "flow_loss": loss_sums["flow"] / frames,
+        "flow_loss_shuffled_observation": loss_sums["flow_shuffled"] / frames,
         "fast_loss": loss_sums["fast"] / frames,
         "num_flow_steps": policy.num_steps,
     }
+    if flow_samples > 1:
+        report["flow_sample_mean"] = errors["flow_sample_mean"].summary() | {"samples": flow_samples}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     plot_chunks(plots, out / PLOT_FILE)
     report["report_path"] = str(out / REPORT_FILE)

@@ -4,7 +4,8 @@ Training is ONE forward pass over [I | tokenized_prompt | A] with the table of `
 backbone learns FAST tokens by cross-entropy, the action expert learns the flow, and in every layer the action
 expert reads the backbone's keys/values through stop_gradient, so no flow gradient reaches any backbone weight.
 Inference fills a KV cache with [I | text_prompt] once; the action expert integrates the flow reading it, and
-`sample_fast_tokens` decodes FAST tokens from the same cache.
+`sample_fast_tokens` decodes FAST tokens from the same cache. `config.insulation = False` (an ablation) lifts the
+stop_gradient: the flow gradient then reaches the backbone, as in π0 / π0.5 trained without KI.
 """
 
 from __future__ import annotations

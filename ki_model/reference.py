@@ -64,8 +64,8 @@ def losses_two_pass(
     _, kv = gemma.forward(experts, [tokens, None], positions=pre.positions, mask=pre.mask, remat=remat)
     t = time[:, None, None]
     x_t = t * noise + (1.0 - t) * actions
-    velocity = model._velocity_from_cache(jax.lax.stop_gradient(kv), prefix_valid, x_t, time, insulated=False,
-                                          remat=remat)
+    kv = jax.lax.stop_gradient(kv) if model.config.insulation else kv  # insulation off: the ablation
+    velocity = model._velocity_from_cache(kv, prefix_valid, x_t, time, insulated=False, remat=remat)
     return model._losses(flow_matching_loss(velocity, noise - actions, action_is_pad), fast, acc)
 
 

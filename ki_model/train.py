@@ -280,6 +280,13 @@ class TrainConfig:
     # model, its architecture included, from an openpi π0.5 checkpoint (weights not applied on resume).
     init: str | None = None
     verify: bool = False  # hash every shard against manifest.json before anything else (ki_data.verify)
+    # Every eval_every steps (a multiple of log_every; 0: never), score eval_batches fixed validation batches and log
+    # the figures as val_* in metrics.jsonl (ki_model.validation).
+    eval_every: int = 0
+    eval_batches: int = 2
+    # From scratch only: start the embeddings of number tokens (the state bins) from a code of their value
+    # (ki_model.number_embeddings); a pretrained backbone knows its numbers.
+    number_embeddings: bool = False
 
     def explicit(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in MODEL_FIELDS if k != "cameras" and hasattr(self, k)}
@@ -338,6 +345,8 @@ def _fresh_state(
         if cfg.ema_decay is not None:
             state = state.replace(ema_params=jax.device_put(jax.tree.map(jnp.copy, params), shardings.params))
         print(pretrained.report.summary())
+    if cfg.number_embeddings:
+        state = _with_number_embeddings(state, shardings, cfg.shards)
     return state, shardings, graphdef
 
 
@@ -357,6 +366,49 @@ def _format(m: dict[str, float]) -> str:
     )
 
 
+def _format_val(m: dict[str, float]) -> str:
+    hold = f" (hold still {m['val_hold_still_mse']:.4g})" if "val_hold_still_mse" in m else ""
+    return (
+        f"\n  val: flow {m['val_flow_loss']:.4f} (another row's observation {m['val_flow_loss_shuffled']:.4f})  "
+        f"fast {m['val_fast_loss']:.4f}  acc {m['val_fast_accuracy']:.3f}  flow-sample MSE {m['val_flow_mse']:.4g}{hold}"
+    )
+
+
+def _with_number_embeddings(state: TrainState, shardings: TrainState, shards: str) -> TrainState:
+    """The fresh state with the number tokens' embeddings set from their values (EMA too), keeping the sharding."""
+    from ki_data import TextTokenizer
+    from ki_data.schema import TEXT_TOKENIZER_FILE
+    from ki_model.number_embeddings import apply_number_embeddings
+
+    text = TextTokenizer.load(Path(shards) / TEXT_TOKENIZER_FILE)
+    path = ("backbone", "embedder", "input_embedding")
+
+    def replace(params: Params) -> Params:
+        table, changed = apply_number_embeddings(np.asarray(jax.device_get(params[path[0]][path[1]][path[2]])), text)
+        sharding = shardings.params[path[0]][path[1]][path[2]]
+        new = jax.tree.map(lambda x: x, params)  # a copy of the nesting; leaves shared
+        new[path[0]][path[1]][path[2]] = jax.device_put(jnp.asarray(table), sharding)
+        return new, changed
+
+    params, changed = replace(state.params)
+    print(f"--number-embeddings: {changed} number tokens start from a code of their value")
+    ema = replace(state.ema_params)[0] if state.ema_params is not None else None
+    return state.replace(params=params, ema_params=ema)
+
+
+def _make_validator(cfg: TrainConfig, model_cfg: Pi05KIConfig, graphdef: nnx.GraphDef, manifest: Manifest):
+    if not cfg.eval_every:
+        return None
+    if cfg.eval_every < 0 or cfg.eval_every % cfg.log_every:
+        raise TrainError(f"--eval-every {cfg.eval_every} must be a positive multiple of --log-every {cfg.log_every}")
+    if not manifest.splits.get("val"):
+        raise TrainError(f"--eval-every: the shards in {cfg.shards} have no validation episodes")
+    from ki_model.validation import Validator  # imports the evaluation code only when asked
+
+    return Validator(cfg.shards, model_cfg, graphdef, batches=cfg.eval_batches, batch_size=cfg.batch_size,
+                     seed=cfg.seed, compiler_options=compiler_options(cfg.fast_compile))
+
+
 def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """Runs (or resumes) training up to `cfg.steps`; returns the last logged metrics.
 
@@ -371,6 +423,9 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
     model_cfg = _init_model_config(cfg, model_cfg)
     # Checked before anything is written, so a bad checkpoint leaves the output directory alone.
     pretrained = _check_init(cfg, model_cfg) if cfg.init and not cfg.resume else None
+    if cfg.number_embeddings and cfg.init:
+        raise TrainError("--number-embeddings is a prior for a backbone trained from scratch; --init loads "
+                         "PaliGemma's own embeddings")
     try:
         mesh = make_mesh(cfg.fsdp_devices)
     except MeshError as e:
@@ -443,6 +498,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
             graphdef, opt_cfg, shardings, mesh, seed=cfg.seed, ema_decay=cfg.ema_decay, fast_compile=cfg.fast_compile
         )
         meta = {"model_config": model_cfg.to_dict(), "manifest": manifest.to_dict(), "preset": cfg.config}
+        validator = _make_validator(cfg, model_cfg, graphdef, manifest)
 
         def save(step: int) -> None:
             ckpt.save(
@@ -478,10 +534,14 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
                 last = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
                 last["learning_rate"] = float(host[-1]["learning_rate"])
                 last = {"step": done, **last, "steps_per_s": rate, "samples_per_s": rate * cfg.batch_size}
+                if validator is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    last.update(validator(state.params))
+                    t_last = time.perf_counter()  # validation time is not training time
                 if is_main:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps({k: None if v != v else v for k, v in last.items()}) + "\n")  # NaN -> null
-                tqdm.write(_format(last)) if cfg.progress else print(_format(last))
+                text = _format(last) + (_format_val(last) if "val_flow_loss" in last else "")
+                tqdm.write(text) if cfg.progress else print(text)
                 if on_log is not None:
                     on_log(last)
             if done % cfg.save_every == 0 or done == cfg.steps:

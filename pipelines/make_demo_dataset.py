@@ -8,10 +8,19 @@ Lands under $HF_LEROBOT_HOME/<repo_id> (unless --root) so `python -m pipelines.p
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
-from ki_data.demo_pusht import DEFAULT_REPO_ID, DemoConfig, record_demo_dataset
+from ki_data.demo_pusht import (
+    DEFAULT_REPO_ID,
+    RECORDING_FILE,
+    DemoConfig,
+    check_seed_range,
+    record_demo_dataset,
+    recording_reset_seed,
+)
 from ki_data.lerobot_source import lerobot_home
 
 
@@ -26,10 +35,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
                    help="cameras as mp4 video (default, like lerobot/pusht) or PNG frames")
     p.add_argument("--image-size", type=int, default=96, help="rendered image side (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at the destination")
-    p.add_argument("--skip-existing", action="store_true", help="do nothing when the dataset already exists")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing when the dataset already exists (a demo recording with other options is recorded "
+                        "again)")
     a = p.parse_args(argv)
     if a.episodes < 1 or a.max_steps < 1:
         p.error("--episodes and --max-steps must be positive")
+    try:
+        check_seed_range(a.seed, a.episodes)
+    except ValueError as e:
+        p.error(str(e))
     if a.overwrite and a.skip_existing:
         p.error("--overwrite and --skip-existing exclude each other")
     cfg = DemoConfig(repo_id=a.repo_id, root=a.root, episodes=a.episodes, seed=a.seed, max_steps=a.max_steps,
@@ -37,12 +52,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
     return cfg, a.skip_existing
 
 
+def same_recording(root: Path, cfg: DemoConfig) -> bool | None:
+    """Whether the recording at `root` is the one `cfg` asks for (episodes, seed, episode limit, image size); None
+    when it has no recording sidecar (recorded before it existed, or not by this command)."""
+    path = root / RECORDING_FILE
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    wanted = [recording_reset_seed(cfg.seed, e) for e in range(cfg.episodes)]
+    return (rec.get("reset_seeds"), rec.get("max_steps"), rec.get("image_size")) == (wanted, cfg.max_steps,
+                                                                                     cfg.image_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, skip_existing = parse_args(argv)
     root = Path(cfg.root) if cfg.root else lerobot_home() / cfg.repo_id
     if skip_existing and (root / "meta" / "info.json").is_file():
-        print(f"demo dataset {cfg.repo_id} already at {root}; skipping (--overwrite records it again)")
-        return 0
+        same = same_recording(root, cfg)
+        if same is None or same:
+            print(f"demo dataset {cfg.repo_id} already at {root}; skipping (--overwrite records it again)")
+            return 0
+        print(f"demo dataset {cfg.repo_id} at {root} was recorded with other options; recording it again")
+        cfg = dataclasses.replace(cfg, overwrite=True)
     try:
         summary = record_demo_dataset(cfg)
     except FileExistsError as e:

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokenizer", help="a SentencePiece .model (e.g. PaliGemma's); default: train one offline")
     p.add_argument("--fast-tokenizer", help="a FAST tokenizer directory; default: fit one on this dataset")
     p.add_argument("--text-vocab-size", type=int, default=1024, help="vocabulary of the offline text tokenizer" + d)
+    p.add_argument("--text-split-digits", action="store_true",
+                   help="the offline text tokenizer writes numbers digit by digit, as PaliGemma's does")
     p.add_argument("--fast-vocab-size", type=int, default=1024, help="vocabulary of the fitted FAST tokenizer" + d)
     p.add_argument("--fast-scale", type=float, default=10.0, help="FAST DCT coefficient scale" + d)
     p.add_argument("--cameras", nargs="+", help="camera names or feature keys to keep, in order (default: all)")
@@ -113,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         text_tokenizer=args.text_tokenizer,
         fast_tokenizer=args.fast_tokenizer,
         text_vocab_size=args.text_vocab_size,
+        text_split_digits=args.text_split_digits,
         fast_vocab_size=args.fast_vocab_size,
         fast_scale=args.fast_scale,
         cameras=tuple(args.cameras) if args.cameras else None,

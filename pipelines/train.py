@@ -10,7 +10,7 @@ import jax
 from ki_data.loader import LoaderError
 from ki_data.manifest import ManifestError
 from ki_model.checkpoint import CheckpointError
-from ki_model.config import PRESETS
+from ki_model.config import PRESETS, SIGLIP_VARIANTS
 from ki_model.optimizer import OptimizerConfig
 from ki_model.train import TrainConfig, TrainError, train
 
@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty --checkpoint-dir and start over")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="score a few fixed validation batches every N steps into metrics.jsonl (0: never)")
+    p.add_argument("--eval-batches", type=int, default=2, help="validation batches scored by --eval-every")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (openpi: 0.999)")
@@ -38,9 +41,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
     p.add_argument("--flow-samples", type=int, default=1, metavar="K",
                    help="(noise, time) draws per example in one pass: K action blocks share the backbone (default: 1)")
+    scratch = p.add_argument_group("training from scratch (README: what a pretrained backbone brings)")
+    scratch.add_argument("--number-embeddings", action="store_true",
+                         help="start the embeddings of number tokens (the state bins) from a code of their value")
+    scratch.add_argument("--vision-variant", choices=sorted(SIGLIP_VARIANTS), default=None,
+                         help="the vision encoder instead of the preset's (e.g. siglip_tiny_p8: 8-px patches)")
     ablation = p.add_argument_group("ablations (docs/DESIGN.md §5; the defaults are π0.5 with knowledge insulation)")
     ablation.add_argument("--insulation", choices=("on", "off"), default="on",
-                          help="off: the flow gradient reaches the backbone (π0/π0.5 training without KI)")
+                          help="off: the flow gradient reaches the backbone and vision encoder (π0/π0.5 without KI)")
     ablation.add_argument("--fast-loss-weight", type=float, default=1.0,
                           help="λ in flow + λ·FAST; 0 = flow only (FAST tokens not fed, no FAST loss)")
     p.add_argument("--fast-compile", action="store_true",
@@ -92,12 +100,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         max_text_len=a.max_text_len,
         image_size=a.image_size,
         vocab_size=a.vocab_size,
-        model_overrides={"remat": a.remat, "flow_samples": a.flow_samples, "insulation": a.insulation == "on",
-                         "fast_loss_weight": a.fast_loss_weight},
+        model_overrides=model_overrides(a),
         fast_compile=a.fast_compile,
         init=a.init,
         verify=a.verify,
+        eval_every=a.eval_every,
+        eval_batches=a.eval_batches,
+        number_embeddings=a.number_embeddings,
     ), a
+
+
+def model_overrides(a: argparse.Namespace) -> dict:
+    out = {"remat": a.remat, "flow_samples": a.flow_samples, "insulation": a.insulation == "on",
+           "fast_loss_weight": a.fast_loss_weight}
+    if a.vision_variant is not None:
+        out["vision_variant"] = a.vision_variant
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,8 +147,9 @@ def demo_shards(demo_dataset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(demo_shards, tmp_path_factory) -> Path:
-    """The tiny model trained for 2 steps (with EMA) on `demo_shards`: shared by the evaluation, policy and inspection
-    tests, with the settings of test_train.py so that its compiled programs are reused; read-only."""
+    """The tiny model trained for 2 steps (with EMA) on `demo_shards`: shared by the evaluation, policy, rollout and
+    inspection tests, with the settings of test_train.py so that its compiled programs are reused; validation figures
+    (--eval-every) at step 2; read-only."""
     from ki_model.compile import enable_compilation_cache
     from ki_model.optimizer import OptimizerConfig
     from ki_model.train import TrainConfig, train
@@ -158,5 +159,5 @@ def trained_checkpoint(demo_shards, tmp_path_factory) -> Path:
     optimizer = OptimizerConfig(peak_lr=3e-3, warmup_steps=4, decay_steps=200, decay_lr=3e-4)
     train(TrainConfig(shards=str(demo_shards), checkpoint_dir=str(out), steps=2, batch_size=8, log_every=1,
                       save_every=2, num_workers=0, progress=False, optimizer=optimizer, ema_decay=0.9,
-                      fast_compile=True))
+                      fast_compile=True, eval_every=2, eval_batches=1))
     return out

@@ -88,3 +88,23 @@ def test_demo_shards_fixture_is_ready_for_the_tiny_model(demo_shards):
     assert rows["actions"].shape[1:] == (10, 2) and rows["state"].shape[1] == 2
     with pytest.raises(ManifestError, match="not a finished preprocessing output"):
         Manifest.load(demo_shards / "nope")
+
+
+def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys):
+    from ki_data.demo_pusht import RECORDING_FILE, recording_reset_seed
+
+    root = tmp_path / "side"
+    argv = ["--repo-id", "tests/pusht_side", "--root", str(root), "--episodes", "1", "--max-steps", "4", "--seed", "3",
+            "--image-storage", "image"]
+    assert cli.main(argv) == 0
+    sidecar = json.loads((root / RECORDING_FILE).read_text())
+    assert sidecar["reset_seeds"] == [recording_reset_seed(3, 0)] and sidecar["max_steps"] == 4
+    capsys.readouterr()
+    assert cli.main([*argv, "--skip-existing"]) == 0
+    assert "skipping" in capsys.readouterr().out
+    argv[5] = "2"  # --episodes 2: another recording than the one on disk
+    assert cli.main([*argv, "--skip-existing"]) == 0
+    assert "recording it again" in capsys.readouterr().out
+    assert json.loads((root / RECORDING_FILE).read_text())["reset_seeds"] == [recording_reset_seed(3, e) for e in (0, 1)]
+    with pytest.raises(SystemExit):  # seeds beyond MAX_SEED could reach the evaluation seeds
+        cli.main([*argv[:6], "--seed", str(2**20)])

@@ -66,3 +66,49 @@ def test_shards_of_another_layout_are_refused(trained_checkpoint, demo_shards, t
         evaluate(trained_checkpoint, other, output_dir=tmp_path / "r", progress=False)
     assert main(["--checkpoint", str(trained_checkpoint), "--shards", str(other)]) == 2
     assert "max_text_len" in capsys.readouterr().err
+
+
+def test_hold_still_baseline_is_the_state_repeated(report, demo_shards):
+    """By hand on the same 8 validation rows: the state (unnormalized) as every action of the chunk."""
+    m = Manifest.load(demo_shards)
+    rows = read_rows(m.shard_paths(demo_shards, "val")[0])
+    stats = load_norm_stats(demo_shards / "norm_stats.json")
+    true = unnormalize(rows["actions"][:8], stats["actions"], mode=m.norm_mode)
+    state = unnormalize(rows["state"][:8], stats["state"], mode=m.norm_mode)
+    real = ~rows["action_is_pad"][:8]
+    err = (state[:, None, :] - true)[real]
+    assert report["hold_still_applies"] is True and "x, y" in report["hold_still_note"]
+    assert report["hold_still_baseline"]["mse"] == pytest.approx(float(np.mean(err**2)), rel=1e-5)
+    assert report["hold_still_baseline"]["mae"] == pytest.approx(float(np.mean(np.abs(err))), rel=1e-5)
+    assert report["hold_still_baseline"]["values"] == real.sum() * m.action_dim
+
+
+def test_flow_sample_mean_and_shuffled_observation_are_reported(report):
+    assert report["flow_sample_mean"]["samples"] == 8 and report["flow_sample_mean"]["values"] == report["flow"]["values"]
+    assert report["flow_sample_mean"]["mse"] > 0 and report["flow_loss_shuffled_observation"] > 0
+    assert report["split"] == "val"
+
+
+def test_hold_still_applies_only_to_the_same_quantity(demo_shards):
+    import dataclasses
+
+    pusht = Manifest.load(demo_shards)
+    assert pusht.state_names == pusht.action_names == ("x", "y") and pusht.hold_still()[0]
+    assert not dataclasses.replace(pusht, action_dim=3).hold_still()[0]
+    no, why = dataclasses.replace(pusht, state_names=None).hold_still()
+    assert not no and "no feature names" in why
+    no, why = dataclasses.replace(pusht, action_names=("vx", "vy")).hold_still()
+    assert not no and "differ" in why
+
+
+def test_training_split_and_command_line(trained_checkpoint, demo_shards, tmp_path, capsys):
+    from pipelines.evaluate import main
+
+    code = main(["--checkpoint", str(trained_checkpoint), "--shards", str(demo_shards), "--split", "train",
+                 "--batches", "1", "--batch-size", "8", "--flow-samples", "2", "--output", str(tmp_path),
+                 "--fast-compile"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "8 training frames" in out and "hold-still baseline" in out and "mean of 2" in out
+    saved = json.loads((tmp_path / "eval_report.json").read_text())
+    assert saved["split"] == "train" and saved["flow_sample_mean"]["samples"] == 2

@@ -277,14 +277,6 @@ def test_k_flow_samples_in_one_pass_equal_k_single_draw_passes(setup):
     assert max(singles) - min(singles) > 1e-3
 
 
-def test_insulation_off_lets_the_flow_loss_reach_the_backbone(setup):
-    _, model, batch, noise, time = setup
-    args = (batch.obs, batch.actions, noise, time, batch.action_is_pad)
-    assert _side_grads(model, *args)["backbone"] == []  # insulated (the default)
-    reached = _side_grads(_variant(setup, insulation=False), *args)["backbone"]
-    assert len(reached) > 20 and {p[0] for p in reached} == {"vision", "backbone"}
-
-
 def test_flow_only_training_feeds_no_fast_tokens_and_trains_only_the_expert(setup):
     _, _, batch, noise, time = setup
     flow_only = _variant(setup, fast_loss_weight=0.0)

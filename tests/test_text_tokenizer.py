@@ -92,3 +92,11 @@ def test_load_errors(tmp_path):
         TextTokenizer.load(tmp_path / "junk.model")
     with pytest.raises(TypeError):
         TextTokenizer.train("just one string", vocab_size=300)
+
+
+def test_split_digits_writes_numbers_digit_by_digit():
+    tok = TextTokenizer.train(TASKS, vocab_size=600, split_digits=True)
+    text = "Task: open the drawer, State: 217 124;\n"
+    pieces = [tok.id_to_piece(i) for i in tok.encode(text)]
+    assert [p for p in pieces if p.strip("▁").isdigit()] == ["2", "1", "7", "1", "2", "4"]
+    assert tok.decode(tok.encode(text)) == text

@@ -53,6 +53,7 @@ class PreprocessConfig:
     text_tokenizer: str | None = None  # a SentencePiece .model (e.g. PaliGemma's); default: train one
     fast_tokenizer: str | None = None  # a FAST directory; default: fit one
     text_vocab_size: int = 1024
+    text_split_digits: bool = False  # the offline text tokenizer writes numbers digit by digit (as PaliGemma's)
     fast_vocab_size: int = 1024
     fast_scale: float = 10.0
     cameras: tuple[str, ...] | None = None  # camera names or feature keys; default all

@@ -99,6 +99,8 @@ def build_manifest(cfg: PreprocessConfig, job: JobPlan, ctx: Pass2Context, resul
         action_horizon=layout.action_horizon,
         state_dim=layout.state_dim,
         action_dim=layout.action_dim,
+        state_names=job.spec.state_names,
+        action_names=job.spec.action_names,
         max_token_len=layout.max_token_len,
         max_text_len=layout.max_text_len,
         vocab_size=ctx.vocab_size,

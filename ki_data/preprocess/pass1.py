@@ -131,7 +131,7 @@ def run_pass1(
         TextTokenizer.load(cfg.text_tokenizer)  # fail early on a bad file
         atomic_copy(cfg.text_tokenizer, text_dst)
     else:
-        TextTokenizer.train(corpus, vocab_size=cfg.text_vocab_size).save(text_dst)
+        TextTokenizer.train(corpus, vocab_size=cfg.text_vocab_size, split_digits=cfg.text_split_digits).save(text_dst)
 
     fast_dst = out / schema.FAST_TOKENIZER_DIR
     if cfg.fast_tokenizer:

@@ -1,0 +1,175 @@
+"""Learning curves of several training runs side by side (e.g. insulation on / off, FAST loss weights).
+
+A run is a checkpoint directory: its metrics.jsonl (training losses, and `val_*` figures when it was trained with
+--eval-every), model_config.json and train_config.json, and, when present, an `eval_report.json` of the validation
+split and a `rollout_report.json` in one of its sub-directories (pipelines.evaluate / pipelines.rollout outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ki_model import checkpoint as ckpt
+
+# (metrics.jsonl key, panel title, log scale)
+TRAIN_PANELS = (("flow_loss", "training flow loss", True), ("fast_loss", "training FAST loss", True),
+                ("fast_accuracy", "training FAST token accuracy", False))
+
+
+class RunError(ValueError):
+    """A directory that is not a training run (no metrics.jsonl)."""
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    label: str
+    metrics: list[dict[str, Any]]
+    model_config: dict[str, Any]
+    train_config: dict[str, Any]
+    eval_report: dict[str, Any] | None
+    rollout_report: dict[str, Any] | None
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = [m for m in self.metrics if m.get(key) is not None]
+        return np.array([m["step"] for m in rows]), np.array([m[key] for m in rows], float)
+
+    def describe(self) -> str:
+        """What sets the run apart: insulation, FAST weight, steps, learning rate."""
+        mc, tc = self.model_config, self.train_config
+        parts = [f"insulation {'on' if mc.get('insulation', True) else 'off'}",
+                 f"FAST weight {mc.get('fast_loss_weight', 1.0):g}"]
+        if tc.get("steps"):
+            parts.append(f"{tc['steps']} steps of batch {tc.get('batch_size')}")
+        lr = (tc.get("optimizer") or {}).get("peak_lr")
+        if lr:
+            parts.append(f"peak lr {lr:g}")
+        if tc.get("number_embeddings"):
+            parts.append("number embeddings")
+        return ", ".join(parts)
+
+
+def _find_report(run_dir: Path, name: str, want: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    for path in sorted(run_dir.glob(f"*/{name}")):
+        report = json.loads(path.read_text())
+        if all(report.get(k, v) == v for k, v in (want or {}).items()):
+            return report
+    return None
+
+
+def load_run(run_dir: str | Path, label: str | None = None) -> Run:
+    root = Path(run_dir)
+    path = root / ckpt.METRICS
+    if not path.is_file():
+        raise RunError(f"{root}: no {ckpt.METRICS}; not a training run directory (pipelines.train --checkpoint-dir)")
+    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    read = lambda name: json.loads((root / name).read_text()) if (root / name).is_file() else {}  # noqa: E731
+    return Run(
+        path=root,
+        label=label or root.name,
+        metrics=metrics,
+        model_config=read(ckpt.MODEL_CONFIG),
+        train_config=read(ckpt.TRAIN_CONFIG),
+        eval_report=_find_report(root, "eval_report.json", {"split": "val"}),
+        rollout_report=_find_report(root, "rollout_report.json"),
+    )
+
+
+def final_figures(run: Run) -> dict[str, float | None]:
+    """The last logged training/validation figures and the evaluation and rollout summaries, flat."""
+    last = run.metrics[-1] if run.metrics else {}
+    out: dict[str, float | None] = {k: last.get(k) for k in ("step", "flow_loss", "fast_loss", "fast_accuracy")}
+    e = run.eval_report
+    if e is not None:
+        out["val_flow_mse"] = e["flow"]["mse"]
+        out["val_flow_mean_mse"] = (e.get("flow_sample_mean") or {}).get("mse")
+        out["val_fast_mse"] = e["fast_constrained"]["mse"]
+        out["val_hold_still_mse"] = (e.get("hold_still_baseline") or {}).get("mse")
+        out["val_mean_action_mse"] = e["mean_action_baseline"]["mse"]
+    r = run.rollout_report
+    if r is not None:
+        out["policy_max_coverage"] = r["policy"]["mean_max_coverage"]
+        out["expert_max_coverage"] = r.get("expert", {}).get("mean_max_coverage")
+        out["policy_vs_expert"] = r["policy"].get("max_coverage_vs_expert")
+    return out
+
+
+def summary_table(runs: list[Run]) -> str:
+    cols = [("step", "steps", "{:.0f}"), ("flow_loss", "flow", "{:.3f}"), ("fast_accuracy", "FAST acc", "{:.3f}"),
+            ("val_flow_mse", "val flow", "{:.0f}"), ("val_flow_mean_mse", "flow mean", "{:.0f}"),
+            ("val_fast_mse", "val FAST", "{:.0f}"), ("val_hold_still_mse", "hold still", "{:.0f}"),
+            ("policy_max_coverage", "max cov", "{:.3f}"), ("policy_vs_expert", "vs expert", "{:.0%}")]
+    width = max(12, *(len(r.label) + 2 for r in runs))
+    lines = [f"{'run':<{width}}" + "".join(f"{h:>11}" for _, h, _ in cols)]
+    for run in runs:
+        f = final_figures(run)
+        cells = ["" if f.get(k) is None else fmt.format(f[k]) for k, _, fmt in cols]
+        lines.append(f"{run.label:<{width}}" + "".join(f"{c:>11}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_runs(runs: list[Run], path: str | Path) -> None:
+    """Top: training losses and accuracy. Bottom: validation losses (and with another row's observation, dashed),
+    validation flow-sample MSE against hold-still, and the final evaluation / closed-loop figures as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for j, run in enumerate(runs):
+        color = f"C{j}"
+        for ax, (key, title, log) in zip(axes[0], TRAIN_PANELS, strict=True):
+            x, y = run.series(key)
+            ax.plot(x, y, color=color, label=run.label)
+            ax.set_title(title, fontsize=10)
+            if log:
+                ax.set_yscale("log")
+        x, y = run.series("val_flow_loss")
+        if len(x):
+            axes[1, 0].plot(x, y, color=color, label=run.label)
+            xs, ys = run.series("val_flow_loss_shuffled")
+            axes[1, 0].plot(xs, ys, color=color, ls="--")
+        x, y = run.series("val_flow_mse")
+        if len(x):
+            axes[1, 1].plot(x, y, color=color, label=run.label)
+            xh, yh = run.series("val_hold_still_mse")
+            if len(xh):
+                axes[1, 1].axhline(yh[-1], color="k", ls=":", lw=1)
+    axes[1, 0].set_title("validation flow loss (dashed: another row's observation)", fontsize=10)
+    axes[1, 1].set_title("validation flow-sample MSE (dotted: hold still)", fontsize=10)
+    for ax in axes.flat[:5]:
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+    axes[0, 0].legend(fontsize=8)
+    _final_bars(axes[1, 2], runs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _final_bars(ax: Any, runs: list[Run]) -> None:
+    """Validation MSE of the flow head (mean of samples when reported) and the FAST head over hold-still's, and the
+    closed-loop max coverage over the expert's: lower / higher is better, 1 = the baseline."""
+    names = ["flow MSE / hold still", "FAST MSE / hold still", "max coverage / expert"]
+    width = 0.8 / max(len(runs), 1)
+    shown = False
+    for j, run in enumerate(runs):
+        f = final_figures(run)
+        hold = f.get("val_hold_still_mse")
+        flow = f.get("val_flow_mean_mse") or f.get("val_flow_mse")
+        values = [flow / hold if flow and hold else np.nan, f["val_fast_mse"] / hold if hold and f.get("val_fast_mse")
+                  else np.nan, f.get("policy_vs_expert") or np.nan]
+        if not np.all(np.isnan(values)):
+            shown = True
+        ax.bar(np.arange(3) + (j - (len(runs) - 1) / 2) * width, values, width, color=f"C{j}", label=run.label)
+    ax.axhline(1.0, color="k", lw=1)
+    ax.legend(fontsize=8)
+    ax.set_xticks(np.arange(3), names, fontsize=8)
+    ax.set_title("final evaluation (1 = baseline)" if shown else "final evaluation: no eval/rollout reports found",
+                 fontsize=10)

@@ -1,0 +1,47 @@
+"""Closed-loop evaluation of a checkpoint in gym-pusht, beside the scripted expert and hold-still:
+`python -m pipelines.rollout --checkpoint DIR [--episodes 20] [--seed S] [--replan K] [--output DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ki_model.checkpoint import CheckpointError
+from ki_model.rollout import RolloutConfig, RolloutError, format_table, run_rollout
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.rollout", description=__doc__.split(":")[0])
+    p.add_argument("--checkpoint", required=True, help="training checkpoint directory (pipelines.train --checkpoint-dir)")
+    p.add_argument("--episodes", type=int, default=20, help="initial states, never the recording's (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="picks the initial states and the flow noise")
+    p.add_argument("--replan", type=int, default=None,
+                   help="actions executed from each inferred chunk before observing again (default: half the horizon)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="episode limit at 10 fps (default: the recording's, else 150)")
+    p.add_argument("--video-episodes", type=int, default=3, help="episodes shown in the GIF (default: %(default)s)")
+    p.add_argument("--output", default=None, help="report directory (default: <checkpoint>/rollout)")
+    p.add_argument("--fast-compile", action="store_true",
+                   help="CPU: compile without XLA backend optimisation (quicker start, slower inference)")
+    a = p.parse_args(argv)
+    cfg = RolloutConfig(episodes=a.episodes, seed=a.seed, replan=a.replan, max_steps=a.max_steps,
+                        video_episodes=a.video_episodes)
+    output = a.output or f"{a.checkpoint.rstrip('/')}/rollout"
+    try:
+        r = run_rollout(a.checkpoint, output, cfg, fast_compile=a.fast_compile)
+    except (RolloutError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = r["setup"]
+    print(f"{s['episodes']} episodes from unseen initial states, at most {s['max_steps']} steps, the policy replanning "
+          f"every {s['replan']} of its {s['horizon']} actions ({s['seconds']:.0f} s)")
+    print(format_table(r))
+    print(f"report: {r['report_path']}")
+    print(f"plot:   {r['plot_path']}")
+    if r["video_path"]:
+        print(f"video:  {r['video_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""ki_model.rollout / pipelines.rollout: the policy, the scripted expert and hold-still in gym-pusht from unseen
+initial states."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ki_data import demo_pusht
+from ki_model.rollout import CONTROLLERS, PolicyController, RolloutError, check_disjoint
+
+
+@pytest.fixture(scope="module")
+def rollout(trained_checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """pipelines.rollout on the tiny checkpoint: 2 episodes of 40 steps; (output directory, printed text)."""
+    from pipelines.rollout import main
+
+    out = tmp_path_factory.mktemp("rollout") / "r"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main(["--checkpoint", str(trained_checkpoint), "--episodes", "2", "--max-steps", "40",
+                     "--video-episodes", "1", "--output", str(out), "--fast-compile"])
+    assert code == 0
+    return out, text.getvalue()
+
+
+def test_rollout_writes_report_plot_and_video(rollout):
+    out, printed = rollout
+    report = json.loads((out / "rollout_report.json").read_text())
+    for name in CONTROLLERS:
+        r = report[name]
+        assert {"mean_max_coverage", "mean_final_coverage", "success_rate", "episodes"} <= set(r)
+        assert len(r["episodes"]) == 2
+        for e in r["episodes"]:
+            assert 1 <= e["steps"] <= 40 and len(e["coverage"]) == e["steps"]
+            assert e["max_coverage"] == max([e["initial_coverage"], *e["coverage"]])
+            assert e["final_coverage"] == e["coverage"][-1]
+        assert r["mean_max_coverage"] == pytest.approx(np.mean([e["max_coverage"] for e in r["episodes"]]))
+    # Every controller starts from the same two initial states.
+    starts = {name: [e["initial_coverage"] for e in report[name]["episodes"]] for name in CONTROLLERS}
+    assert starts["policy"] == pytest.approx(starts["expert"]) and starts["expert"] == pytest.approx(starts["hold_still"])
+    assert (out / "rollout_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "rollout.gif").read_bytes()[:6] == b"GIF89a"
+    for name in CONTROLLERS:
+        assert name in printed
+    assert "rollout_report.json" in printed
+
+
+def test_the_expert_is_the_yardstick(rollout):
+    report = json.loads((rollout[0] / "rollout_report.json").read_text())
+    expert, hold = report["expert"], report["hold_still"]
+    assert expert["mean_max_coverage"] > hold["mean_max_coverage"] + 0.1
+    assert expert["max_coverage_vs_expert"] == 1.0
+    # Holding still never moves the block.
+    for e in hold["episodes"]:
+        assert e["max_coverage"] == e["final_coverage"] == e["initial_coverage"]
+
+
+def test_initial_states_are_unseen(rollout, demo_dataset):
+    report = json.loads((rollout[0] / "rollout_report.json").read_text())
+    recorded = json.loads((demo_dataset / demo_pusht.RECORDING_FILE).read_text())["reset_seeds"]
+    assert recorded == [demo_pusht.recording_reset_seed(0, e) for e in range(3)]
+    assert set(report["setup"]["reset_seeds"]).isdisjoint(recorded)
+    assert "checked against the 3 recorded episodes" in report["setup"]["initial_states_unseen"]
+
+
+def test_a_recorded_seed_is_refused():
+    env = demo_pusht.make_env(96, max_steps=5)
+    try:
+        seeds = [demo_pusht.evaluation_reset_seed(0, i) for i in range(2)]
+        assert "not checked" in check_disjoint(env, seeds, None)
+        with pytest.raises(RolloutError, match="used to record"):
+            check_disjoint(env, seeds, {"reset_seeds": [3, seeds[1]]})
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="seed must be in"):
+        demo_pusht.check_seed_range(demo_pusht.MAX_SEED, 1)
+
+
+def test_the_policy_sees_what_the_recording_stored(trained_checkpoint, demo_shards):
+    """The observation handed to the Policy is built like a recorded frame: through Policy.prepare it gives the shard
+    row's tokens and image exactly (the frame rendered again from the same seed and actions)."""
+    from ki_data.manifest import Manifest
+    from ki_data.schema import read_rows
+    from ki_model.policy import Policy
+
+    policy = Policy.load(trained_checkpoint, fast_compile=True)
+    controller = PolicyController(policy, replan=1)
+    rows = read_rows(Manifest.load(demo_shards).shard_paths(demo_shards, "train")[0])
+    first = int(np.flatnonzero(rows["frame_index"] == 0)[0])
+    episode = int(rows["episode_index"][first])
+    env = demo_pusht.make_env(96, max_steps=5)
+    try:
+        obs, _ = env.reset(seed=demo_pusht.recording_reset_seed(0, episode))
+        cols = policy.prepare_columns(controller.frame(obs))
+    finally:
+        env.close()
+    for key in ("text_prompt", "text_prompt_mask"):
+        np.testing.assert_array_equal(cols[key][0], rows[key][first])
+    np.testing.assert_allclose(cols["state"][0], rows["state"][first], atol=1e-6)
+    # The recording stored the frame as video (lossy), the env renders it exactly: close, not equal.
+    from ki_data.images import decode_image
+
+    stored = decode_image(rows["image.image"][first]).astype(int)
+    assert np.abs(cols["image.image"][0].astype(int) - stored).mean() < 8.0
