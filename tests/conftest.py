@@ -161,3 +161,24 @@ def trained_checkpoint(demo_shards, tmp_path_factory) -> Path:
                       save_every=2, num_workers=0, progress=False, optimizer=optimizer, ema_decay=0.9,
                       fast_compile=True, eval_every=2, eval_batches=1))
     return out
+
+
+def interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, config, shards: int = 2) -> list[str]:
+    """Runs preprocessing with `config` until `shards` shards are written, then raises KeyboardInterrupt in the next
+    write (what Ctrl-C, or a kill between two shards, leaves behind); returns the written shards' relative paths."""
+    from ki_data.preprocess import run_preprocess
+    from ki_data.preprocess.pass2 import ShardWorker
+
+    real_write, written = ShardWorker.write_shard, []
+
+    def dies_after(self, plan, on_frames):
+        if len(written) == shards:
+            raise KeyboardInterrupt
+        written.append(plan.path)
+        return real_write(self, plan, on_frames)
+
+    with monkeypatch.context() as m:
+        m.setattr(ShardWorker, "write_shard", dies_after)
+        with pytest.raises(KeyboardInterrupt):
+            run_preprocess(config)
+    return written

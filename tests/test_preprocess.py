@@ -29,13 +29,14 @@ from ki_data.preprocess import (
     FitChunkCollector,
     OutputExistsError,
     PreprocessConfig,
-    ShardWorker as _Worker,
     describe_rows,
     run_preprocess,
     split_episodes,
 )
 from ki_data.text_tokenizer import TextTokenizer
 from pipelines import preprocess as cli
+
+from conftest import interrupt_after_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CAMERAS = {"observation.images.wrist_left": (24, 32), "observation.images.Overhead_Cam": (32, 48)}
@@ -211,19 +212,7 @@ def test_same_shards_whatever_the_worker_count_and_no_silent_overwrite(rich, ric
 
 def test_resume_after_an_interruption_gives_the_same_shards(rich, rich_out, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
-    real_write = _Worker.write_shard
-    written = []
-
-    def dies_on_third_shard(self, plan, on_frames):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # what Ctrl-C (or a kill between two shards) leaves behind
-        written.append(plan.path)
-        return real_write(self, plan, on_frames)
-
-    monkeypatch.setattr(_Worker, "write_shard", dies_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        run_preprocess(PreprocessConfig(rich.repo_id, output=str(out), **OPTIONS))
-    monkeypatch.setattr(_Worker, "write_shard", real_write)
+    written = interrupt_after_shards(monkeypatch, PreprocessConfig(rich.repo_id, output=str(out), **OPTIONS))
     assert not (out / "manifest.json").exists() and len(list((out / ".ki_progress").glob("*.parquet.json"))) == 2
     # a write cut mid-way and a finished shard damaged afterwards: both must be redone
     (out / "shards" / ".train-00002.parquet.tmp.12345").write_bytes(b"half a shard")

@@ -21,7 +21,8 @@ import pytest
 
 from ki_data.manifest import Manifest
 from ki_data.preprocess import ExecutorConfig, PreprocessConfig, SlurmJob, run_preprocess, write_slurm_preprocess
-from ki_data.preprocess.pass2 import ShardWorker
+
+from conftest import interrupt_after_shards
 
 REPO = Path(__file__).resolve().parents[1]
 # Six episodes in four training shards and one validation shard; two cameras decoded from video.
@@ -154,18 +155,7 @@ def test_killed_ray_worker_is_retried_and_keeps_finished_shards(dataset, local_o
 @pytest.mark.slow
 def test_run_interrupted_locally_finishes_on_ray(dataset, local_out, ray_cluster, tmp_path, monkeypatch):
     out = tmp_path / "moved"
-    real_write, written = ShardWorker.write_shard, []
-
-    def dies_on_third_shard(self, plan, on_frames):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(plan.path)
-        return real_write(self, plan, on_frames)
-
-    monkeypatch.setattr(ShardWorker, "write_shard", dies_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        run_preprocess(PreprocessConfig(dataset.repo_id, output=str(out), **OPTIONS))
-    monkeypatch.setattr(ShardWorker, "write_shard", real_write)
+    interrupt_after_shards(monkeypatch, PreprocessConfig(dataset.repo_id, output=str(out), **OPTIONS))
     result = run_preprocess(PreprocessConfig(dataset.repo_id, output=str(out), workers=2,
                                              executor=_ray(ray_cluster), **OPTIONS))
     assert _shas(out) == _shas(local_out)

@@ -3,7 +3,7 @@ parameter shapes, and error listings."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -54,3 +54,21 @@ def model_param_shapes(config: Pi05KIConfig) -> dict[ParamPath, tuple[int, ...]]
     abstract = nnx.eval_shape(lambda: config.create(nnx.Rngs(0)))
     return {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
+
+
+def write_into_model(model: nnx.Module, checked: Pi05KIConfig, fields: Callable[[Pi05KIConfig], tuple],
+                     tensors: Iterator[tuple[ParamPath, np.ndarray]]) -> None:
+    """Write converted arrays into a `Pi05KI`'s parameters in place, one at a time, once the model is known to have
+    the architecture (`fields`) of the config the checkpoint was checked against."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, Pi05KIConfig) or fields(config) != fields(checked):
+        raise CheckpointError(
+            f"the model's architecture {None if config is None else fields(config)} differs from the one "
+            f"this checkpoint was checked against {fields(checked)}"
+        )
+    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for target, value in tensors:
+        var = variables[target]
+        old = var.get_value()
+        var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
+        del value, old

@@ -32,6 +32,7 @@ from ki_model.weights.common import (
     architecture,
     listing,
     model_param_shapes,
+    write_into_model,
     write_into_params,
 )
 from ki_model.weights.paligemma import PALIGEMMA_VOCAB_SIZE
@@ -431,18 +432,7 @@ class OpenpiCheckpoint:
     def apply_to(self, model: nnx.Module, progress: bool = False) -> OpenpiLoadReport:
         """Write every parameter of a `Pi05KI` in place. Names and shapes were checked when the checkpoint was
         opened; a data file that turns out unreadable part-way raises CheckpointError with the model part-written."""
-        config = getattr(model, "config", None)
-        if not isinstance(config, Pi05KIConfig) or _openpi_fields(config) != _openpi_fields(self.config):
-            raise CheckpointError(
-                f"the model's architecture {None if config is None else _openpi_fields(config)} differs from the one "
-                f"this checkpoint was checked against {_openpi_fields(self.config)}"
-            )
-        variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-        for target, value in self.tensors(progress):
-            var = variables[target]
-            old = var.get_value()
-            var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
-            del value, old
+        write_into_model(model, self.config, _openpi_fields, self.tensors(progress))
         logger.info(self.report.summary())
         return self.report
 

@@ -57,6 +57,7 @@ from ki_model.weights.common import (
     host_device,
     listing,
     model_param_shapes,
+    write_into_model,
     write_into_params,
 )
 
@@ -480,19 +481,7 @@ class PaliGemmaCheckpoint:
 
     def apply_to(self, model: nnx.Module, progress: bool = False) -> LoadReport:
         """Write the weights into a `Pi05KI` in place (its other parameters are left as they are)."""
-        config = getattr(model, "config", None)
-        if not isinstance(config, Pi05KIConfig) or architecture(config) != architecture(self.config):
-            raise CheckpointError(
-                f"the model's architecture {None if config is None else architecture(config)} differs from the one "
-                f"this checkpoint was checked against {architecture(self.config)}"
-            )
-        variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-        for target, value in self.tensors(progress):
-            var = variables[target]
-            old = var.get_value()
-            var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
-            del value
-            del old
+        write_into_model(model, self.config, architecture, self.tensors(progress))
         logger.info(self.report.summary())
         return self.report
 
