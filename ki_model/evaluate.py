@@ -37,7 +37,7 @@ REPORT_FILE = "eval_report.json"
 PLOT_FILE = "eval_plot.png"
 
 
-class _ErrorSum:
+class ErrorSum:
     """Running squared / absolute error over real (non-pad) action values, per dimension."""
 
     def __init__(self, dim: int):
@@ -65,7 +65,7 @@ class _ErrorSum:
         }
 
 
-def _pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
     """Repeat the last row up to `size` rows (one compiled shape for every batch); returns the real row count."""
     n = len(batch["actions"])
     if n == size:
@@ -132,7 +132,7 @@ def evaluate(
     hold_still, hold_still_why = policy.manifest.hold_still()
     heads += ["flow_sample_mean"] if flow_samples > 1 else []
     heads += ["hold_still_baseline"] if hold_still else []
-    errors = {k: _ErrorSum(dim) for k in heads}
+    errors = {k: ErrorSum(dim) for k in heads}
     valid = {"fast_constrained": [0, 0], "fast_unconstrained": [0, 0]}
     loss_sums: dict[str, float] = {"flow": 0.0, "fast": 0.0, "fast_accuracy": 0.0, "flow_shuffled": 0.0}
     frames, plots = 0, []
@@ -150,7 +150,7 @@ def evaluate(
         for i, raw in enumerate(tqdm(loader, total=total, desc="evaluate", disable=not progress)):
             if batches is not None and i >= batches:
                 break
-            batch, n = _pad_batch(raw, batch_size)
+            batch, n = pad_batch(raw, batch_size)
             obs = Observation.from_batch(batch)
             rng = jax.random.fold_in(key, i)
             true_n = batch["actions"].astype(np.float32)

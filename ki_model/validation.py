@@ -22,14 +22,8 @@ from flax import nnx
 from ki_data.artifacts import DataArtifacts
 from ki_data.loader import LoaderConfig, ShardLoader
 from ki_model.config import Pi05KIConfig
-from ki_model.evaluate import _pad_batch, shuffle_observation
+from ki_model.evaluate import ErrorSum, pad_batch, shuffle_observation
 from ki_model.observation import Observation, pad_action_dim
-
-
-def _mse(pred: np.ndarray, true: np.ndarray, real: np.ndarray) -> tuple[float, float]:
-    """(sum of squared errors, count) over real steps and every dimension."""
-    w = real[..., None].astype(np.float64)
-    return float((((pred - true) * w) ** 2).sum()), float(w.sum() * true.shape[-1])
 
 
 class Validator:
@@ -56,15 +50,16 @@ class Validator:
             process_count=1,
         )
         self.batches: list[tuple[Observation, Observation, np.ndarray, ...]] = []
-        fixed: dict[str, tuple[float, float]] = {"mean_action": (0.0, 0.0)}
+        dim = data.manifest.action_dim
+        fixed = {"mean_action": ErrorSum(dim)}
         hold_still, _ = data.manifest.hold_still()
         if hold_still:
-            fixed["hold_still"] = (0.0, 0.0)
+            fixed["hold_still"] = ErrorSum(dim)
         with loader:
             for i, raw in enumerate(loader):
                 if i >= batches:
                     break
-                batch, n = _pad_batch(raw, batch_size)
+                batch, n = pad_batch(raw, batch_size)
                 real = ~batch["action_is_pad"].astype(bool)
                 real[n:] = False
                 actions = batch["actions"].astype(np.float32)
@@ -78,11 +73,10 @@ class Validator:
                 if hold_still:
                     preds["hold_still"] = np.broadcast_to(state[:, None, :], true.shape)
                 for k, pred in preds.items():
-                    sq, c = _mse(pred, true, real)
-                    fixed[k] = (fixed[k][0] + sq, fixed[k][1] + c)
+                    fixed[k].add(pred, true, real)
         if not self.batches:
             raise ValueError(f"{shards_dir}: no validation rows to score during training")
-        self.fixed = {f"val_{k}_mse": sq / max(c, 1.0) for k, (sq, c) in fixed.items()}
+        self.fixed = {f"val_{k}_mse": errors.summary()["mse"] or 0.0 for k, errors in fixed.items()}
         self._key = jax.random.key(seed)
 
         def losses(params, rng, obs, actions, pad):
@@ -96,7 +90,7 @@ class Validator:
 
     def __call__(self, params: Any) -> dict[str, float]:
         sums = {"val_flow_loss": 0.0, "val_fast_loss": 0.0, "val_fast_accuracy": 0.0, "val_flow_loss_shuffled": 0.0}
-        sq, count = 0.0, 0.0
+        flow = ErrorSum(self.data.manifest.action_dim)
         for i, (obs, shuffled, actions, pad, real, true) in enumerate(self.batches):
             rng = jax.random.fold_in(self._key, i)  # the same noise and time at every evaluation
             m = jax.device_get(self._losses(params, rng, obs, actions, pad))
@@ -106,8 +100,7 @@ class Validator:
             sums["val_flow_loss_shuffled"] += float(jax.device_get(self._losses(params, rng, shuffled, actions, pad))["flow"])
             pred = np.asarray(self._sample(params, rng, obs))[..., : self.data.manifest.action_dim]
             pred = self.data.unnormalize_actions(pred)
-            s, c = _mse(pred, true, real)
-            sq, count = sq + s, count + c
+            flow.add(pred, true, real)
         out = {k: v / len(self.batches) for k, v in sums.items()}
-        out["val_flow_mse"] = sq / max(count, 1.0)
+        out["val_flow_mse"] = flow.summary()["mse"] or 0.0
         return out | self.fixed
