@@ -10,6 +10,10 @@
 `meta` holds the step, the model config and the manifest the run trained on, so every step directory is
 self-describing; `loader` is the `ki_data.loader.ShardLoader` state.
 
+Layer stacks: the model's layers are stacked ([depth, ...] parameters under `layers` / `blocks`). Checkpoints written
+before that hold one subtree per layer (`layers/0`, `layers/1`, ...); restoring refuses them with one line naming
+`python -m ki_model.checkpoint stack-layers DIR`, which rewrites every step of DIR in the stacked layout.
+
 orbax is imported where it is used: `import orbax.checkpoint` loads its whole checkpoint manager, and the inference
 path (`ki_model.policy`, which reads this module's layout and errors) must stay light to import.
 """
@@ -151,6 +155,79 @@ def has_ema(mngr: ocp.CheckpointManager, step: int) -> bool:
     return (Path(mngr.directory) / str(step) / "ema_params").is_dir()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer checkpoints (written before the layers were stacked)
+
+_STACKED = ("layers", "blocks")  # the modules whose layers are stacked (Gemma experts, SigLIP)
+
+
+def _is_per_layer(node: Any) -> bool:
+    return isinstance(node, dict) and bool(node) and all(str(k).isdigit() for k in node)
+
+
+def stack_per_layer(tree: Any) -> Any:
+    """An old per-layer tree ({..., "layers": {"0": {...}, "1": {...}}}) in the stacked layout: each layer stack's
+    leaves stacked on a new leading axis in layer order. Works on params, EMA params and Adam's moments (which mirror
+    the params); trees already stacked come back unchanged."""
+    import numpy as np
+
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, node in tree.items():
+        if str(key) in _STACKED and _is_per_layer(node):
+            layers = [node[k] for k in sorted(node, key=int)]
+            out[key] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+        else:
+            out[key] = stack_per_layer(node)
+    return out
+
+
+def _has_per_layer(tree: Any) -> bool:
+    if not isinstance(tree, dict):
+        return False
+    return any((str(k) in _STACKED and _is_per_layer(v)) or _has_per_layer(v) for k, v in tree.items())
+
+
+def _check_stacked(mngr: ocp.CheckpointManager, step: int, checkpoint_dir: str | Path) -> None:
+    """Refuse a step saved with per-layer parameters, in one line that says how to convert it."""
+    ocp = _ocp()
+    with ocp.PyTreeCheckpointer() as reader:
+        params = reader.metadata(Path(mngr.directory) / str(step) / "params")
+    params = getattr(params, "item_metadata", params)
+    params = getattr(params, "tree", params)
+    if _has_per_layer(params):
+        raise CheckpointError(
+            f"{checkpoint_dir} step {step} stores one parameter subtree per layer (written before the layers were "
+            f"stacked); convert it with `python -m ki_model.checkpoint stack-layers {checkpoint_dir}`"
+        )
+
+
+def convert_to_stacked_layers(checkpoint_dir: str | Path) -> list[int]:
+    """Rewrite every step of a ki checkpoint directory with per-layer parameters in the stacked layout (params,
+    EMA params and optimizer state; loader and meta as they were). Returns the steps converted."""
+    ocp = _ocp()
+    mngr = manager(checkpoint_dir, max_to_keep=None)
+    done = []
+    try:
+        for step in mngr.all_steps():
+            items = ["params", "opt_state", "loader", "meta"] + (["ema_params"] if has_ema(mngr, step) else [])
+            args = {k: ocp.args.JsonRestore() if k in ("loader", "meta") else ocp.args.StandardRestore()
+                    for k in items}
+            out = mngr.restore(step, args=ocp.args.Composite(**args))
+            if not _has_per_layer(out["params"]):
+                continue
+            converted = {k: ocp.args.JsonSave(out[k]) if k in ("loader", "meta")
+                         else ocp.args.StandardSave(stack_per_layer(out[k])) for k in items}
+            mngr.delete(step)
+            mngr.save(step, args=ocp.args.Composite(**converted), force=True)
+            mngr.wait_until_finished()
+            done.append(step)
+    finally:
+        mngr.close()
+    return done
+
+
 def restore_train(
     mngr: ocp.CheckpointManager,
     step: int,
@@ -161,6 +238,7 @@ def restore_train(
 ) -> dict[str, Any]:
     """Everything a resumed run needs. Abstract trees (jax.ShapeDtypeStruct with shardings) say where arrays go."""
     ocp = _ocp()
+    _check_stacked(mngr, step, Path(mngr.directory).parent)
     if (abstract_ema is not None) != has_ema(mngr, step):
         saved = "with" if has_ema(mngr, step) else "without"
         asked = "with" if abstract_ema is not None else "without"
@@ -183,6 +261,7 @@ def restore_params(checkpoint_dir: str | Path, abstract_params: Any, *, step: in
     mngr = manager(checkpoint_dir, max_to_keep=None, read_only=True)
     try:
         step = latest_step(mngr, checkpoint_dir) if step is None else step
+        _check_stacked(mngr, step, checkpoint_dir)
         item = "ema_params" if prefer_ema and has_ema(mngr, step) else "params"
         out = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)}))
         return out[item], step, item == "ema_params"
@@ -192,3 +271,20 @@ def restore_params(checkpoint_dir: str | Path, abstract_params: Any, *, step: in
 
 def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ki_model.checkpoint", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("stack-layers", help="rewrite a checkpoint written with per-layer parameters in the "
+                                               "stacked layout (in place)")
+    conv.add_argument("checkpoint_dir")
+    a = p.parse_args(argv)
+    steps = convert_to_stacked_layers(a.checkpoint_dir)
+    print(f"{a.checkpoint_dir}: converted steps {steps}" if steps else f"{a.checkpoint_dir}: already stacked")
+
+
+if __name__ == "__main__":
+    main()

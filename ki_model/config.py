@@ -58,6 +58,21 @@ SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
 
 DTYPES = ("float32", "bfloat16")
 
+# Per-layer rematerialisation of a scanned layer stack (ki_model.nn.remat_layer): what the backward pass may keep of
+# a layer's forward. "none": everything (no remat); "nothing_saveable": only the layer inputs (the least memory);
+# "dots": also the weight matmuls' outputs (not the attention logits), less recomputation.
+REMAT_POLICIES = ("none", "nothing_saveable", "dots")
+
+
+def remat_policy_name(value: bool | str) -> str:
+    """A `remat` config value as a policy name; the boolean of configs written before the policies: True is
+    "nothing_saveable" (what it did), False "none"."""
+    if isinstance(value, bool):
+        return "nothing_saveable" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ConfigError(f"remat must be one of {REMAT_POLICIES} (or a boolean), got {value!r}")
+    return value
+
 # Architectures by name: `Pi05KIConfig.preset(name, **fields)`, `pipelines.train --config NAME`.
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the CPU demo: a few-hundred-thousand-parameter model on 32-pixel images.
@@ -129,11 +144,14 @@ class Pi05KIConfig:
     vision_variant: str | SiglipConfig = "so400m/14"
     # Compute dtype; parameters are always float32.
     dtype: str = "bfloat16"
-    # Rematerialise every transformer layer (backbone+expert and SigLIP) in the backward pass.
-    remat: bool = False
+    # Per-layer rematerialisation of the scanned layer stacks (backbone+expert and SigLIP) in the backward pass:
+    # "none", "nothing_saveable" (keep only each layer's input) or "dots" (also the weight matmuls' outputs).
+    # A boolean (configs written before the policies) reads as True -> "nothing_saveable", False -> "none".
+    remat: bool | str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cameras", tuple(self.cameras))
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
         for name, cls in (("backbone_variant", GemmaConfig), ("expert_variant", GemmaConfig),
                           ("vision_variant", SiglipConfig)):
             object.__setattr__(self, name, _variant(getattr(self, name), cls, name))

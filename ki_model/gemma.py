@@ -5,12 +5,14 @@ In every layer the experts project their own tokens, RoPE is applied, and ONE so
 (plus a KV cache of earlier tokens). An expert marked `insulated` reads every key/value that it did not produce itself
 through `jax.lax.stop_gradient`: this is the knowledge-insulation cut, placed in every layer.
 
+The layers are ONE stacked module (`layers`: every parameter with a leading [depth] axis, openpi's scanned
+layout) run by `jax.lax.scan`, both experts' layer i in the same scan step; each step can be rematerialised.
 Weight layouts follow big_vision/openpi Gemma (each maps to the HF PaliGemma weights by a reshape/transpose):
   embedder.input_embedding [vocab, width]
-  layers[i].pre_attention_norm.scale [width]  (adaptive: .modulation.kernel [cond, 3*width], .bias [3*width])
-  layers[i].attn.q_einsum [heads, width, head_dim], .kv_einsum [2, kv_heads, width, head_dim],
-                 .attn_vec_einsum [heads, head_dim, width]
-  layers[i].pre_ffw_norm, layers[i].mlp.gating_einsum [2, width, mlp_dim], .mlp.linear [mlp_dim, width]
+  layers.pre_attention_norm.scale [depth, width]  (adaptive: .modulation.kernel [depth, cond, 3*width], .bias)
+  layers.attn.q_einsum [depth, heads, width, head_dim], .kv_einsum [depth, 2, kv_heads, width, head_dim],
+              .attn_vec_einsum [depth, heads, head_dim, width]
+  layers.pre_ffw_norm, layers.mlp.gating_einsum [depth, 2, width, mlp_dim], .mlp.linear [depth, mlp_dim, width]
   final_norm
 """
 
@@ -24,7 +26,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ki_model.config import GemmaConfig
-from ki_model.nn import ZEROS, Dense, Init, fan_in_param, make_param
+from ki_model.nn import ZEROS, Dense, Init, fan_in_param, make_param, scan_layers, stack_layers
 
 # Stacked over layers: keys and values after RoPE, in the compute dtype.
 KVCache = tuple[Float[Array, "depth b s k h"], Float[Array, "depth b s k h"]]
@@ -160,7 +162,7 @@ class Gemma(nnx.Module):
     def __init__(self, cfg: GemmaConfig, *, vocab_size: int | None, cond_dim: int | None, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embedder = Embedder(vocab_size, cfg.width, rngs=rngs) if vocab_size else None
-        self.layers = nnx.List([Block(cfg, cond_dim, rngs=rngs) for _ in range(cfg.depth)])
+        self.layers = stack_layers(lambda: Block(cfg, cond_dim, rngs=rngs), cfg.depth)
         self.final_norm = AdaptiveRMSNorm(cfg.width, cond_dim, rngs=rngs) if cond_dim else RMSNorm(cfg.width, rngs=rngs)
 
 
@@ -230,14 +232,14 @@ def forward(
     conds: Sequence[Float[Array, "b g c"] | None] | None = None,
     cache: KVCache | None = None,
     insulated: Sequence[bool] | None = None,
-    remat: bool = False,
+    remat: bool | str = "none",
 ) -> tuple[list[Float[Array, "b l d"] | None], KVCache]:
     """Run the experts jointly over their (already embedded) tokens.
 
     xs[e] is expert e's token block or None when it has no tokens in this call; the new tokens are ordered by expert
     (n = sum of lengths). `mask[:, i, j]`: new token i may read key j, keys ordered [cache (c) | new tokens (n)].
     Returns each expert's final-normed outputs (None where it had no tokens) and the K/V of the new tokens, stacked
-    over layers (callers append them to a cache).
+    over layers (callers append them to a cache). `remat`: the per-layer policy (ki_model.nn.REMAT_POLICIES).
     """
     conds = list(conds) if conds is not None else [None] * len(experts)
     insulated = list(insulated) if insulated is not None else [False] * len(experts)
@@ -252,23 +254,17 @@ def forward(
             f"positions {positions.shape} / mask {mask.shape} do not fit {n_new} new tokens after {n_cache} cached"
         )
 
+    if cache is not None and cache[0].shape[0] != depth:
+        raise ValueError(f"the KV cache holds {cache[0].shape[0]} layers, the experts have {depth}")
     active_insulated = [insulated[e] for e in active]
-
-    def layer_fn(blocks, h, conds, positions, mask, layer_cache):
-        return _layer(blocks, h, conds, positions, mask, layer_cache, insulated=active_insulated)
-
-    if remat:
-        layer_fn = nnx.remat(layer_fn)
-    h = [xs[e] for e in active]
     act_conds = [conds[e] for e in active]
-    ks, vs = [], []
-    for i in range(depth):
-        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-        h, (k, v) = layer_fn([experts[e].layers[i] for e in active], h, act_conds, positions, mask, layer_cache)
-        ks.append(k)
-        vs.append(v)
 
+    def layer_fn(blocks, h, layer_cache):
+        return _layer(blocks, h, act_conds, positions, mask, layer_cache, insulated=active_insulated)
+
+    h, (ks, vs) = scan_layers([experts[e].layers for e in active], layer_fn, [xs[e] for e in active], cache,
+                              remat=remat)
     outs: list[Float[Array, "b l d"] | None] = [None] * len(experts)
     for j, e in enumerate(active):
         outs[e], _ = experts[e].final_norm(h[j], conds[e])
-    return outs, (jnp.stack(ks), jnp.stack(vs))
+    return outs, (ks, vs)

@@ -8,13 +8,16 @@ model can be built without a mesh, and the trainer places the parameters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
+
+from ki_model.config import remat_policy_name
 
 LogicalAxes = tuple[str | None, ...]
 
@@ -66,6 +69,54 @@ def make_param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: LogicalAx
 
 def fan_in_param(rngs: nnx.Rngs, shape: Sequence[int], in_axes: Sequence[int], axes: LogicalAxes) -> nnx.Param:
     return make_param(rngs, Init.fan_in(shape, in_axes), shape, axes)
+
+
+LAYER_AXIS = "layers"  # the logical name of the leading axis of a stacked layer parameter (never sharded)
+
+
+def remat_layer(fn: Callable, policy: bool | str) -> Callable:
+    """`fn` (one layer of a scan body) rematerialised in the backward pass under `policy`."""
+    name = remat_policy_name(policy)
+    if name == "none":
+        return fn
+    saveable = {"nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+    # prevent_cse=False: inside a scan XLA cannot merge the recomputation back into the forward pass anyway.
+    return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
+
+
+def stack_layers(make: Callable[[], nnx.Module], depth: int) -> nnx.Module:
+    """`depth` layers built by `make` (in order, so each draws its own initial weights as an unrolled stack would)
+    as ONE module whose every parameter carries a leading layer axis [depth, ...] (openpi's scanned layout).
+    `scan_layers` runs it."""
+    layers = [make() for _ in range(depth)]
+    stacked = layers[0]
+    per_layer = [dict(nnx.to_flat_state(nnx.state(layer, nnx.Param))) for layer in layers]
+    for path, var in per_layer[0].items():
+        var.set_value(jnp.stack([p[path].get_value() for p in per_layer]))
+        var.set_metadata("out_sharding", (LAYER_AXIS, *var.get_metadata()["out_sharding"]))
+    return stacked
+
+
+def scan_layers(
+    stacks: Sequence[nnx.Module],
+    layer: Callable[[Sequence[nnx.Module], Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any = None,
+    *,
+    remat: bool | str = "none",
+) -> tuple[Any, Any]:
+    """Run layer i of every stacked module in `stacks` (built by `stack_layers`, same depth) jointly, for i = 0, 1,
+    ...: `carry, y_i = layer(blocks_i, carry, xs_i)` with `jax.lax.scan`; returns the final carry and the y_i
+    stacked on a leading layer axis. Each layer is rematerialised under `remat`."""
+    graphdefs, states = zip(*(nnx.split(s) for s in stacks), strict=True)
+
+    def body(carry: Any, per_layer: tuple[Any, Any]) -> tuple[Any, Any]:
+        layer_states, x = per_layer
+        blocks = [nnx.merge(g, s) for g, s in zip(graphdefs, layer_states, strict=True)]
+        return layer(blocks, carry, x)
+
+    return jax.lax.scan(remat_layer(body, remat), carry, (tuple(states), xs))
 
 
 def compute_dtype(name: str) -> jnp.dtype:

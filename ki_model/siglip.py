@@ -3,8 +3,11 @@
 Layouts (HF SigLIP / PaliGemma names in brackets; each is a reshape/transpose away):
   patch_embed.kernel [p, p, 3, width], .bias [width]          (embeddings.patch_embedding, torch [w, 3, p, p])
   pos_embedding [num_patches, width]                           (embeddings.position_embedding)
-  blocks[i].norm1, .attn.q/k/v.kernel [width, heads, head_dim], .attn.out.kernel [heads, head_dim, width],
-  .norm2, .mlp.fc1 [width, mlp], .mlp.fc2 [mlp, width]        (encoder.layers[i].layer_norm1, self_attn.*_proj, ...)
+  blocks.norm1, .attn.q/k/v.kernel [depth, width, heads, head_dim], .attn.out.kernel [depth, heads, head_dim, width],
+  .norm2, .mlp.fc1 [depth, width, mlp], .mlp.fc2 [depth, mlp, width]
+                                                   (encoder.layers[i].layer_norm1, self_attn.*_proj, ... stacked)
+The blocks are one stacked module (a leading [depth] axis on every parameter, as openpi stores them) run by
+`jax.lax.scan`, each block optionally rematerialised (`remat`, a ki_model.nn.REMAT_POLICIES name).
   encoder_norm                                                 (post_layernorm)
   head.kernel [width, backbone_width]                          (multi_modal_projector.linear)
 """
@@ -17,7 +20,7 @@ from flax import nnx
 from jaxtyping import Array, Float, UInt8
 
 from ki_model.config import SiglipConfig
-from ki_model.nn import ZEROS, Dense, Init, LayerNorm, fan_in_param, make_param
+from ki_model.nn import ZEROS, Dense, Init, LayerNorm, fan_in_param, make_param, scan_layers, stack_layers
 
 
 def to_unit_range(images: UInt8[Array, "b s s 3"]) -> Float[Array, "b s s 3"]:
@@ -101,7 +104,7 @@ class PatchEmbed(nnx.Module):
 class Siglip(nnx.Module):
     """Images uint8 [b, S, S, 3] -> tokens [b, (S/p)^2, out_width]."""
 
-    def __init__(self, cfg: SiglipConfig, image_size: int, out_width: int, *, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: SiglipConfig, image_size: int, out_width: int, *, rngs: nnx.Rngs, remat: bool | str = "none"):
         num_patches = (image_size // cfg.patch_size) ** 2
         self.image_size = image_size
         self.remat = remat
@@ -109,7 +112,7 @@ class Siglip(nnx.Module):
         self.pos_embedding = make_param(
             rngs, Init("normal", cfg.width**-0.5), (num_patches, cfg.width), (None, "embed")
         )
-        self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = stack_layers(lambda: EncoderBlock(cfg, rngs=rngs), cfg.depth)
         self.encoder_norm = LayerNorm(cfg.width, rngs=rngs)
         self.head = Dense(cfg.width, out_width, axes=("embed", "embed_out"), rngs=rngs)
 
@@ -117,12 +120,6 @@ class Siglip(nnx.Module):
         if images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"images must be [b, {self.image_size}, {self.image_size}, 3], got {images.shape}")
         x = self.patch_embed(to_unit_range(images), dtype) + self.pos_embedding[...].astype(dtype)
-        run = nnx.remat(_run_block) if self.remat else _run_block
-        for block in self.blocks:
-            x = run(block, x)
+        x, _ = scan_layers([self.blocks], lambda blocks, x, _: (blocks[0](x), None), x, remat=self.remat)
         return self.head(self.encoder_norm(x), dtype)
-
-
-def _run_block(block: EncoderBlock, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
-    return block(x)
 

@@ -55,7 +55,7 @@ def test_insulation_off_lets_the_flow_loss_reach_the_backbone(setup):
     # embeddings and the first backbone layer (whose output makes the second layer's K/V) all get flow gradient.
     assert {p[0] for p in reached} == {"vision", "backbone"}
     assert any(p[:2] == ("backbone", "embedder") for p in reached)
-    assert any(p[:3] == ("backbone", "layers", 0) for p in reached)
+    assert any(p[:2] == ("backbone", "layers") and np.any(off[p][0] != 0) for p in reached)  # [0]: layer 0
     assert all(p in reached for p in off if p[0] == "vision")
     # ...the same flow loss with insulation on gives the backbone exactly nothing (DESIGN §5, property 1).
     on = _gradient(cfg, batch, noise, time, "flow")

@@ -63,9 +63,10 @@ def test_param_partition_specs_use_logical_axes():
     flat = dict(nnx.to_flat_state(specs))
     P = jax.sharding.PartitionSpec
     assert flat[("backbone", "embedder", "input_embedding")].get_value() == P(None, "fsdp")
-    assert flat[("backbone", "layers", 0, "attn", "q_einsum")].get_value() == P(None, "fsdp", None)
-    assert flat[("action_expert", "layers", 1, "mlp", "linear")].get_value() == P(None, "fsdp")
-    assert flat[("vision", "blocks", 0, "mlp", "fc1", "kernel")].get_value() == P("fsdp", None)
+    # Stacked layers: the leading layer axis is never sharded.
+    assert flat[("backbone", "layers", "attn", "q_einsum")].get_value() == P(None, None, "fsdp", None)
+    assert flat[("action_expert", "layers", "mlp", "linear")].get_value() == P(None, None, "fsdp")
+    assert flat[("vision", "blocks", "mlp", "fc1", "kernel")].get_value() == P(None, "fsdp", None)
     mesh = jax.make_mesh((1,), ("fsdp",))
     shardings = param_shardings(nnx.state(model, nnx.Param), mesh)
     placed = jax.device_put(nnx.state(model, nnx.Param), shardings)

@@ -320,9 +320,8 @@ def test_fused_qkv_trees_load(tmp_path):
     assert (openpi_config(root).backbone, openpi_config(root).expert) == (g, g)
     params = dict(load_openpi(root, config).tensors())
     qkv = arrays["PaliGemma/llm/layers/attn/qkv_einsum/w"]
-    for i in range(2):
-        assert np.array_equal(params[("backbone", "layers", i, "attn", "q_einsum")], qkv[i, 0])
-        assert np.array_equal(params[("backbone", "layers", i, "attn", "kv_einsum")], qkv[i, 1:])
+    assert np.array_equal(params[("backbone", "layers", "attn", "q_einsum")], qkv[:, 0])
+    assert np.array_equal(params[("backbone", "layers", "attn", "kv_einsum")], qkv[:, 1:])
 
 
 def test_parse_init_accepts_openpi():

@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 # P is openpi's nnx pure dict: `PaliGemma/img` (SigLIP, layers scanned under `Transformer/encoderblock`),
 # `PaliGemma/llm` (both Gemma experts, layers scanned under `layers`; the action expert's arrays carry the suffix
 # `_1`, its adaRMS modulation is `<norm>_1/Dense_0`), and the action expert's projections and time MLP at the top.
-# Every array has our layout already (openpi's Gemma and SigLIP are big_vision's, as ours); loading un-stacks the
-# scanned depth axis and drops the leading 1 of `pos_embedding`. Both experts share the `layers` arrays' depth.
+# Every array has our layout already (openpi's Gemma and SigLIP are big_vision's, as ours, scanned layers stacked on
+# a leading depth axis as ours): loading maps arrays 1:1, splits a fused `qkv_einsum` along its second axis and
+# drops the leading 1 of `pos_embedding`. Both experts share the `layers` arrays' depth.
 
 OPENPI_PREFIX = "openpi:"
 OPENPI_PARAMS = "params"
@@ -67,7 +68,7 @@ class _StoredArray:
 
 @dataclasses.dataclass(frozen=True)
 class _OpenpiRule:
-    """One stored openpi array -> our parameters (one per layer for a scanned array)."""
+    """One stored openpi array -> our parameters (one, or two for a fused Q/K/V array)."""
 
     name: str  # openpi's path below `params`, e.g. "PaliGemma/llm/layers/attn/q_einsum/w"
     shape: Shape  # its expected stored shape
@@ -79,10 +80,9 @@ def _whole(name: str, shape: Shape, target: ParamPath) -> _OpenpiRule:
     return _OpenpiRule(name, shape, ((target, shape),), lambda x: iter((x,)))
 
 
-def _scanned(name: str, depth: int, shape: Shape, target: Callable[[int], ParamPath]) -> _OpenpiRule:
-    return _OpenpiRule(
-        name, (depth, *shape), tuple((target(i), shape) for i in range(depth)), lambda x: (x[i] for i in range(depth))
-    )
+def _scanned(name: str, depth: int, shape: Shape, target: ParamPath) -> _OpenpiRule:
+    """A scanned array [depth, ...] onto our stacked layer parameter of the same layout."""
+    return _whole(name, (depth, *shape), target)
 
 
 def _openpi_gemma_rules(cfg: GemmaConfig, expert: int, ours: str, cond_dim: int | None, vocab: int) -> list[_OpenpiRule]:
@@ -90,16 +90,15 @@ def _openpi_gemma_rules(cfg: GemmaConfig, expert: int, ours: str, cond_dim: int 
     sfx = f"_{expert}" if expert else ""
     layers = _LLM + "layers/"
 
-    def layer(*rest: str) -> Callable[[int], ParamPath]:
-        return lambda i: (ours, "layers", i, *rest)
+    def layer(*rest: str) -> ParamPath:
+        return (ours, "layers", *rest)
 
     if n == k:  # openpi fuses Q, K and V into one array when every head has its own K/V
         qkv = _OpenpiRule(
             f"{layers}attn/qkv_einsum{sfx}/w",
             (depth, 3, n, d, h),
-            tuple(t for i in range(depth) for t in (((ours, "layers", i, "attn", "q_einsum"), (n, d, h)),
-                                                   ((ours, "layers", i, "attn", "kv_einsum"), (2, k, d, h)))),
-            lambda x: (w for i in range(depth) for w in (x[i, 0], x[i, 1:])),
+            ((layer("attn", "q_einsum"), (depth, n, d, h)), (layer("attn", "kv_einsum"), (depth, 2, k, d, h))),
+            lambda x: iter((x[:, 0], x[:, 1:])),
         )
         rules = [qkv]
     else:
@@ -136,8 +135,8 @@ def _openpi_siglip_rules(cfg: SiglipConfig, num_patches: int, out_width: int) ->
     w, m, heads, p, depth = cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.patch_size, cfg.depth
     hd = w // heads
 
-    def block(*rest: str) -> Callable[[int], ParamPath]:
-        return lambda i: ("vision", "blocks", i, *rest)
+    def block(*rest: str) -> ParamPath:
+        return ("vision", "blocks", *rest)
 
     rules = [
         _whole(_IMG + "embedding/kernel", (p, p, 3, w), ("vision", "patch_embed", "kernel")),
@@ -418,8 +417,8 @@ class OpenpiCheckpoint:
         return out
 
     def tensors(self, progress: bool = False) -> Iterator[tuple[ParamPath, Float[np.ndarray, ...]]]:
-        """(our parameter path, float32 numpy array) one at a time; a scanned array is read once and handed out
-        layer by layer. Paths as in `nnx.to_flat_state(nnx.state(model, nnx.Param))`."""
+        """(our parameter path, float32 numpy array) one at a time (a scanned array whole, all its layers). Paths as
+        in `nnx.to_flat_state(nnx.state(model, nnx.Param))`."""
         for rule in tqdm(self._rules, desc="openpi", unit="array", disable=not progress):
             stored = self._read(rule.name)
             for (target, shape), value in zip(rule.targets, rule.unpack(stored), strict=True):

@@ -218,6 +218,31 @@ def _expert_from_backbone_rules(backbone_rules: Sequence[_Rule]) -> list[_Rule]:
     return out
 
 
+def _stack_layer_rules(rules: Sequence[_Rule]) -> list[_Rule]:
+    """The model stacks its layers ([depth, ...] parameters, `ki_model.nn.stack_layers`): per-layer rules, whose
+    targets name a layer (part, "layers" | "blocks", i, ...), become one rule per stacked parameter that converts
+    every layer's tensors as before and stacks the results in layer order. Other rules pass through."""
+    out: list[_Rule] = []
+    groups: dict[ParamPath, list[_Rule]] = {}
+    for r in rules:
+        if len(r.target) > 2 and isinstance(r.target[2], int):
+            groups.setdefault((*r.target[:2], *r.target[3:]), []).append(r)
+        else:
+            out.append(r)
+    for target, per_layer in groups.items():
+        per_layer.sort(key=lambda r: r.target[2])
+        if [r.target[2] for r in per_layer] != list(range(len(per_layer))):
+            raise RuntimeError(f"{target}: per-layer rules for layers {[r.target[2] for r in per_layer]}")
+        n = len(per_layer[0].sources)
+
+        def convert(*xs: Array, convs: tuple = tuple(r.convert for r in per_layer), n: int = n) -> Array:
+            return jnp.stack([c(*xs[i * n : (i + 1) * n]) for i, c in enumerate(convs)])
+
+        out.append(_Rule(target, tuple(s for r in per_layer for s in r.sources),
+                         tuple(sh for r in per_layer for sh in r.shapes), convert))
+    return out
+
+
 def _siglip_rules(cfg: SiglipConfig, num_patches: int, out_width: int) -> list[_Rule]:
     d, m, n, p = cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.patch_size
     h = d // n
@@ -586,6 +611,7 @@ def load_paligemma(
     rules = _siglip_rules(config.vision, config.tokens_per_image, config.backbone.width) + backbone
     if expert_init == "backbone":
         rules += _expert_from_backbone_rules(backbone)
+    rules = _stack_layer_rules(rules)
     _check_rules_against_model(rules, config, expert_init)
 
     expected = {s for r in rules for s in r.sources}
