@@ -64,6 +64,37 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots")
 
 
+# LoRA (ki_model.lora): the parts that can get it and openpi's ranks (π0 LoRA: rank 16 on the 2B backbone, 32 on
+# the 300M expert).
+LORA_PARTS = ("backbone", "expert")
+DEFAULT_LORA_RANKS = {"backbone": 16, "expert": 32}
+
+
+def parse_lora(spec: Any) -> tuple[tuple[str, int], ...]:
+    """`"backbone=16,expert=32"`, `"backbone,expert"` (openpi's ranks), a dict or (part, rank) pairs -> sorted
+    (part, rank) pairs; "" / () / None: no LoRA."""
+    if not spec:
+        return ()
+    if isinstance(spec, str):
+        pairs = []
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            part, _, rank = item.partition("=")
+            try:
+                pairs.append((part, int(rank) if rank else DEFAULT_LORA_RANKS.get(part, 0)))
+            except ValueError:
+                raise ConfigError(f"lora: the rank of {part!r} must be an integer, got {rank!r}") from None
+    else:
+        pairs = list(spec.items()) if isinstance(spec, dict) else [tuple(p) for p in spec]
+    out: dict[str, int] = {}
+    for part, rank in pairs:
+        if part not in LORA_PARTS:
+            raise ConfigError(f"lora: unknown part {part!r}; parts: {list(LORA_PARTS)}")
+        if int(rank) <= 0:
+            raise ConfigError(f"lora: the rank of {part!r} must be positive, got {rank}")
+        out[part] = int(rank)
+    return tuple(sorted(out.items()))
+
+
 def remat_policy_name(value: bool | str) -> str:
     """A `remat` config value as a policy name; the boolean of configs written before the policies: True is
     "nothing_saveable" (what it did), False "none"."""
@@ -148,10 +179,14 @@ class Pi05KIConfig:
     # "none", "nothing_saveable" (keep only each layer's input) or "dots" (also the weight matmuls' outputs).
     # A boolean (configs written before the policies) reads as True -> "nothing_saveable", False -> "none".
     remat: bool | str = "none"
+    # LoRA on the attention/MLP weights of these parts, ((part, rank), ...) with part "backbone" or "expert"
+    # (ki_model.lora; also given as "backbone=16,expert=32"); a part with LoRA has its other weights frozen.
+    lora: tuple[tuple[str, int], ...] | str = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cameras", tuple(self.cameras))
         object.__setattr__(self, "remat", remat_policy_name(self.remat))
+        object.__setattr__(self, "lora", parse_lora(self.lora))
         for name, cls in (("backbone_variant", GemmaConfig), ("expert_variant", GemmaConfig),
                           ("vision_variant", SiglipConfig)):
             object.__setattr__(self, name, _variant(getattr(self, name), cls, name))
@@ -219,6 +254,7 @@ class Pi05KIConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["cameras"] = list(self.cameras)
+        d["lora"] = [list(p) for p in self.lora]
         return d
 
     @classmethod

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from ki_model import lora
 from ki_model.config import GemmaConfig
 from ki_model.nn import ZEROS, Dense, Init, fan_in_param, make_param, scan_layers, stack_layers
 
@@ -67,7 +68,7 @@ class RMSNorm(nnx.Module):
         self.scale = make_param(rngs, ZEROS, (width,), ("norm",))
 
     def __call__(self, x: Float[Array, "b l d"], cond: None = None) -> tuple[Float[Array, "b l d"], None]:
-        y = _rms_normalize(x) * (1.0 + self.scale[...])
+        y = _rms_normalize(x) * (1.0 + self.scale[...].astype(jnp.float32))  # float32 also when stored bf16 (LoRA)
         return y.astype(x.dtype), None
 
 
@@ -113,56 +114,65 @@ def apply_rope(x: Float[Array, "b l n h"], positions: Int[Array, "b l"]) -> Floa
 class Attention(nnx.Module):
     """One expert's projections; the joint softmax lives in `attend`/`_layer`."""
 
-    def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs, lora_rank: int | None = None):
         n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.width, cfg.head_dim
-        self.q_einsum = fan_in_param(rngs, (n, d, h), [1], ("heads", "embed", "head_dim"))
-        self.kv_einsum = fan_in_param(rngs, (2, k, d, h), [2], (None, "kv_heads", "embed", "head_dim"))
-        self.attn_vec_einsum = fan_in_param(rngs, (n, h, d), [0, 1], ("heads", "head_dim", "embed"))
+        axes = {"q_einsum": ("heads", "embed", "head_dim"), "kv_einsum": (None, "kv_heads", "embed", "head_dim"),
+                "attn_vec_einsum": ("heads", "head_dim", "embed")}
+        self.q_einsum = fan_in_param(rngs, (n, d, h), [1], axes["q_einsum"])
+        self.kv_einsum = fan_in_param(rngs, (2, k, d, h), [2], axes["kv_einsum"])
+        self.attn_vec_einsum = fan_in_param(rngs, (n, h, d), [0, 1], axes["attn_vec_einsum"])
+        if lora_rank:
+            lora.add_lora(self, rngs, lora_rank, axes)
 
     def project(
         self, x: Float[Array, "b l d"]
     ) -> tuple[Float[Array, "b l n h"], Float[Array, "b l k h"], Float[Array, "b l k h"]]:
-        q = jnp.einsum("bld,ndh->blnh", x, self.q_einsum[...].astype(x.dtype))
-        k, v = jnp.einsum("bld,skdh->sblkh", x, self.kv_einsum[...].astype(x.dtype))
+        q = jnp.einsum("bld,ndh->blnh", x, lora.weight(self, "q_einsum", x.dtype))
+        k, v = jnp.einsum("bld,skdh->sblkh", x, lora.weight(self, "kv_einsum", x.dtype))
         return q, k, v
 
     def output(self, o: Float[Array, "b l n h"]) -> Float[Array, "b l d"]:
-        return jnp.einsum("blnh,nhd->bld", o, self.attn_vec_einsum[...].astype(o.dtype))
+        return jnp.einsum("blnh,nhd->bld", o, lora.weight(self, "attn_vec_einsum", o.dtype))
 
 
 class FeedForward(nnx.Module):
     """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_down."""
 
-    def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs):
-        self.gating_einsum = fan_in_param(rngs, (2, width, mlp_dim), [1], (None, "embed", "mlp"))
-        self.linear = fan_in_param(rngs, (mlp_dim, width), [0], ("mlp", "embed"))
+    def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs, lora_rank: int | None = None):
+        axes = {"gating_einsum": (None, "embed", "mlp"), "linear": ("mlp", "embed")}
+        self.gating_einsum = fan_in_param(rngs, (2, width, mlp_dim), [1], axes["gating_einsum"])
+        self.linear = fan_in_param(rngs, (mlp_dim, width), [0], axes["linear"])
+        if lora_rank:
+            lora.add_lora(self, rngs, lora_rank, axes)
 
     def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
-        gate, up = jnp.einsum("bld,sdf->sblf", x, self.gating_einsum[...].astype(x.dtype))
-        return jnp.einsum("blf,fd->bld", jax.nn.gelu(gate, approximate=True) * up, self.linear[...].astype(x.dtype))
+        gate, up = jnp.einsum("bld,sdf->sblf", x, lora.weight(self, "gating_einsum", x.dtype))
+        return jnp.einsum("blf,fd->bld", jax.nn.gelu(gate, approximate=True) * up, lora.weight(self, "linear", x.dtype))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GemmaConfig, cond_dim: int | None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GemmaConfig, cond_dim: int | None, *, rngs: nnx.Rngs, lora_rank: int | None = None):
         norm = (lambda: AdaptiveRMSNorm(cfg.width, cond_dim, rngs=rngs)) if cond_dim else (
             lambda: RMSNorm(cfg.width, rngs=rngs)
         )
         self.pre_attention_norm = norm()
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, lora_rank=lora_rank)
         self.pre_ffw_norm = norm()
-        self.mlp = FeedForward(cfg.width, cfg.mlp_dim, rngs=rngs)
+        self.mlp = FeedForward(cfg.width, cfg.mlp_dim, rngs=rngs, lora_rank=lora_rank)
 
 
 class Gemma(nnx.Module):
     """One expert: optional embedder (the backbone's; also its tied output head), layers and final norm.
 
-    `cond_dim` set = adaptive RMSNorm everywhere (the action expert).
+    `cond_dim` set = adaptive RMSNorm everywhere (the action expert). `lora_rank`: LoRA factors on the attention
+    and MLP weights (ki_model.lora).
     """
 
-    def __init__(self, cfg: GemmaConfig, *, vocab_size: int | None, cond_dim: int | None, rngs: nnx.Rngs):
+    def __init__(self, cfg: GemmaConfig, *, vocab_size: int | None, cond_dim: int | None, rngs: nnx.Rngs,
+                 lora_rank: int | None = None):
         self.cfg = cfg
         self.embedder = Embedder(vocab_size, cfg.width, rngs=rngs) if vocab_size else None
-        self.layers = stack_layers(lambda: Block(cfg, cond_dim, rngs=rngs), cfg.depth)
+        self.layers = stack_layers(lambda: Block(cfg, cond_dim, rngs=rngs, lora_rank=lora_rank), cfg.depth)
         self.final_norm = AdaptiveRMSNorm(cfg.width, cond_dim, rngs=rngs) if cond_dim else RMSNorm(cfg.width, rngs=rngs)
 
 

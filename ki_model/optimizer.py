@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 
+from ki_model.lora import is_frozen
 from ki_model.pi05_ki import param_group
 
 Params = dict[str, Any]  # nnx.to_pure_dict of the model's nnx.Param state
@@ -50,9 +51,14 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 SIDES = ("backbone", "action_expert")
 
 
+FROZEN = "frozen"
+
+
 def param_labels(params: Params) -> Params:
-    """The insulation side (`param_group`) of every parameter leaf, as a tree shaped like `params`."""
-    return {name: jax.tree.map(lambda _, n=name: param_group((n,)), sub) for name, sub in params.items()}
+    """The insulation side (`param_group`) of every parameter leaf, or FROZEN for a frozen base weight of LoRA
+    fine-tuning (stored in bfloat16: `ki_model.lora.is_frozen`), as a tree shaped like `params`."""
+    return {name: jax.tree.map(lambda x, n=name: FROZEN if is_frozen(x) else param_group((n,)), sub)
+            for name, sub in params.items()}
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -60,7 +66,8 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
     A global-norm clip over all gradients would let the flow loss rescale every backbone update (and the FAST loss
     every expert update) whenever it clips; each side therefore has its own clip and its own optimizer state. AdamW,
-    weight decay and the schedule are per-element or per-step and couple nothing.
+    weight decay and the schedule are per-element or per-step and couple nothing. With gradient accumulation the
+    clip sees the accumulated gradients (ki_model.train).
     """
 
     def side() -> optax.GradientTransformation:
@@ -69,4 +76,5 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
             optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
         )
 
-    return optax.partition({name: side() for name in SIDES}, param_labels)
+    # Frozen weights (LoRA fine-tuning) get no update and no optimizer state.
+    return optax.partition({**{name: side() for name in SIDES}, FROZEN: optax.set_to_zero()}, param_labels)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ki_model import attention, decoding, gemma, losses
+from ki_model import attention, decoding, gemma, lora, losses
 from ki_model.config import Pi05KIConfig
 from ki_model.nn import Dense, compute_dtype
 from ki_model.observation import Observation
@@ -84,12 +84,16 @@ class Pi05KI(nnx.Module):
         self.config = config
         bb, ex = config.backbone, config.expert
         self.vision = Siglip(config.vision, config.image_size, bb.width, rngs=rngs, remat=config.remat)
-        self.backbone = gemma.Gemma(bb, vocab_size=config.vocab_size, cond_dim=None, rngs=rngs)
-        self.action_expert = gemma.Gemma(ex, vocab_size=None, cond_dim=ex.width, rngs=rngs)
+        ranks = dict(config.lora)
+        self.backbone = gemma.Gemma(bb, vocab_size=config.vocab_size, cond_dim=None, rngs=rngs,
+                                    lora_rank=ranks.get("backbone"))
+        self.action_expert = gemma.Gemma(ex, vocab_size=None, cond_dim=ex.width, rngs=rngs, lora_rank=ranks.get("expert"))
         self.action_in_proj = Dense(config.action_dim, ex.width, axes=(None, "embed"), rngs=rngs)
         self.time_mlp_in = Dense(ex.width, ex.width, axes=("embed", "embed_out"), rngs=rngs)
         self.time_mlp_out = Dense(ex.width, ex.width, axes=("embed", "embed_out"), rngs=rngs)
         self.action_out_proj = Dense(ex.width, config.action_dim, axes=("embed", None), rngs=rngs)
+        if config.lora:  # the frozen base weights in bfloat16 (ki_model.lora)
+            lora.freeze(self, config.lora)
 
     # ------------------------------------------------------------------ embeddings
 

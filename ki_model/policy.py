@@ -111,6 +111,11 @@ class Policy:
             nnx.to_pure_dict(abstract_params),
         )
         params, _, _ = ckpt.restore_params(root, target, step=step, prefer_ema=use_ema)
+        if config.lora:  # fold the LoRA factors into the weights: inference runs the plain model
+            from ki_model.lora import merge_lora
+
+            params, config = merge_lora(params, config)
+            graphdef = nnx.split(nnx.eval_shape(lambda: config.create(nnx.Rngs(0))), nnx.Param)[0]
         return cls(nnx.merge(graphdef, params), config, data, seed=seed, fast_compile=fast_compile)
 
     # ------------------------------------------------------------------ frame -> model input

@@ -32,6 +32,7 @@ from ki_model import checkpoint as ckpt
 from ki_model.checkpoint import CheckpointError
 from ki_model.compile import compiler_options
 from ki_model.config import ConfigError, Pi05KIConfig
+from ki_model.lora import join_frozen, split_frozen
 from ki_model.observation import Observation, pad_action_dim
 from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
 from ki_model.pi05_ki import param_group
@@ -160,6 +161,12 @@ def _mirror_shardings(tree: Any, p_shard: Params, default: NamedSharding) -> Any
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def _micro_batches(tree: Any, n: int) -> Any:
+    """[b, ...] -> [n, b/n, ...], micro-batch i = rows i, i+n, i+2n, ...: strided, so that every device (which holds
+    a contiguous block of the batch) contributes equally to every micro-batch and nothing moves between devices."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
 def _train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -170,17 +177,25 @@ def _train_step(
     obs: Observation,
     actions: Float[Array, "b h d"],
     action_is_pad: Bool[Array, "b h"],
+    *,
+    grad_accum: int = 1,
 ) -> tuple[TrainState, dict[str, Array]]:
     rng = jax.random.fold_in(base_key, state.step)
+    # LoRA fine-tuning: no gradient for the frozen (bfloat16) base weights (ki_model.lora).
+    trainable, frozen = split_frozen(state.params)
 
-    def loss_fn(params: Params) -> tuple[Array, dict[str, Array]]:
-        model = nnx.merge(graphdef, params)
+    def loss_fn(train_params: Params) -> tuple[Array, dict[str, Array]]:
+        model = nnx.merge(graphdef, join_frozen(train_params, frozen))
         out = model.compute_loss(rng, obs, actions, action_is_pad)
         return out["total"], out
 
-    grads, out = jax.grad(loss_fn, has_aux=True)(state.params)
+    if grad_accum == 1:
+        grads, out = jax.grad(loss_fn, has_aux=True)(trainable)
+    else:
+        grads, out = _accumulated_grads(graphdef, trainable, frozen, rng, obs, actions, action_is_pad, grad_accum)
+    grads = join_frozen(grads, jax.tree.map(jnp.zeros_like, frozen))  # the optimizer ignores these (set_to_zero)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = join_frozen(split_frozen(optax.apply_updates(state.params, updates))[0], frozen)
     ema = state.ema_params
     if ema is not None:
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
@@ -197,6 +212,33 @@ def _train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
 
+def _accumulated_grads(
+    graphdef: nnx.GraphDef, params: Params, frozen: Params, rng: jax.Array, obs: Observation,
+    actions: Float[Array, "b h d"], action_is_pad: Bool[Array, "b h"], n: int,
+) -> tuple[Params, dict[str, Array]]:
+    """Gradients and losses averaged over n micro-batches, one at a time in a `lax.scan` (the activations of one
+    micro-batch live at a time). The (noise, time) draws are those of the whole batch (as `compute_loss` draws
+    them), cut like the rows, so the step equals one step on the whole batch whenever every micro-batch holds as
+    many FAST targets and real action steps (each loss is a mean over those). `params`: the trainable ones."""
+    noise, time = nnx.merge(graphdef, join_frozen(params, frozen))._draw_noise_time(rng, actions)
+
+    def grads_of(batch: tuple) -> tuple[Params, dict[str, Array]]:
+        def loss_fn(p: Params) -> tuple[Array, dict[str, Array]]:
+            out = nnx.merge(graphdef, join_frozen(p, frozen)).losses_given_noise(*batch)
+            return out["total"], out
+
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def micro(acc: tuple[Params, dict[str, Array]], batch: tuple) -> tuple[tuple[Params, dict[str, Array]], None]:
+        return jax.tree.map(lambda a, x: a + x / n, acc, grads_of(batch)), None
+
+    batches = _micro_batches((obs, actions, noise, time, action_is_pad), n)
+    shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], batches))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # None (frozen) leaves stay None
+    (grads, out), _ = jax.lax.scan(micro, zeros, batches)
+    return grads, out
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     opt_cfg: OptimizerConfig,
@@ -207,9 +249,13 @@ def make_train_step(
     ema_decay: float | None,
     donate: bool = True,
     fast_compile: bool = False,
+    grad_accum: int = 1,
 ) -> Callable[[TrainState, Observation, Array, Array], tuple[TrainState, dict[str, Array]]]:
+    """The jitted step; `grad_accum` > 1 averages the gradients of that many micro-batches of each batch (the
+    optimizer, per-side clipping included, then sees the accumulated gradients)."""
     fn = functools.partial(
-        _train_step, graphdef, make_optimizer(opt_cfg), make_schedule(opt_cfg), ema_decay, step_key(seed)
+        _train_step, graphdef, make_optimizer(opt_cfg), make_schedule(opt_cfg), ema_decay, step_key(seed),
+        grad_accum=grad_accum,
     )
     data = batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -287,6 +333,9 @@ class TrainConfig:
     # From scratch only: start the embeddings of number tokens (the state bins) from a code of their value
     # (ki_model.number_embeddings); a pretrained backbone knows its numbers.
     number_embeddings: bool = False
+    # Average the gradients of this many micro-batches of each batch (batch_size / grad_accum rows at a time): the
+    # memory of the smaller batch, the update of the whole one.
+    grad_accum: int = 1
 
     def explicit(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in MODEL_FIELDS if k != "cameras" and hasattr(self, k)}
@@ -432,6 +481,9 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
         raise TrainError(str(e)) from None
     if cfg.batch_size % mesh.size:
         raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {mesh.size} devices")
+    if cfg.grad_accum < 1 or cfg.batch_size % (cfg.grad_accum * mesh.size):
+        raise TrainError(f"--grad-accum {cfg.grad_accum}: --batch-size {cfg.batch_size} must split into that many "
+                         f"micro-batches, each divisible by the {mesh.size} devices")
     is_main = jax.process_index() == 0  # one process writes the files; orbax coordinates the checkpoint itself
     out = Path(cfg.checkpoint_dir)
     _check_dir(cfg)
@@ -495,7 +547,8 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
         else:
             start = 0
         step_fn = make_train_step(
-            graphdef, opt_cfg, shardings, mesh, seed=cfg.seed, ema_decay=cfg.ema_decay, fast_compile=cfg.fast_compile
+            graphdef, opt_cfg, shardings, mesh, seed=cfg.seed, ema_decay=cfg.ema_decay, fast_compile=cfg.fast_compile,
+            grad_accum=cfg.grad_accum,
         )
         meta = {"model_config": model_cfg.to_dict(), "manifest": manifest.to_dict(), "preset": cfg.config}
         validator = _make_validator(cfg, model_cfg, graphdef, manifest)

@@ -10,7 +10,7 @@ import jax
 from ki_data.loader import LoaderError
 from ki_data.manifest import ManifestError
 from ki_model.checkpoint import CheckpointError
-from ki_model.config import PRESETS, SIGLIP_VARIANTS
+from ki_model.config import DTYPES, PRESETS, REMAT_POLICIES, SIGLIP_VARIANTS
 from ki_model.optimizer import OptimizerConfig
 from ki_model.train import TrainConfig, TrainError, train
 
@@ -39,6 +39,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                    help="first check every shard's size and sha256 against manifest.json (reads all the shards)")
     p.add_argument("--no-augment", action="store_true", help="train without image augmentation")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
+    p.add_argument("--remat-policy", choices=REMAT_POLICIES, default=None,
+                   help="per-layer remat policy (overrides --remat, which is nothing_saveable)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="average the gradients of N micro-batches of each batch (memory of batch/N, update of batch)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (weights stay float32): bfloat16 = mixed precision (default: the preset's)")
+    p.add_argument("--lora", default="", metavar="PART=RANK,...",
+                   help="LoRA fine-tuning: e.g. backbone=16,expert=32 (openpi's ranks: backbone,expert); the other "
+                        "weights of those parts are frozen in bfloat16")
     p.add_argument("--flow-samples", type=int, default=1, metavar="K",
                    help="(noise, time) draws per example in one pass: K action blocks share the backbone (default: 1)")
     scratch = p.add_argument_group("training from scratch (README: what a pretrained backbone brings)")
@@ -107,14 +116,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         eval_every=a.eval_every,
         eval_batches=a.eval_batches,
         number_embeddings=a.number_embeddings,
+        grad_accum=a.grad_accum,
     ), a
 
 
 def model_overrides(a: argparse.Namespace) -> dict:
-    out = {"remat": a.remat, "flow_samples": a.flow_samples, "insulation": a.insulation == "on",
+    out = {"remat": a.remat_policy or a.remat, "flow_samples": a.flow_samples, "insulation": a.insulation == "on",
            "fast_loss_weight": a.fast_loss_weight}
     if a.vision_variant is not None:
         out["vision_variant"] = a.vision_variant
+    if a.dtype is not None:
+        out["dtype"] = a.dtype
+    if a.lora:
+        out["lora"] = a.lora
     return out
 
 
