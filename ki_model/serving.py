@@ -252,7 +252,8 @@ def policy_metadata(policy: Policy) -> dict[str, Any]:
     return {
         "policy": "ki pi05-ki",
         "camera_keys": [m.camera_keys[c] for c in policy.cameras],
-        "state_key": "observation.state",
+        "state_key": m.state_keys[0],  # the first; kept for clients that read one key
+        "state_keys": list(m.state_keys),  # concatenated in this order into a state of state_dim values
         "state_dim": int(m.state_dim),
         "action_dim": int(m.action_dim),
         "action_horizon": int(m.action_horizon),
@@ -269,15 +270,19 @@ def frame_from_request(obs: Mapping[str, Any], metadata: Mapping[str, Any]) -> d
         raise RequestError("missing 'task' (or openpi's 'prompt'): the instruction string")
     if not isinstance(task, str):
         raise RequestError(f"'{'task' if 'task' in obs else 'prompt'}' must be a string, got {type(task).__name__}")
-    key = metadata["state_key"]
-    if key not in obs:
-        raise RequestError(f"missing {key!r}")
-    state = np.asarray(obs[key])
-    if state.dtype.kind not in "biuf":
-        raise RequestError(f"{key!r} must be numbers (bool, integer or float), got dtype {state.dtype}")
-    if state.size != metadata["state_dim"]:
-        raise RequestError(f"{key!r} has {state.size} values; the policy takes {metadata['state_dim']}")
-    frame: dict[str, Any] = {"task": task, key: state.astype(np.float32).reshape(-1)}
+    keys = metadata.get("state_keys") or [metadata["state_key"]]
+    frame: dict[str, Any] = {"task": task}
+    for key in keys:
+        if key not in obs:
+            raise RequestError(f"missing {key!r} (the policy's state is {' + '.join(keys)})")
+        state = np.asarray(obs[key])
+        if state.dtype.kind not in "biuf":
+            raise RequestError(f"{key!r} must be numbers (bool, integer or float), got dtype {state.dtype}")
+        frame[key] = state.astype(np.float32).reshape(-1)
+    size = sum(frame[k].size for k in keys)
+    if size != metadata["state_dim"]:
+        raise RequestError(f"{' + '.join(repr(k) for k in keys)} has {size} values; the policy takes "
+                           f"{metadata['state_dim']}")
     for cam_key in metadata["camera_keys"]:
         if cam_key not in obs:
             raise RequestError(f"missing camera image {cam_key!r} (the policy takes {metadata['camera_keys']})")
@@ -383,7 +388,9 @@ def warm_up(policy: Policy, metadata: Mapping[str, Any]) -> float:
     import jax
 
     size = metadata["image_size"]
-    frame = {"task": "", metadata["state_key"]: np.zeros(metadata["state_dim"], np.float32)}
+    keys = metadata.get("state_keys") or [metadata["state_key"]]
+    frame = {"task": "", **{k: np.zeros(0, np.float32) for k in keys}}
+    frame[keys[0]] = np.zeros(metadata["state_dim"], np.float32)  # warm-up only: the sizes add up
     frame |= {k: np.zeros((size, size, 3), np.uint8) for k in metadata["camera_keys"]}
     start = time.monotonic()
     policy.sample_normalized(policy.prepare(frame), rng=jax.random.key(0))

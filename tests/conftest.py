@@ -128,7 +128,7 @@ DEMO_SHARD_OPTIONS = dict(image_size=32, action_horizon=10, max_token_len=64, ma
 @pytest.fixture(scope="session")
 def demo_dataset(lerobot_home) -> Path:
     """A few short gym-pusht episodes recorded like the demo dataset (video), under $HF_LEROBOT_HOME."""
-    from ki_data.demo_pusht import DemoConfig, record_demo_dataset
+    from ki_sim.record import DemoConfig, record_demo_dataset
 
     summary = record_demo_dataset(DemoConfig(repo_id=DEMO_REPO_ID, episodes=3, max_steps=24, seed=0),
                                   progress=False)

@@ -49,6 +49,7 @@ class Pass2Context:
     vocab_size: int
     skip_tokens: int
     skip_bad_rows: bool
+    delta_actions: tuple[int, ...] | None  # ki_data.actions: the action dimensions stored relative to the state
     fingerprint: str  # of the inputs, options and pass-1 artifacts: what a finished shard's sidecar must match
 
 
@@ -134,9 +135,10 @@ class ShardWorker:
         problems = find_row_problems(cols, spec, ctx.horizon)
         if not ctx.skip_bad_rows:
             raise_first_problem(spec, cols, problems)
-        state = normalize(np.nan_to_num(cols.state), self.stats["state"], ctx.norm_mode)
-        actions = normalize(np.nan_to_num(cols.actions), self.stats["actions"], ctx.norm_mode)
-        chunks, is_pad = action_chunks(actions, ctx.horizon)
+        raw_state = np.nan_to_num(cols.state)
+        state = normalize(raw_state, self.stats["state"], ctx.norm_mode)
+        chunks, is_pad = action_chunks(np.nan_to_num(cols.actions), ctx.horizon, raw_state, ctx.delta_actions)
+        chunks = normalize(chunks, self.stats["actions"], ctx.norm_mode)
         prompts, too_long = self._prompts(cols, problems.ok, state, chunks)
         ok, codes = problems.ok.copy(), problems.codes.copy()
         ok[too_long] = False
