@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int, UInt8
 from tqdm import tqdm
 
 from ki_data.artifacts import DataArtifacts
+from ki_data.fast_tokenizer import FastDecodeError
 from ki_data.images import decode_image
 from ki_data.manifest import MANIFEST_FILE, ManifestError
 from ki_data.prompt import ACTION_PREFIX, COLUMNS, PromptTokens
@@ -220,10 +221,9 @@ class TokenRecord:
     text_prompt_mask: bool | None
 
 
-def fast_ids_of(shards: DataArtifacts, row: Row) -> list[int]:
-    """The FAST ids of the row's postfix (model ids mapped back), in order."""
-    ids = row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
-    return shards.prompt.model_to_fast(ids[shards.prompt.is_fast(ids)]).tolist()
+def postfix_of(row: Row) -> Int[np.ndarray, " k"]:
+    """The row's postfix: the real tokens of `tokenized_prompt` after the text prompt."""
+    return row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
 
 
 def segment_of(mask: bool, ar: bool) -> str:
@@ -240,7 +240,7 @@ def token_table(shards: DataArtifacts, row: Row) -> list[TokenRecord]:
         segment = segment_of(mask, ar)
         # Only postfix ids can be FAST: with PaliGemma the FAST range overlaps rare text ids.
         fast = segment == "postfix" and bool(shards.prompt.is_fast(tid))
-        fast_id = shards.prompt.fast_id_top - tid if fast else None
+        fast_id = int(shards.prompt.model_to_fast(tid)) if fast else None
         in_text = p < len(row.text_prompt)
         text_id = int(row.text_prompt[p]) if in_text else None
         records.append(
@@ -276,7 +276,7 @@ def decoded_segments(shards: DataArtifacts, row: Row) -> dict[str, str]:
     """The row's prompt as text: prefix, the text around the FAST ids in the postfix, and text_prompt."""
     text = shards.prompt.text
     prefix = row.tokenized_prompt[row.tokenized_prompt_mask & ~row.token_ar_mask]
-    postfix = row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
+    postfix = postfix_of(row)
     fast = shards.prompt.is_fast(postfix)
     first_fast = int(np.argmax(fast)) if fast.any() else len(postfix)
     last_fast = len(postfix) - int(np.argmax(fast[::-1])) if fast.any() else len(postfix)
@@ -337,11 +337,15 @@ def fast_quantization_bound(horizon: int, scale: float) -> float:
 
 
 def decode_fast_postfix(shards: DataArtifacts, row: Row) -> FastDecode:
-    """FastTokenizer.decode of the row's FAST ids, against the stored chunk (raises FastDecodeError if it can't)."""
-    ids = fast_ids_of(shards, row)
-    decoded = np.asarray(shards.prompt.fast.decode(ids, shards.manifest.action_horizon, shards.manifest.action_dim), dtype=np.float32)
+    """The row's postfix read back into a chunk (`PromptBuilder.read_postfix`, as evaluation reads a sampled one),
+    against the stored chunk; raises FastDecodeError saying why when there is no chunk."""
+    m = shards.manifest
+    reading = shards.prompt.read_postfix(postfix_of(row), m.action_horizon, m.action_dim)
+    if reading.error is not None:
+        raise FastDecodeError(reading.error)
+    decoded = np.asarray(reading.actions, dtype=np.float32)
     return FastDecode(
-        fast_ids=ids,
+        fast_ids=reading.fast_ids,
         decoded=decoded,
         stored=row.actions,
         decoded_actions=shards.unnormalize_actions(decoded),
@@ -577,7 +581,7 @@ def row_summary(shards: DataArtifacts, row: Row) -> dict[str, Any]:
         "max_token_len": shards.manifest.max_token_len,
         "text_length": int(row.text_prompt_mask.sum()),
         "max_text_len": shards.manifest.max_text_len,
-        "fast_tokens": len(fast_ids_of(shards, row)),
+        "fast_tokens": int(shards.prompt.is_fast(postfix_of(row)).sum()),
         "padded_steps": int(row.action_is_pad.sum()),
     }
 
