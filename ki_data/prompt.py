@@ -30,6 +30,7 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from ki_data.fast_tokenizer import FastDecodeError, FastTokenizer
+from ki_data.schema import PROMPT_COLUMNS
 from ki_data.text_tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
@@ -71,12 +72,8 @@ class PromptTokens:
         return int(self.text_prompt_mask.sum())
 
     def columns(self) -> dict[str, np.ndarray]:
-        """The six shard columns by their docs/DESIGN.md §4 names."""
-        return {name: getattr(self, name) for name in COLUMNS}
-
-
-COLUMNS = ("tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask", "token_loss_mask", "text_prompt",
-           "text_prompt_mask")
+        """The six shard columns by their docs/DESIGN.md §4 names (`schema.PROMPT_COLUMNS`, the fields above)."""
+        return {name: getattr(self, name) for name in PROMPT_COLUMNS}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
