@@ -41,7 +41,8 @@ class RowInconsistencyError(InspectError):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One frame of a shard, decoded (images still PNG bytes) with its actions reshaped to [horizon, dim]."""
+    """One frame of a shard, decoded (images still encoded: JPEG by default, PNG if the manifest says so) with its
+    actions reshaped to [horizon, dim]."""
 
     shard: Path
     split: str

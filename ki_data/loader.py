@@ -5,12 +5,12 @@ shuffle*, fixed by (seed, epoch): the row groups of every shard of the split are
 shards), the rows laid out in that order, and each consecutive window of `shuffle_buffer` rows permuted (shuffling
 within a buffer). A worker therefore only needs the row groups of the windows it is reading, which it caches.
 
-The order is a pure function of the row's position in the stream, so the pipeline is a grain `MapDataset`: PNG
-decoding and augmentation run in grain's worker processes (`random_map`, seeded by position), rows are split between
-JAX processes by grain's `ElasticIterator` (with `ProcessBlocks`, each process reads its contiguous block of every
-global batch, so P processes train on exactly the batches one process would), and the loader state is just the
-global position reached, a small JSON dict saved with each checkpoint. A resumed job sees exactly the batches it would
-have seen, whatever its number of loader workers.
+The order is a pure function of the row's position in the stream, so the pipeline is a grain `MapDataset`: image
+decoding (JPEG by default, PNG) and augmentation run in grain's worker processes (`random_map`, seeded by position),
+rows are split between JAX processes by grain's `ElasticIterator` (with `ProcessBlocks`, each process reads its
+contiguous block of every global batch, so P processes train on exactly the batches one process would), and the
+loader state is just the global position reached, a small JSON dict saved with each checkpoint. A resumed job sees
+exactly the batches it would have seen, whatever its number of loader workers.
 
 Row groups are read with parquet page checksums verified. A row that cannot be read or decoded stops the stream with a
 `ShardReadError` naming the shard file, the row (episode, frame, row group, position) and the column; no batch ever
@@ -88,7 +88,7 @@ class LoaderConfig:
     augment: bool = True
     repeat: bool = True  # endless stream of epochs (training); False: one pass (evaluation)
     num_workers: int = 0  # grain worker processes; 0 = decode in this process
-    num_threads: int = 2  # reader threads per process (PNG decoding releases the GIL)
+    num_threads: int = 2  # reader threads per process (JPEG/PNG decoding releases the GIL)
     prefetch: int = 4  # batches buffered per worker
     augment_config: AugmentConfig = AugmentConfig()
 
@@ -196,7 +196,8 @@ SOURCE_KEY = "__source__"
 
 
 class ShardRows(grain.MapDataset):
-    """Position -> raw shard row (images still PNG bytes). Positions past one epoch continue into the next."""
+    """Position -> raw shard row (images still encoded: JPEG by default, PNG if the manifest says so). Positions
+    past one epoch continue into the next."""
 
     def __init__(self, spec: ShardSpec, *, seed: int, shuffle: bool, shuffle_buffer: int):
         super().__init__()
