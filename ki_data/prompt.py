@@ -121,7 +121,7 @@ class PostfixGrammar:
         """Whether each model id falls in the FAST range (with PaliGemma it overlaps rare text ids: ask only of
         postfix positions)."""
         ids = np.asarray(model_ids)
-        return (ids <= self.fast_id_top) & (ids > self.fast_id_top - len(self.fast_coefficients))
+        return np.asarray((ids <= self.fast_id_top) & (ids > self.fast_id_top - len(self.fast_coefficients)))
 
     @functools.cached_property
     def coefficients_per_model_id(self) -> Int[np.ndarray, " vocab"]:
