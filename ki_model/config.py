@@ -60,7 +60,7 @@ DTYPES = ("float32", "bfloat16")
 
 # Architectures by name: `Pi05KIConfig.preset(name, **fields)`, `pipelines.train --config NAME`.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tests and the CPU demo: a few-hundred-thousand-parameter model on 32-pixel images.
+    # Tests (32-pixel images) and the CPU demo (64-pixel images, scripts/demo.sh): a few hundred thousand parameters.
     "tiny": dict(max_token_len=64, max_text_len=32, image_size=32, backbone_variant="gemma_tiny",
                  expert_variant="gemma_tiny_expert", vision_variant="siglip_tiny", dtype="float32"),
     # Small but real: width 256, depth 4, 224-pixel images (reports and benchmarks on a CPU).
