@@ -263,21 +263,14 @@ def predict_row(policy: Policy, batch: dict[str, np.ndarray], *, seed: int = 0, 
     prompt = policy.data.prompt
     state = policy.data.unnormalize_state(np.asarray(batch["state"], np.float32))[0]
     absolute = functools.partial(policy.data.absolute_actions, state=state)  # stored units -> the dataset's
-    fast_ids = prompt.fast_ids_of_postfix(tokens)
-    fast, fast_error = None, None
-    if fast_ids is None:
-        fast_ids, fast_error = [], f"the sampled tokens break the {prompt.describe_grammar()} grammar: {tokens.tolist()}"
-    else:
-        try:
-            fast = absolute(prompt.fast.decode(fast_ids, horizon, dim))
-        except ValueError as err:  # FastDecodeError: an unconstrained sample may not decode; show it, not fail
-            fast_error = str(err)
+    reading = prompt.read_postfix(tokens, horizon, dim)
+    fast = None if reading.actions is None else absolute(reading.actions)
     return Predictions(
         truth=absolute(np.asarray(batch["actions"][0], np.float32)),
         flow=absolute(flow),
         fast=fast,
-        fast_ids=fast_ids,
-        fast_error=fast_error,
+        fast_ids=reading.fast_ids,
+        fast_error=reading.error,
         action_is_pad=np.asarray(batch["action_is_pad"][0], bool),
     )
 

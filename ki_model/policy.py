@@ -22,6 +22,7 @@ from jaxtyping import Float, UInt8
 from ki_data.artifacts import DataArtifacts
 from ki_data.images import decode_image, shard_image
 from ki_data.manifest import ManifestError
+from ki_data import schema
 from ki_data.schema import camera_name
 from ki_model import checkpoint as ckpt
 from ki_model.compile import compiler_options
@@ -132,8 +133,8 @@ class Policy:
             img = to_uint8_hwc(images[cam], where=f"camera {cam}")
             # The encode/decode round trip keeps inference on exactly the pixels the shards hold.
             image = shard_image(img, self.manifest.image_size, self.manifest.image_format)
-            cols[f"image.{cam}"] = decode_image(image)[None]
-            cols[f"image_mask.{cam}"] = np.ones((1,), bool)
+            cols[schema.image_column(cam)] = decode_image(image)[None]
+            cols[schema.image_mask_column(cam)] = np.ones((1,), bool)
         cols["state"] = state_n[None]
         return cols
 

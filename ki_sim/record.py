@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ki_data.console import terminal
 from ki_sim.experts import EXPERTS
 from ki_sim.pusht import (
     DEFAULT_REPO_ID,
@@ -185,7 +186,8 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
     records = []
     seeds = [recording_reset_seed(cfg.seed, ep) for ep in range(cfg.episodes)]
     try:
-        for ep in tqdm(range(cfg.episodes), desc="recording pusht", unit="episode", disable=not progress):
+        for ep in tqdm(range(cfg.episodes), desc="recording pusht", unit="episode", disable=not progress,
+                       file=terminal()):
             records.append(run_episode(env, seed=seeds[ep], policy_seed=(cfg.seed, ep),
                                        max_steps=cfg.max_steps, on_step=add, expert=cfg.expert))
             dataset.save_episode()

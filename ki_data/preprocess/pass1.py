@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from ki_data import schema
+from ki_data.console import terminal
 from ki_data.fast_tokenizer import FastTokenizer, dct_coefficients
 from ki_data.lerobot_source import DatasetSpec, EpisodeColumns, EpisodeReader
 from ki_data.normalize import NormStats, compute_stats, normalize, save_norm_stats
@@ -107,7 +108,7 @@ def run_pass1(
     kept: list[tuple[EpisodeColumns, Bool[np.ndarray, " n"]]] = []
     rejected: collections.Counter = collections.Counter()
     frames = 0
-    for ep in tqdm(episodes, desc="pass 1/2 (tabular)", unit="ep", disable=not cfg.progress):
+    for ep in tqdm(episodes, desc="pass 1/2 (tabular)", unit="ep", disable=not cfg.progress, file=terminal()):
         cols = reader.read_episode(ep)
         frames += len(cols)
         problems = find_row_problems(cols, spec, cfg.action_horizon)
