@@ -76,7 +76,7 @@ class Spread:
     ci_high: float
     n: int
     settled: bool
-    stop: str  # "settled", "max_repeats", "max_seconds"
+    stop: str  # "settled", "max_repeats", "max_seconds"; "frames": one pair per frame of a fixed set
     ratios: tuple[float, ...] = ()
 
     @classmethod

@@ -63,14 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         gpu=a.gpu,
     )
     doc = run_benchmark(opts)
+    if a.json:  # first: the measurements are kept whatever happens to the printing
+        path = Path(a.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2))
     print(table(doc, figures(opts)))
     print()
     print(notes(doc))
     if a.json:
-        path = Path(a.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2))
-        print(f"\nwrote {path}")
+        print(f"\nwrote {a.json}")
     return 0
 
 

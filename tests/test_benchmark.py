@@ -60,7 +60,7 @@ def test_benchmark_writes_every_figure_as_a_positive_number(demo_dataset, lerobo
     assert spread and set(doc["spread"]) == spread
     for key, sp in doc["spread"].items():
         assert sp["q1"] <= doc[key] <= sp["q3"] and sp["ci_low"] <= doc[key] <= sp["ci_high"], (key, sp)
-        assert sp["n"] >= 1 and sp["stop"] in ("settled", "max_repeats", "max_seconds")
+        assert sp["n"] >= 1 and sp["stop"] in ("settled", "max_repeats", "max_seconds", "frames")
     assert raw_pass2_ok(doc["raw"]["pass2_worker"])
     assert doc["targets"] == TARGETS
     met = {k: figures[k] >= v if doc["directions"][k] == ">=" else figures[k] <= v
