@@ -10,6 +10,7 @@ its imports and (for JAX) after compilation. The phases live with what they meas
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -37,6 +38,7 @@ class BenchOptions:
     compile_cache: bool = True
     progress: bool = True
     gpu: bool = False  # the GPU mode: π0.5-size figures only (ki_bench.gpu)
+    partial_json: Path | None = None  # the raw measurements so far, rewritten after every phase (a slow machine)
 
 
 def _set_child_environment(cache_dir: Path, fast_compile: bool) -> None:
@@ -136,6 +138,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
         t0 = time.perf_counter()
         raw[key] = run()
         raw[key]["phase_wall_s"] = time.perf_counter() - t0
+        if opts.partial_json is not None:
+            opts.partial_json.write_text(json.dumps({"raw": raw}, indent=2))
     bar.close()
 
     doc = document(raw, figures(opts))

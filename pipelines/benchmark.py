@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_cache=not a.no_compile_cache,
         progress=not a.no_progress,
         gpu=a.gpu,
+        partial_json=Path(a.json + ".partial") if a.json else None,
     )
     doc = run_benchmark(opts)
     if a.json:  # first: the measurements are kept whatever happens to the printing
