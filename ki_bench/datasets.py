@@ -21,7 +21,7 @@ def pusht_root(cache_dir: Path, episodes: int, max_steps: int) -> Path:
 
 def record_pusht_phase(repo_id: str, root: str, episodes: int, max_steps: int) -> dict:
     """Record the demo dataset (gym-pusht, lerobot v3 video) unless a complete one is there."""
-    from ki_data.demo_pusht import DemoConfig, record_demo_dataset
+    from ki_sim.record import DemoConfig, record_demo_dataset
 
     path = Path(root)
     if (path / COMPLETE).is_file():
@@ -148,7 +148,7 @@ def record_aloha_like(repo_id: str, root: str | Path, cfg: AlohaLikeConfig, prog
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from tqdm import tqdm
 
-    from ki_data.demo_pusht import _quiet_writers
+    from ki_sim.record import _quiet_writers
 
     _quiet_writers()
     t0 = time.perf_counter()

@@ -1,7 +1,10 @@
 """The benchmark's figures, one record each: the JSON, the table and the tests all read this list.
 
 A figure is a ratio a / b of two things measured in the same run (or a single quantity a, such as a peak memory),
-with a target and the direction that meets it. `figures_for(settings)` lists them for one benchmark mode: the
+with a target and the direction that meets it. A timed ratio measured in interleaved rounds carries its spread
+(ki_bench.timing.Spread: the median of the per-round ratios is the figure, with their interquartile range, a 95 %
+confidence interval of the median and whether the rounds settled it against the goal); a timed figure from a
+single run says so (`single_run`). `figures_for(settings)` lists them for one benchmark mode: the
 per-model-size variants get their keys here, once (`variant_key`), and nowhere else.
 """
 
@@ -46,9 +49,13 @@ class Figure:
     context: str = ""  # shown after b in the table (the model size)
     section: str = "ratios"  # "ratios" | "memory": where the table prints it
     needs: str | None = None  # set: not measured, for this reason (the figure waits for code elsewhere)
-    signed: bool = False  # a difference of timings (e.g. an extra cost), which noise can make negative
+    floor: float | None = None  # the least value it can take by construction (an extra cost: 0); never below
+    spread: Callable[[Raw], dict] | None = None  # its Spread (as a dict) in the raw measurements
+    single_run: bool = False  # timed once, no spread (shown as such)
 
     def value(self, raw: Raw) -> float:
+        if self.spread is not None:
+            return float(self.spread(raw)["median"])
         a = self.a.value(raw)
         return a if self.b is None else a / self.b.value(raw)
 
@@ -63,6 +70,12 @@ def variant_key(base: str, label: str, headline: str) -> str:
     return base if label == headline else f"{base}_{label}"
 
 
+def _spread(*keys: str) -> Callable[[Raw], dict]:
+    """The getter of a Spread dict at raw[keys[0]][keys[1]]...["spread"][keys[-1]]."""
+    *path, name = keys
+    return lambda r: functools.reduce(lambda d, k: d[k], path, r)["spread"][name]
+
+
 def _peak(label: str, phase: str) -> Quantity:
     return Quantity(label, "MB", lambda r: r[phase]["peak_rss_mb"])
 
@@ -72,11 +85,13 @@ def _preprocess_figures(phase: str, loop: str, suffix: str, targets: bool) -> li
     return [
         Figure(f"preprocess_vs_lerobot_loop{suffix}",
                Quantity("preprocess", "frames/CPU-s", q("preprocess_fps")),
-               Quantity("LeRobotDataset[i] loop", "frames/CPU-s", lambda r: r[loop]["fps_cpu"]),
-               target=4.0 if targets else None, context="(one core each)"),
+               Quantity("LeRobotDataset[i] loop", "frames/CPU-s", q("loop_fps_cpu")),
+               target=4.0 if targets else None, context="(one core each)",
+               spread=_spread(phase, "preprocess_vs_lerobot_loop")),
         Figure(f"decode_only_over_preprocess{suffix}",
                Quantity("decode only", "CPU-s", q("decode_only_cpu_s")),
-               Quantity("whole preprocess run", "CPU-s", q("preprocess_cpu_s")), target=0.67 if targets else None),
+               Quantity("whole preprocess run", "CPU-s", q("preprocess_cpu_s")), target=0.67 if targets else None,
+               context="(one core)", spread=_spread(phase, "decode_only_over_preprocess")),
     ]
 
 
@@ -92,13 +107,30 @@ def figures_for(s: BenchSettings) -> list[Figure]:
                Quantity("our loader", "samples/CPU-s", lambda r: r["core_loader"]["ours"]["samples_per_cpu_s"]),
                Quantity("LeRobotDataset + DataLoader", "samples/CPU-s",
                         lambda r: r["core_loader"]["lerobot"]["samples_per_cpu_s"]),
-               target=10.0, context="(augmented)"),
+               target=10.0, context="(augmented)", spread=_spread("core_loader", "ours_over_lerobot")),
         Figure("ki_over_flow_only_step", Quantity("KI train step", "s", lambda r: r["flow_cost"]["ki_step_s"]),
                Quantity("flow-only step", "s", lambda r: r["flow_cost"]["flow_only_step_s"]), target=1.25,
-               context="(small preset; flow-only = π0-style: no FAST tokens, insulation off)", direction="<="),
+               context="(small preset; flow-only = π0-style: no FAST tokens, insulation off)", direction="<=",
+               spread=_spread("flow_cost", "ki_over_flow_only")),
+        Figure("ki_over_flow_only_flops_pi05",
+               Quantity("KI loss + grad", "GFLOP", lambda r: r["memory"]["cost"]["ki"]["gflop"], fmt=".0f"),
+               Quantity("flow-only", "GFLOP", lambda r: r["memory"]["cost"]["flow_only"]["gflop"], fmt=".0f"),
+               target=1.25, direction="<=", context="(XLA cost analysis, compiled; memory phase's preset and batch)"),
+        Figure("ki_over_flow_only_bytes_pi05",
+               Quantity("KI loss + grad", "GiB", lambda r: r["memory"]["cost"]["ki"]["bytes_accessed_gib"], fmt=".0f"),
+               Quantity("flow-only", "GiB", lambda r: r["memory"]["cost"]["flow_only"]["bytes_accessed_gib"],
+                        fmt=".0f"), context="(bytes accessed, XLA cost analysis)"),
         Figure("extra_flow_sample_cost", Quantity("(K=4 step / K=1 step - 1) / 3", "",
                                                   lambda r: r["flow_cost"]["extra_flow_sample_cost"], fmt=".3f"),
-               context="(small preset)", target=0.15, direction="<=", signed=True),
+               context="(small preset; each round clamped at 0)", target=0.15, direction="<=", floor=0.0,
+               spread=_spread("flow_cost", "extra_flow_sample_cost")),
+        Figure("pass2_worker_peak_rss_mb", Quantity("one pass-2 worker, own process", "MB",
+                                                    lambda r: r["pass2_worker"]["peak_rss_mb_own"]),
+               target=1024.0, direction="<=", context="(ALOHA-like, all its shards)"),
+        Figure("decode_only_over_pass2_wall", Quantity("decode only, cameras in threads", "s",
+                                                       lambda r: r["pass2_worker"]["decode_only_s"]),
+               Quantity("pass 2 (pipelined)", "s", lambda r: r["pass2_worker"]["pass2_s"]),
+               context="(wall, all cores)", spread=_spread("pass2_worker", "decode_only_over_pass2_wall")),
         Figure("fast_ce_temp_gib_pi05", Quantity("XLA temporaries, FAST loss + grad", "GiB",
                                                  lambda r: r["memory"]["fast_ce"]["temp_gib"]),
                target=1.5, direction="<="),
@@ -106,24 +138,29 @@ def figures_for(s: BenchSettings) -> list[Figure]:
                                                     lambda r: r["memory"]["train_step"]["temp_gib"]),
                target=8.0, direction="<="),
         Figure("resize_pil_over_opencv", Quantity("PIL bilinear", "ms", img("resize_pil_ms")),
-               Quantity("OpenCV area", "ms", img("resize_ms")), context="(per camera-frame)"),
+               Quantity("OpenCV area", "ms", img("resize_ms")), context="(per camera-frame)",
+               spread=_spread("preprocess", "image_cost_ms", "resize_pil_over_opencv")),
         Figure("resize_max_abs_diff", Quantity("largest |OpenCV - PIL|", "levels", img("resize_max_abs_diff"))),
         Figure("png_over_jpeg_encode", Quantity("PNG encode", "ms", img("png_encode_ms")),
-               Quantity("JPEG encode", "ms", img("jpeg_encode_ms")), context="(224 px)"),
+               Quantity("JPEG encode", "ms", img("jpeg_encode_ms")), context="(224 px)",
+               spread=_spread("preprocess", "image_cost_ms", "png_over_jpeg_encode")),
         Figure("png_over_jpeg_decode", Quantity("PNG decode", "ms", img("png_decode_ms")),
-               Quantity("JPEG decode", "ms", img("jpeg_decode_ms")), context="(224 px)"),
+               Quantity("JPEG decode", "ms", img("jpeg_decode_ms")), context="(224 px)",
+               spread=_spread("preprocess", "image_cost_ms", "png_over_jpeg_decode")),
         Figure("two_workers_speedup", Quantity("1 worker", "s", lambda r: r["workers"]["workers_1_s"]),
-               Quantity("2 workers", "s", lambda r: r["workers"]["workers_2_s"]), context="(wall, all cores)"),
+               Quantity("2 workers", "s", lambda r: r["workers"]["workers_2_s"]), context="(wall, all cores)",
+               single_run=True),
         Figure("camera_parallel_decode_speedup",
                Quantity("cameras in turn", "s", lambda r: r["workers"]["camera_decode"]["sequential_s"]),
                Quantity("cameras in parallel", "s", lambda r: r["workers"]["camera_decode"]["parallel_s"]),
-               context="(wall, all cores)"),
+               context="(wall, all cores)", single_run=True),
     ] + _preprocess_figures("preprocess_pusht", "lerobot_loop_pusht", "_pusht", False)
     loader = Quantity("loader", "samples/s", lambda r: r["loader"]["samples_per_s"], fmt=".1f")
     for z in s.sizes:
         train = Quantity("train step", "samples/s", lambda r, z=z: r[f"train_{z.label}"]["samples_per_s"])
         out.append(Figure(variant_key("loader_over_train_step", z.label, s.base_size), loader, train,
-                          target=10.0 if z.label == s.base_size else None, context=f"({z.label})"))
+                          target=10.0 if z.label == s.base_size else None, context=f"({z.label})",
+                          single_run=True))
     for label in s.model_sizes:
         headline = label == s.headline_model
         m = lambda part, k, label=label: lambda r: r[f"model_{label}"][part][k]  # noqa: E731
@@ -131,14 +168,17 @@ def figures_for(s: BenchSettings) -> list[Figure]:
         out += [
             Figure(variant_key("two_pass_over_single_pass", label, s.headline_model),
                    Quantity("two-pass", "s", m("train_step", "two_pass_step_s")),
-                   Quantity("single pass", "s", m("train_step", "single_pass_step_s")), context=f"({label})"),
+                   Quantity("single pass", "s", m("train_step", "single_pass_step_s")), context=f"({label})",
+                   spread=_spread(f"model_{label}", "train_step", "two_pass_over_single")),
             Figure(variant_key("fast_over_flow_latency", label, s.headline_model),
                    Quantity("sample_fast_tokens", "ms", ms("sampling", "sample_fast_tokens_s"), fmt=".1f"),
                    Quantity("sample_actions", "ms", ms("sampling", "sample_actions_s"), fmt=".1f"),
-                   target=5.0 if headline else None, context=f"({label})"),
+                   target=5.0 if headline else None, context=f"({label})",
+                   spread=_spread(f"model_{label}", "sampling", "fast_over_flow")),
             Figure(variant_key("uncached_over_cached", label, s.headline_model),
                    Quantity("uncached", "ms", ms("cache", "uncached_s"), fmt=".1f"),
-                   Quantity("cached", "ms", ms("cache", "cached_s"), fmt=".1f"), context=f"({label})"),
+                   Quantity("cached", "ms", ms("cache", "cached_s"), fmt=".1f"), context=f"({label})",
+                   spread=_spread(f"model_{label}", "cache", "uncached_over_cached")),
             Figure(variant_key("two_pass_over_single_pass_flops", label, s.headline_model),
                    Quantity("two-pass", "GFLOP", m("flops", "two_pass_gflop")),
                    Quantity("single pass", "GFLOP", m("flops", "single_pass_gflop")), context=f"({label})"),
@@ -175,7 +215,8 @@ def gpu_figures(s: BenchSettings) -> list[Figure]:
                                                         g("samples_per_s_per_device")), target=25.0),
         Figure(f"gpu_fast_over_flow_latency_{p}",
                Quantity("sample_fast_tokens", "ms", lambda r: g("sampling", "sample_fast_tokens_s")(r) * 1e3),
-               Quantity("sample_actions", "ms", lambda r: g("sampling", "sample_actions_s")(r) * 1e3), target=5.0),
+               Quantity("sample_actions", "ms", lambda r: g("sampling", "sample_actions_s")(r) * 1e3), target=5.0,
+               spread=lambda r: r["gpu"]["sampling"]["spread"]["fast_over_flow"]),
     ]
 
 

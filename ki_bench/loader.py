@@ -106,19 +106,36 @@ def measure_lerobot_loader(
             "samples_per_cpu_s": n / clock.cpu_s}
 
 
-def per_core_loader_phase(shards: str, repo_id: str, root: str, batch_size: int, num_batches: int) -> dict:
-    """On one core, interleaved: our loader (augmentation on, no worker processes) and LeRobotDataset + torch
-    DataLoader with the same resize and augmentation, on the same dataset."""
+def per_core_loader_phase(shards: str, repo_id: str, root: str, batch_size: int, num_batches: int,
+                          policy=None, goal: float | None = None) -> dict:
+    """On one core, in interleaved rounds: our loader (augmentation on, no worker processes) and LeRobotDataset +
+    torch DataLoader with the same resize and augmentation, on the same dataset; per round the ratio of samples per
+    CPU-second (ki_bench.timing.paired_rounds, `policy`; one round when None)."""
     import torch
 
-    from ki_bench.timing import pin_to_one_core
+    from ki_bench.timing import Pair, RepeatPolicy, paired_rounds, pin_to_one_core
     from ki_data.manifest import Manifest
 
     cpu = pin_to_one_core()
     torch.set_num_threads(1)
     m = Manifest.load(shards)
-    ours = measure_throughput(shards, batch_size=batch_size, num_batches=num_batches, num_workers=0)
-    theirs = measure_lerobot_loader(repo_id, root, image_size=m.image_size, action_horizon=m.action_horizon,
-                                    batch_size=batch_size, num_batches=max(1, num_batches // 4))
-    return {"pinned_cpu": cpu, "ours": ours, "lerobot": theirs, "cameras": len(m.cameras),
-            "image_size": m.image_size, "image_format": m.image_format}
+    last: dict[str, dict] = {}
+
+    def ours() -> float:
+        last["ours"] = measure_throughput(shards, batch_size=batch_size, num_batches=num_batches, num_workers=0)
+        return 1.0 / last["ours"]["samples_per_cpu_s"]
+
+    def theirs() -> float:
+        last["lerobot"] = measure_lerobot_loader(repo_id, root, image_size=m.image_size,
+                                                 action_horizon=m.action_horizon, batch_size=batch_size,
+                                                 num_batches=max(1, num_batches // 4))
+        return 1.0 / last["lerobot"]["samples_per_cpu_s"]
+
+    rounds = paired_rounds({"ours": ours, "lerobot": theirs},
+                           {"ours_over_lerobot": Pair("lerobot", "ours", goal)},
+                           policy or RepeatPolicy(min_repeats=1, max_repeats=1))
+    med = rounds.medians()
+    return {"pinned_cpu": cpu, "ours": last["ours"] | {"samples_per_cpu_s": 1.0 / med["ours"]},
+            "lerobot": last["lerobot"] | {"samples_per_cpu_s": 1.0 / med["lerobot"]},
+            "spread": {k: v.to_dict() for k, v in rounds.spreads.items()}, "repeats": len(rounds.costs["ours"]),
+            "cameras": len(m.cameras), "image_size": m.image_size, "image_format": m.image_format}

@@ -7,6 +7,7 @@ the cross-entropy's blocks, the gradient's intermediates. They bound the batch a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -36,10 +37,21 @@ def _sizes(compiled) -> dict[str, float]:
             "output_gib": ma.output_size_in_bytes / GiB}
 
 
+def _cost(compiled) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program: floating-point operations and bytes accessed (after fusion)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"gflop": float(cost["flops"]) / 1e9, "bytes_accessed_gib": float(cost["bytes accessed"]) / GiB}
+
+
 def memory_phase(preset: str, batch_size: int, cameras: tuple[str, ...], remat: bool = True) -> dict[str, Any]:
     """XLA temporaries of (1) the whole KI loss + gradient w.r.t. the weights and (2) the FAST loss part alone
     (`ki_model.losses.fast_cross_entropy`, loss + gradient w.r.t. the backbone output and the embedding table),
-    at `preset` size (its vocabulary, token lengths and dtype), `batch_size`, `remat`, the given cameras."""
+    at `preset` size (its vocabulary, token lengths and dtype), `batch_size`, `remat`, the given cameras.
+
+    Also the KI cost where it matters: XLA's cost analysis (FLOPs, bytes accessed) of the compiled KI loss + gradient
+    against the flow-only one of the same model (`fast_loss_weight=0`: FAST tokens not fed; insulation off), same
+    batch. The optimizer update is left out of both: it is the same elementwise pass over the same weights."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -51,14 +63,22 @@ def memory_phase(preset: str, batch_size: int, cameras: tuple[str, ...], remat: 
     S = jax.ShapeDtypeStruct
     obs = _abstract_observation(cfg, batch_size)
     actions = S((batch_size, cfg.action_horizon, cfg.action_dim), jnp.float32)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: cfg.create(nnx.Rngs(0))), nnx.Param)
 
-    def loss(params, obs, actions, rng):
-        return nnx.merge(graphdef, params).compute_loss(rng, obs, actions)["total"]
+    def compiled_grad(config: Pi05KIConfig):
+        gdef, p = nnx.split(nnx.eval_shape(lambda: config.create(nnx.Rngs(0))), nnx.Param)
+
+        def loss(params, obs, actions, rng):
+            return nnx.merge(gdef, params).compute_loss(rng, obs, actions)["total"]
+
+        return jax.jit(jax.grad(loss)).lower(p, obs, actions, S((), jax.random.key(0).dtype)).compile()
 
     t0 = time.perf_counter()
-    whole = jax.jit(jax.grad(loss)).lower(params, obs, actions, S((), jax.random.key(0).dtype)).compile()
+    whole = compiled_grad(cfg)
     whole_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    flow_only = compiled_grad(dataclasses.replace(cfg, fast_loss_weight=0.0, insulation=False))
+    flow_only_s = time.perf_counter() - t0
+    ki_cost, flow_cost = _cost(whole), _cost(flow_only)
 
     dtype = jnp.dtype(cfg.dtype)
     hidden = S((batch_size, cfg.max_token_len, cfg.backbone.width), dtype)
@@ -73,5 +93,8 @@ def memory_phase(preset: str, batch_size: int, cameras: tuple[str, ...], remat: 
         "preset": preset, "batch_size": batch_size, "cameras": list(cameras), "remat": remat, "dtype": cfg.dtype,
         "vocab_size": cfg.vocab_size, "max_token_len": cfg.max_token_len, "backbone_width": cfg.backbone.width,
         "train_step": _sizes(whole), "fast_ce": _sizes(fast_part), "compile_s": whole_s,
+        "cost": {"ki": ki_cost, "flow_only": flow_cost, "compile_s": flow_only_s,
+                 "flops_ki_over_flow_only": ki_cost["gflop"] / flow_cost["gflop"],
+                 "bytes_ki_over_flow_only": ki_cost["bytes_accessed_gib"] / flow_cost["bytes_accessed_gib"]},
         "jax_backend": jax.default_backend(),
     }

@@ -1,8 +1,8 @@
 """The model's figures: train step of the single pass vs the two-pass reference, `sample_actions` vs
 `sample_fast_tokens` latency, cached vs uncached sampling, the trainer's step throughput and XLA FLOP counts.
 
-Each pair runs in one process on the same model and batch, interleaved after compilation (ki_bench.timing); medians
-over the repeats. Batches are synthetic but in shard format (ki_bench.synthetic).
+Each pair runs in one process on the same model and batch, interleaved after compilation (ki_bench.timing): each
+ratio is the median of the per-round ratios, with its spread, repeated as the RepeatPolicy says. Batches are synthetic but in shard format (ki_bench.synthetic).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from ki_bench.synthetic import SyntheticTokenizers, synthetic_batch, synthetic_tokenizers
-from ki_bench.timing import interleaved_medians
+from ki_bench.timing import Pair, RepeatPolicy, paired_rounds, wall_cost
 from ki_model import reference
 from ki_model.config import Pi05KIConfig
 from ki_model.decoding import FastDecodeSpec
@@ -49,7 +49,13 @@ def _batch(setup: ReportSetup, batch_size: int, seed: int):
     )
 
 
-def time_train_step(setup: ReportSetup, *, batch_size: int = 2, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+def _policy(repeats: int, policy: RepeatPolicy | None) -> RepeatPolicy:
+    """`policy`, or exactly `repeats` rounds (the reports' --repeats)."""
+    return policy or RepeatPolicy(min_repeats=repeats, max_repeats=repeats, max_seconds=float("inf"))
+
+
+def time_train_step(setup: ReportSetup, *, batch_size: int = 2, repeats: int = 5, seed: int = 0,
+                    policy: RepeatPolicy | None = None) -> dict[str, Any]:
     """Wall time of one jitted AdamW train step (forward + backward + update) for both loss computations."""
     cfg = setup.config
     batch = _batch(setup, batch_size, seed)
@@ -69,22 +75,25 @@ def time_train_step(setup: ReportSetup, *, batch_size: int = 2, repeats: int = 5
 
         return lambda: step(model, optimizer, jax.random.key(0))
 
-    med, comp = interleaved_medians(
-        {"single_pass": make_step(False), "two_pass": make_step(True)}, repeats, desc="train steps"
-    )
+    run = paired_rounds({"single_pass": wall_cost(make_step(False)), "two_pass": wall_cost(make_step(True))},
+                        {"two_pass_over_single": Pair("two_pass", "single_pass")}, _policy(repeats, policy),
+                        desc="train steps")
+    med = run.medians()
     return {
         "batch_size": batch_size,
         "sequence_tokens": cfg.tokens_per_image * len(setup.cameras) + cfg.max_token_len + cfg.action_horizon,
         "single_pass_step_s": med["single_pass"],
         "two_pass_step_s": med["two_pass"],
-        "two_pass_over_single": med["two_pass"] / med["single_pass"],
-        "compile_s": comp,
-        "repeats": repeats,
+        "two_pass_over_single": run.spreads["two_pass_over_single"].median,
+        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
+        "compile_s": run.first,
+        "repeats": len(run.costs["two_pass"]),
     }
 
 
 def time_sampling(
-    setup: ReportSetup, *, batch_size: int = 1, repeats: int = 5, num_steps: int | None = None, seed: int = 0
+    setup: ReportSetup, *, batch_size: int = 1, repeats: int = 5, num_steps: int | None = None, seed: int = 0,
+    policy: RepeatPolicy | None = None, fast_goal: float | None = None,
 ) -> dict[str, Any]:
     """Latency of `sample_actions` (flow, cached prefix) vs `sample_fast_tokens` (constrained greedy) per call."""
     cfg = setup.config
@@ -96,25 +105,28 @@ def time_sampling(
     sample = nnx.jit(lambda m, rng, obs: m.sample_actions(rng, obs, num_steps=steps))
     decode = nnx.jit(lambda m, rng, obs: m.sample_fast_tokens(rng, obs, spec.max_decode_steps, spec=spec))
     rng = jax.random.key(1)
-    med, comp = interleaved_medians(
+    run = paired_rounds(
         {
-            "sample_actions": lambda: sample(model, rng, batch.obs),
-            "sample_fast_tokens": lambda: decode(model, rng, batch.obs),
+            "sample_actions": wall_cost(lambda: sample(model, rng, batch.obs)),
+            "sample_fast_tokens": wall_cost(lambda: decode(model, rng, batch.obs)),
         },
-        repeats,
+        {"fast_over_flow": Pair("sample_fast_tokens", "sample_actions", fast_goal)},
+        _policy(repeats, policy),
         desc="sampling",
     )
+    med = run.medians()
     res = decode(model, rng, batch.obs)
     return {
         "batch_size": batch_size,
         "flow_steps": steps,
         "sample_actions_s": med["sample_actions"],
         "sample_fast_tokens_s": med["sample_fast_tokens"],
-        "fast_over_flow": med["sample_fast_tokens"] / med["sample_actions"],
+        "fast_over_flow": run.spreads["fast_over_flow"].median,
+        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
         "fast_tokens_decoded": [int(n) for n in res.num_tokens],
         "fast_valid": [bool(v) for v in res.valid],
-        "compile_s": comp,
-        "repeats": repeats,
+        "compile_s": run.first,
+        "repeats": len(run.costs["sample_actions"]),
     }
 
 
@@ -167,7 +179,8 @@ def shards_setup(shards: str | Path, preset: str) -> ReportSetup:
     return ReportSetup(model_config(preset, art.manifest), toks, art.manifest.cameras, art.manifest.state_dim)
 
 
-def time_prefix_and_cache(setup: ReportSetup, *, repeats: int, seed: int = 0) -> dict[str, Any]:
+def time_prefix_and_cache(setup: ReportSetup, *, repeats: int, seed: int = 0,
+                          policy: RepeatPolicy | None = None) -> dict[str, Any]:
     """`sample_actions` with the KV cache vs recomputing [prefix | actions] every flow step (use_cache=False), and
     the prefix pass alone (what every sampler pays once), interleaved after compilation; batch 1."""
     cfg = setup.config
@@ -179,22 +192,25 @@ def time_prefix_and_cache(setup: ReportSetup, *, repeats: int, seed: int = 0) ->
     uncached = nnx.jit(lambda m, rng, obs: reference.sample_actions_no_cache(m, obs, noise, steps))
     prefix = nnx.jit(lambda m, obs: m.prefix_cache(obs))
     rng = jax.random.key(1)
-    med, first = interleaved_medians(
+    run = paired_rounds(
         {
-            "cached": lambda: cached(model, rng, batch.obs),
-            "uncached": lambda: uncached(model, rng, batch.obs),
-            "prefix": lambda: prefix(model, batch.obs),
+            "cached": wall_cost(lambda: cached(model, rng, batch.obs)),
+            "uncached": wall_cost(lambda: uncached(model, rng, batch.obs)),
+            "prefix": wall_cost(lambda: prefix(model, batch.obs)),
         },
-        repeats,
+        {"uncached_over_cached": Pair("uncached", "cached")},
+        _policy(repeats, policy),
     )
+    med = run.medians()
     return {
         "flow_steps": steps,
         "cached_s": med["cached"],
         "uncached_s": med["uncached"],
         "prefix_s": med["prefix"],
-        "uncached_over_cached": med["uncached"] / med["cached"],
-        "compile_s": first,
-        "repeats": repeats,
+        "uncached_over_cached": run.spreads["uncached_over_cached"].median,
+        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
+        "compile_s": run.first,
+        "repeats": len(run.costs["cached"]),
     }
 
 
@@ -251,7 +267,8 @@ def flops_phase(shards: str, preset: str, batch_size: int) -> dict:
     return {"preset": preset} | train_step_flops(shards_setup(shards, preset), batch_size=batch_size)
 
 
-def model_phase(shards: str, preset: str, batch_size: int, repeats: int, compile_cache: str | None) -> dict:
+def model_phase(shards: str, preset: str, batch_size: int, policy: RepeatPolicy, compile_cache: str | None,
+                fast_goal: float | None = None) -> dict:
     """At the shards' config: single vs two-pass train step on one batch, sample_actions vs sample_fast_tokens; then
     cached vs uncached sampling and the prefix pass; the FLOP counts."""
     use_compile_cache(compile_cache)
@@ -261,18 +278,24 @@ def model_phase(shards: str, preset: str, batch_size: int, repeats: int, compile
         "preset": preset,
         "config": {k: v for k, v in cfg.to_dict().items() if not isinstance(v, list)},
         "image_tokens": cfg.tokens_per_image * len(setup.cameras),
-        "train_step": time_train_step(setup, batch_size=batch_size, repeats=repeats),
-        "sampling": time_sampling(setup, batch_size=1, repeats=repeats),
-        "cache": time_prefix_and_cache(setup, repeats=repeats),
+        "train_step": time_train_step(setup, batch_size=batch_size, policy=policy),
+        "sampling": time_sampling(setup, batch_size=1, policy=policy, fast_goal=fast_goal),
+        "cache": time_prefix_and_cache(setup, repeats=policy.min_repeats, policy=policy),
         "flops": train_step_flops(setup, batch_size=batch_size),
     } | _device()
 
 
-def time_flow_cost(setup: ReportSetup, *, batch_size: int, repeats: int, k: int = 4, seed: int = 0) -> dict[str, Any]:
+def time_flow_cost(setup: ReportSetup, *, batch_size: int, policy: RepeatPolicy, k: int = 4, seed: int = 0,
+                   ki_goal: float | None = 1.25, extra_goal: float | None = 0.15) -> dict[str, Any]:
     """What KI and extra flow samples cost per train step (AdamW, same batch), interleaved after compilation: the KI
     step, the flow-only step of the same model as π0/π0.5 train it (`fast_loss_weight=0`: FAST tokens not fed, no
     FAST loss; insulation off: the flow trains the backbone, whose backward pass KI's flow loss skips), and the KI
-    step with `k` flow samples sharing one backbone pass."""
+    step with `k` flow samples sharing one backbone pass.
+
+    The extra cost of a flow sample, (t_k / t_1 - 1) / (k - 1), cannot be negative: the k-sample step does all of the
+    1-sample step's work plus k - 1 more action blocks. A round whose ratio falls below 1 is measurement noise, so
+    each round's cost is clamped at its floor 0 before the median (`extra_flow_sample_cost`); the unclamped median is
+    kept beside it (`extra_flow_sample_cost_unclamped`) with the number of rounds that were clamped."""
     base = setup.config
     batch = _batch(setup, batch_size, seed)
     variants = {"ki": base, "flow_only": dataclasses.replace(base, fast_loss_weight=0.0, insulation=False),
@@ -293,16 +316,27 @@ def time_flow_cost(setup: ReportSetup, *, batch_size: int, repeats: int, k: int 
 
         return lambda: step(model, optimizer, jax.random.key(0))
 
-    med, comp = interleaved_medians({name: make_step(cfg) for name, cfg in variants.items()}, repeats,
-                                    desc="KI cost")
+    pairs = {"ki_over_flow_only": Pair("ki", "flow_only", ki_goal),
+             f"k{k}_over_k1": Pair(f"ki_k{k}", "ki", None if extra_goal is None else 1 + extra_goal * (k - 1))}
+    run = paired_rounds({name: wall_cost(make_step(cfg)) for name, cfg in variants.items()}, pairs, policy,
+                        desc="KI cost")
+    med = run.medians()
+    ratio = run.spreads[f"k{k}_over_k1"]
+    extra = ratio.map(lambda r: max(0.0, (r - 1.0) / (k - 1)))
     return {
-        "batch_size": batch_size, "k": k, "repeats": repeats, "compile_s": comp,
+        "batch_size": batch_size, "k": k, "repeats": len(run.costs["ki"]), "compile_s": run.first,
         "ki_step_s": med["ki"], "flow_only_step_s": med["flow_only"], f"ki_k{k}_step_s": med[f"ki_k{k}"],
-        "extra_flow_sample_cost": (med[f"ki_k{k}"] / med["ki"] - 1.0) / (k - 1),
+        "ki_over_flow_only": run.spreads["ki_over_flow_only"].median,
+        "extra_flow_sample_cost": extra.median,
+        "extra_flow_sample_cost_unclamped": (ratio.median - 1.0) / (k - 1),
+        "extra_flow_sample_rounds_clamped": sum(r < 1.0 for r in ratio.ratios),
+        "spread": {"ki_over_flow_only": run.spreads["ki_over_flow_only"].to_dict(),
+                   f"k{k}_over_k1": ratio.to_dict(), "extra_flow_sample_cost": extra.to_dict()},
     }
 
 
-def flow_cost_phase(preset: str, batch_size: int, repeats: int, compile_cache: str | None) -> dict:
-    """time_flow_cost at `preset` (small: width 256, depth 4, two 224-pixel cameras), synthetic batches."""
+def flow_cost_phase(preset: str, batch_size: int, policy: RepeatPolicy, compile_cache: str | None) -> dict:
+    """time_flow_cost at `preset` (small: width 256, depth 4, two 224-pixel cameras), synthetic batches; then XLA's
+    cost analysis of the same two train steps at π0.5 size (ki_over_flow_only_cost)."""
     use_compile_cache(compile_cache)
-    return {"preset": preset} | time_flow_cost(report_setup(preset), batch_size=batch_size, repeats=repeats) | _device()
+    return {"preset": preset} | time_flow_cost(report_setup(preset), batch_size=batch_size, policy=policy) | _device()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ki_bench.timing import Clock, median, peak_rss_mb, pin_to_one_core
+from ki_bench.timing import Clock, Pair, RepeatPolicy, Spread, median, paired_rounds, peak_rss_mb, pin_to_one_core
 
 
 def measure_startup_s() -> float:
@@ -138,21 +138,35 @@ def measure_image_cost_ms(repo_id: str, root: str | Path | None = None, image_si
     frames = [f for key in spec.cameras for f in list(reader.iter_frames(ep.index, key))[:n]]
     reader.close()
 
-    def per_frame_ms(fn, xs) -> tuple[float, list]:
-        t0 = time.perf_counter()
-        out = [fn(x) for x in xs]
-        return (time.perf_counter() - t0) / len(xs) * 1e3, out
+    per: dict[str, list[float]] = {}  # step -> seconds per frame, for the per-frame (paired) ratios
+
+    def per_frame_ms(fn, xs, name: str) -> tuple[float, list]:
+        out, times = [], []
+        for x in xs:
+            t0 = time.perf_counter()
+            out.append(fn(x))
+            times.append(time.perf_counter() - t0)
+        per[name] = times
+        return sum(times) / len(xs) * 1e3, out
 
     out: dict = {"frames": len(frames), "source_shape": list(frames[0].shape)}
-    out["resize_ms"], resized = per_frame_ms(lambda f: resize_with_pad(f, image_size), frames)
-    out["resize_pil_ms"], reference = per_frame_ms(lambda f: resize_with_pad_pil(f, image_size), frames)
+    out["resize_ms"], resized = per_frame_ms(lambda f: resize_with_pad(f, image_size), frames, "resize")
+    out["resize_pil_ms"], reference = per_frame_ms(lambda f: resize_with_pad_pil(f, image_size), frames, "resize_pil")
     diffs = [np.abs(a.astype(np.int16) - b) for a, b in zip(resized, reference, strict=True)]
     out["resize_max_abs_diff"] = int(max(d.max() for d in diffs))
     out["resize_mean_abs_diff"] = float(np.mean([d.mean() for d in diffs]))
     for fmt in ("jpeg", "png"):
-        out[f"{fmt}_encode_ms"], blobs = per_frame_ms(lambda r, fmt=fmt: encode_image(r, fmt), resized)
-        out[f"{fmt}_decode_ms"], _ = per_frame_ms(decode_image, blobs)
+        out[f"{fmt}_encode_ms"], blobs = per_frame_ms(lambda r, fmt=fmt: encode_image(r, fmt), resized,
+                                                      f"{fmt}_encode")
+        out[f"{fmt}_decode_ms"], _ = per_frame_ms(decode_image, blobs, f"{fmt}_decode")
         out[f"{fmt}_kb"] = float(np.mean([len(b) for b in blobs])) / 1e3
+    # Each frame is a pair (the same picture through both ways): the spread of the per-frame ratios.
+    ratio = lambda a, b: [x / y for x, y in zip(per[a], per[b], strict=True)]  # noqa: E731
+    out["spread"] = {
+        "resize_pil_over_opencv": Spread.of(ratio("resize_pil", "resize"), None, 0.05, stop="frames").to_dict() | {"ratios": []},
+        "png_over_jpeg_encode": Spread.of(ratio("png_encode", "jpeg_encode"), None, 0.05, stop="frames").to_dict() | {"ratios": []},
+        "png_over_jpeg_decode": Spread.of(ratio("png_decode", "jpeg_decode"), None, 0.05, stop="frames").to_dict() | {"ratios": []},
+    }
     return out
 
 
@@ -244,42 +258,74 @@ def time_pass1(repo_id: str, root: str, out: str, options: dict) -> float:
         return time.perf_counter() - t0
 
 
-def preprocess_phase(repo_id: str, root: str, out: str, options: dict, repeats: int, one_core: bool = True) -> dict:
-    """On one core: interleaved, decoding the videos with the sequential reader and nothing else, then the whole
-    `run_preprocess` call (one worker, imports off the clock); then pass 1 alone and the per-frame image costs.
-    Figures use CPU seconds (this process and its children), which a loaded machine inflates far less than wall."""
+def preprocess_phase(repo_id: str, root: str, out: str, options: dict, policy: RepeatPolicy, loop_frames: int | None,
+                     goals: dict[str, float | None], one_core: bool = True) -> dict:
+    """On one core, in interleaved rounds: decoding the videos with the sequential reader and nothing else, the whole
+    `run_preprocess` call (one worker, imports off the clock) and openpi's `LeRobotDataset[i]` loop over
+    `loop_frames` frames; each round gives one ratio per figure (`goals`: figure -> goal, for the stopping rule).
+    Then pass 1 alone and the per-frame image costs. Figures use CPU seconds (this process and its children),
+    which a loaded machine inflates far less than wall."""
+    from ki_data.lerobot_source import open_lerobot_dataset
+
     cpu = pin_to_one_core() if one_core else None
     import_s = measure_startup_s()
+    import torch
+
+    torch.set_num_threads(1)
     rss_imports = peak_rss_mb()
-    decode, pre = [], []
-    for _ in range(repeats):
-        decode.append(measure_decode_only_fps(repo_id, root))
-        pre.append(measure_preprocess_fps(repo_id, root, workers=1, out_dir=out, **options))
-    pre_cpu, dec_cpu = median([r["cpu_s"] for r in pre]), median([r["cpu_s"] for r in decode])
-    frames = pre[-1]["frames"]
+    n_frames = open_lerobot_dataset(repo_id, root).num_frames
+    horizon = options.get("action_horizon", 50)
+    loop_n = n_frames if loop_frames is None else min(loop_frames, n_frames)
+    last: dict[str, dict] = {}
+
+    def run(name: str, fn):
+        def cost() -> float:
+            last[name] = fn()
+            return last[name]["cpu_s"]
+        return cost
+
+    fns = {
+        "decode_only": run("decode_only", lambda: measure_decode_only_fps(repo_id, root)),
+        "preprocess": run("preprocess", lambda: measure_preprocess_fps(repo_id, root, workers=1, out_dir=out,
+                                                                       **options)),
+        "loop": run("loop", lambda: measure_lerobot_loop_fps(repo_id, root, action_horizon=horizon,
+                                                             max_frames=loop_n)),
+    }
+    # frames/CPU-s of preprocess over the loop's = (loop CPU-s / preprocess CPU-s) * (preprocess frames / loop frames)
+    pairs = {
+        "preprocess_vs_lerobot_loop": Pair("loop", "preprocess", goals.get("preprocess_vs_lerobot_loop"),
+                                           scale=n_frames / loop_n),
+        "decode_only_over_preprocess": Pair("decode_only", "preprocess", goals.get("decode_only_over_preprocess")),
+    }
+    rounds = paired_rounds(fns, pairs, policy)
+    pre, frames = last["preprocess"], last["preprocess"]["frames"]
+    assert frames == n_frames, (frames, n_frames)
+    med = rounds.medians()
     image_size = options.get("image_size", 224)
     return {
         "pinned_cpu": cpu,
         "frames": frames,
-        "rows": pre[-1]["rows"],
-        "cameras": pre[-1]["cameras"],
-        "shards": pre[-1]["shards"],
-        "bytes": pre[-1]["bytes"],
-        "image_format": pre[-1]["image_format"],
-        "preprocess_cpu_s": pre_cpu,
-        "preprocess_s": median([r["seconds"] for r in pre]),
-        "preprocess_s_all": [r["seconds"] for r in pre],
-        "preprocess_cpu_s_all": [r["cpu_s"] for r in pre],
-        "preprocess_fps": frames / pre_cpu,  # frames per CPU-second
-        "decode_only_frames": decode[-1]["frames"],
-        "decode_only_cpu_s": dec_cpu,
-        "decode_only_s": median([r["seconds"] for r in decode]),
-        "decode_only_s_all": [r["seconds"] for r in decode],
-        "decode_only_cpu_s_all": [r["cpu_s"] for r in decode],
+        "rows": pre["rows"],
+        "cameras": pre["cameras"],
+        "shards": pre["shards"],
+        "bytes": pre["bytes"],
+        "image_format": pre["image_format"],
+        "preprocess_cpu_s": med["preprocess"],
+        "preprocess_cpu_s_all": rounds.costs["preprocess"],
+        "preprocess_fps": frames / med["preprocess"],  # frames per CPU-second
+        "decode_only_frames": last["decode_only"]["frames"],
+        "decode_only_cpu_s": med["decode_only"],
+        "decode_only_cpu_s_all": rounds.costs["decode_only"],
+        "loop_frames": loop_n,
+        "loop_cpu_s_all": rounds.costs["loop"],
+        "loop_fps_cpu": loop_n / med["loop"],
+        "loop_backend": last["loop"]["backend"],
+        "spread": {k: v.to_dict() for k, v in rounds.spreads.items()},
+        "rounds_s": rounds.seconds,
         "pass1_s": time_pass1(repo_id, root, out, options),
         "image_cost_ms": measure_image_cost_ms(repo_id, root, image_size),
         "image_size": image_size,
-        "action_horizon": options.get("action_horizon", 50),
+        "action_horizon": horizon,
         "import_s": import_s,
         "rss_after_imports_mb": rss_imports,
     }
@@ -313,4 +359,82 @@ def workers_phase(repo_id: str, root: str, out: str, options: dict) -> dict:
         "shards": runs[2]["shards"], "frames": runs[2]["frames"],
         "decode_cpu_over_wall": decode["cpu_s"] / decode["seconds"],
         "camera_decode": measure_camera_parallel_decode(repo_id, root),
+    }
+
+
+def prepare_pass2_phase(repo_id: str, root: str, out: str, options: dict) -> dict:
+    """Everything before pass 2 (plan, pass 1, the job file the tasks read) into `out`, in its own process, so
+    that the pass-2 worker phase after it measures a worker and nothing else."""
+    from ki_data.preprocess import PreprocessConfig
+    from ki_data.preprocess.executors import job_file
+    from ki_data.preprocess.run import _prepare
+
+    cfg = PreprocessConfig(repo_id, root=root, output=out, workers=1, overwrite=True, progress=False, **options)
+    prep = _prepare(cfg)
+    return {"job": str(job_file(prep.job.ctx.out)), "shards": len(prep.job.plan.shards)}
+
+
+def _own_peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+
+
+def pass2_worker_phase(job_path: str, policy: RepeatPolicy, goal: float | None = None) -> dict:
+    """One pass-2 worker as a DataTrove task runs it (ki_data.preprocess.pass2.ShardWorker over every planned
+    shard), in this fresh process, on all cores: its peak resident memory (this process alone: the imports,
+    the decoders, the camera pipelines' queues, a shard's columns), the CPU seconds of each pipeline stage, and in
+    interleaved rounds its wall time against decoding alone (the cameras of each episode in parallel threads, as
+    pass 2 decodes them): how much of pass 2 hides behind the decoder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ki_data.lerobot_source import EpisodeReader
+    from ki_data.preprocess.executors import load_job
+    from ki_data.preprocess.pass2 import ShardWorker
+
+    rss_start = _own_peak_rss_mb()
+    job = load_job(job_path)
+    ctx = job.ctx
+    plans = [p for group in job.groups for p in group]
+    episodes = [ep for p in plans for ep in p.episodes]
+    frames = sum(ctx.spec.episode(ep).length for ep in episodes)
+    stage_cpu: dict[str, float] = {}
+
+    def pass2() -> float:
+        worker = ShardWorker(ctx)
+        try:
+            with Clock() as clock:
+                for plan in plans:
+                    worker.write_shard(plan, lambda n: None)
+        finally:
+            worker.close()
+        stage_cpu.clear()
+        stage_cpu.update(worker.clock.cpu_s | {"process": clock.cpu_s})
+        return clock.wall_s
+
+    cams = list(ctx.cameras.values())
+    pool = ThreadPoolExecutor(len(cams))
+
+    def decode_only() -> float:
+        reader = EpisodeReader(ctx.spec)
+        try:
+            with Clock() as clock:
+                for ep in episodes:
+                    ts = reader.read_episode(ep).timestamp
+                    list(pool.map(lambda key, ep=ep, ts=ts: sum(1 for _ in reader.iter_frames(ep, key, ts)), cams))
+        finally:
+            reader.close()
+        return clock.wall_s
+
+    rounds = paired_rounds({"pass2": pass2, "decode_only": decode_only},
+                           {"decode_only_over_pass2_wall": Pair("decode_only", "pass2", goal)}, policy)
+    pool.shutdown()
+    med = rounds.medians()
+    return {
+        "frames": frames, "cameras": len(cams), "shards": len(plans), "peak_rss_mb_own": _own_peak_rss_mb(),
+        "rss_at_start_mb": rss_start, "pass2_s": med["pass2"], "decode_only_s": med["decode_only"],
+        "stage_cpu_ms_per_frame": {k: v * 1e3 / frames for k, v in stage_cpu.items()},
+        "spread": {k: v.to_dict() for k, v in rounds.spreads.items()}, "repeats": len(rounds.costs["pass2"]),
     }

@@ -7,7 +7,7 @@ from typing import Any
 from ki_bench.figures import Figure, Raw, directions, targets
 
 # The JSON's keys that are not figures; every other top-level key is a figure (a number).
-META_KEYS = ("targets", "directions", "met", "not_measured", "machine", "settings", "raw", "wall_s", "mode")
+META_KEYS = ("targets", "directions", "met", "not_measured", "spread", "machine", "settings", "raw", "wall_s", "mode")
 
 
 def document(raw: Raw, figures: list[Figure]) -> dict[str, Any]:
@@ -15,11 +15,26 @@ def document(raw: Raw, figures: list[Figure]) -> dict[str, Any]:
     figures not measured (key -> why)."""
     measured = [f for f in figures if f.needs is None]
     doc: dict[str, Any] = {f.key: f.value(raw) for f in measured}
+    for f in measured:
+        if f.floor is not None and doc[f.key] < f.floor:
+            raise ValueError(f"{f.key} = {doc[f.key]} is below its floor {f.floor}: its phase must clamp each round")
     doc["targets"] = targets(figures)
     doc["directions"] = directions(figures)
     doc["met"] = {f.key: f.met(doc[f.key]) for f in measured if f.target is not None}
     doc["not_measured"] = {f.key: f.needs for f in figures if f.needs is not None}
+    # The spread of every timed figure measured in rounds (the per-round ratios stay in raw).
+    doc["spread"] = {f.key: {k: v for k, v in f.spread(raw).items() if k != "ratios"}
+                     for f in measured if f.spread is not None}
     return doc
+
+
+def _spread_text(f: Figure, doc: dict[str, Any]) -> tuple[str, str, str]:
+    """(interquartile range, 95 % interval of the median, rounds) of a figure, as the table shows them."""
+    if f.key in doc["spread"]:
+        sp = doc["spread"][f.key]
+        return (f"{sp['q1']:.2f}-{sp['q3']:.2f}", f"{sp['ci_low']:.2f}-{sp['ci_high']:.2f}",
+                f"{sp['n']}" + ("" if sp["settled"] else "*"))
+    return ("one run", "", "1") if f.single_run else ("", "", "")
 
 
 def table(doc: dict[str, Any], figures: list[Figure]) -> str:
@@ -28,19 +43,24 @@ def table(doc: dict[str, Any], figures: list[Figure]) -> str:
     raw = doc["raw"]
     ratios = [f for f in figures if f.section == "ratios"]
     w = max(len(f.key) for f in figures) + 2
-    lines = [f"{'figure':<{w}}{'a':<36}{'b':<44}{'a / b':>8}  {'target':<8}met"]
+    spread_head = f"{'IQR':<12}{'95% CI':<12}{'n':<5}"
+    lines = [f"{'figure':<{w}}{'a':<36}{'b':<44}{'a / b':>8}  {spread_head}{'target':<8}met"]
     if not any(f.section == "memory" for f in figures):  # the GPU mode: values, no memory section
-        lines[0] = f"{'figure':<{w}}{'a':<36}{'b':<44}{'value':>8}  {'target':<8}met"
+        lines[0] = f"{'figure':<{w}}{'a':<36}{'b':<44}{'value':>8}  {spread_head}{'target':<8}met"
     for f in ratios:
         tgt = "-" if f.target is None else f"{f.direction} {f.target:g}"
         if f.needs is not None:
-            lines.append(f"{f.key:<{w}}{'not measured (' + f.needs + ')':<80}{'':>8}  {tgt:<8}-")
+            lines.append(f"{f.key:<{w}}{'not measured (' + f.needs + ')':<80}{'':>8}  {'':<29}{tgt:<8}-")
             continue
         b = f.context if f.b is None else f"{f.b.text(raw)} {f.context}".strip()
         met = f.met(doc[f.key])
         mark = "-" if met is None else ("yes" if met else "no")
-        lines.append(f"{f.key:<{w}}{f.a.text(raw):<36}{b:<44}{doc[f.key]:>8.2f}  {tgt:<8}{mark}")
-    lines.append("")
+        iqr, ci, n = _spread_text(f, doc)
+        lines.append(f"{f.key:<{w}}{f.a.text(raw):<36}{b:<44}{doc[f.key]:>8.2f}  {iqr:<12}{ci:<12}{n:<5}{tgt:<8}"
+                     f"{mark}")
+    lines += ["", "a / b of a figure with a spread: the median of its interleaved rounds' ratios a_i / b_i (a and b "
+              "are the medians of each); IQR: their interquartile range; 95% CI: of the median (order statistics); "
+              "n: rounds, * = stopped at the cap on rounds or seconds before the interval cleared the goal", ""]
     for f in figures:
         if f.section == "memory":
             lines.append(f"{f.key:<{w}}{f.a.label:<36}{doc[f.key]:>8.0f} MB peak RSS")
@@ -87,8 +107,10 @@ def notes(doc: dict[str, Any]) -> str:
             f"(CPU seconds; lerobot import {pre['import_s']:.1f} s off the clock)",
             f"  preprocess {per_frame:.2f} CPU-ms/frame = video decode {decode:.2f} ({_pct(decode, per_frame)}) + "
             f"resize and encode {image:.2f} ({_pct(image, per_frame)}) + pass 1 {pass1:.2f} + the rest "
-            f"{per_frame - decode - image - pass1:.2f} (tokens, parquet); median of {len(pre['preprocess_s_all'])}",
-            f"  LeRobotDataset[i] loop: {1e3 / loop['fps_cpu']:.2f} CPU-ms/item ({loop['backend']}, {loop['frames']} "
+            f"{per_frame - decode - image - pass1:.2f} (tokens, parquet); medians of {len(pre['preprocess_cpu_s_all'])} "
+            f"interleaved rounds of decode only, preprocess and the loop",
+            f"  LeRobotDataset[i] loop: {1e3 / pre['loop_fps_cpu']:.2f} CPU-ms/item ({pre['loop_backend']}, "
+            f"{pre['loop_frames']} "
             f"items, a {pre['action_horizon']}-step action chunk each; construction {loop['open_seconds']:.1f} s not "
             f"counted): it decodes every item's frames from the last keyframe, preprocessing decodes each frame once",
             f"  per camera-frame: resize {img['resize_ms']:.2f} ms (PIL {img['resize_pil_ms']:.2f}; largest pixel "
@@ -103,6 +125,29 @@ def notes(doc: dict[str, Any]) -> str:
         f"over {w['shards']} shards (a worker takes whole shards); decoding alone uses {w['decode_cpu_over_wall']:.2f} "
         f"CPU-s per wall-s; cameras of an episode decoded in parallel threads {cd['parallel_s']:.2f} s vs in turn "
         f"{cd['sequential_s']:.2f} s")
+    p2 = raw["pass2_worker"]
+    st = p2["stage_cpu_ms_per_frame"]
+    staged = sum(v for k, v in st.items() if k != "process")
+    lines.append(
+        f"one pass-2 worker (ALOHA-like, {p2['frames']} frames x {p2['cameras']} cameras, {p2['shards']} shards, all "
+        f"cores): peak RSS {p2['peak_rss_mb_own']:.0f} MB ({p2['rss_at_start_mb']:.0f} MB at start); CPU-ms per frame "
+        f"by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items() if k != "process") +
+        f" (staged {staged:.2f} of the process's {st.get('process', float('nan')):.2f}); wall: pass 2 "
+        f"{p2['pass2_s']:.2f} s vs decoding alone {p2['decode_only_s']:.2f} s (medians of {p2['repeats']})")
+    fc = raw["flow_cost"]
+    k_step = fc[f"ki_k{fc['k']}_step_s"]
+    lines.append(
+        f"KI cost ({fc['preset']} preset, batch {fc['batch_size']}, {fc['repeats']} interleaved rounds): KI step "
+        f"{fc['ki_step_s']:.3f} s, flow-only {fc['flow_only_step_s']:.3f} s, K={fc['k']} "
+        f"{k_step:.3f} s; extra flow sample cost {fc['extra_flow_sample_cost']:.3f} "
+        f"(unclamped median {fc['extra_flow_sample_cost_unclamped']:.3f}; {fc['extra_flow_sample_rounds_clamped']} "
+        f"rounds below the floor 0 were clamped: the K-sample step does all the 1-sample step's work and more)")
+    cost = raw["memory"]["cost"]
+    lines.append(
+        f"KI vs flow-only at {raw['memory']['preset']} size (XLA cost analysis of the compiled loss + gradient, batch "
+        f"{raw['memory']['batch_size']}): {cost['ki']['gflop'] / 1e3:.1f} vs {cost['flow_only']['gflop'] / 1e3:.1f} "
+        f"TFLOP ({cost['flops_ki_over_flow_only']:.3f}), bytes accessed {cost['ki']['bytes_accessed_gib']:.0f} vs "
+        f"{cost['flow_only']['bytes_accessed_gib']:.0f} GiB ({cost['bytes_ki_over_flow_only']:.3f})")
     cl = raw["core_loader"]
     ours, theirs = cl["ours"], cl["lerobot"]
     lines.append(

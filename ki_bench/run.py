@@ -10,6 +10,7 @@ its imports and (for JAX) after compilation. The phases live with what they meas
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ki_bench import datasets
-from ki_bench.figures import figures_for, gpu_figures
+from ki_bench.figures import TARGETS, figures_for, gpu_figures
 from ki_bench.report import document
 from ki_bench.settings import BenchSettings
 from ki_bench.timing import run_isolated, usable_cpus
@@ -37,6 +38,7 @@ class BenchOptions:
     compile_cache: bool = True
     progress: bool = True
     gpu: bool = False  # the GPU mode: π0.5-size figures only (ki_bench.gpu)
+    partial_json: Path | None = None  # the raw measurements so far, rewritten after every phase (a slow machine)
 
 
 def _set_child_environment(cache_dir: Path, fast_compile: bool) -> None:
@@ -66,6 +68,7 @@ def _phases(opts: BenchOptions, cache: Path, compile_cache: str | None, raw: dic
     shards = str(cache / "shards" / Path(root).name)
     aloha_shards = str(cache / "shards" / Path(aloha_root).name)
     horizon = lambda key: raw[key]["action_horizon"]  # noqa: E731
+    goals = TARGETS  # the stopping rule of a paired measurement: repeat until the figure is on one side of its goal
     phases: list[tuple[str, str, Callable[[], dict]]] = []
     if not opts.repo_id:
         phases.append(("record", "record demo dataset", lambda: run_isolated(
@@ -74,21 +77,27 @@ def _phases(opts: BenchOptions, cache: Path, compile_cache: str | None, raw: dic
         ("record_aloha", "record ALOHA-like dataset",
          lambda: run_isolated("ki_bench.datasets:record_aloha_like_phase", aloha_root, s.aloha)),
         ("preprocess", "ALOHA-like: preprocess + decode only", lambda: run_isolated(
-            "ki_bench.preprocess:preprocess_phase", aloha_id, aloha_root, aloha_shards, s.aloha_options,
-            s.preprocess_repeats)),
+            "ki_bench.preprocess:preprocess_phase", aloha_id, aloha_root, aloha_shards, s.aloha_options, s.policy,
+            s.aloha_loop_frames, goals)),
         ("lerobot_loop", "ALOHA-like: LeRobotDataset loop", lambda: run_isolated(
             "ki_bench.preprocess:lerobot_loop_phase", aloha_id, aloha_root, horizon("preprocess"), s.aloha_loop_frames)),
         ("workers", "ALOHA-like: 1 vs 2 workers, camera threads", lambda: run_isolated(
             "ki_bench.preprocess:workers_phase", aloha_id, aloha_root, str(cache / "shards" / "workers"),
             s.aloha_options)),
+        ("pass2_prepare", "ALOHA-like: pass 1 for the pass-2 worker", lambda: run_isolated(
+            "ki_bench.preprocess:prepare_pass2_phase", aloha_id, aloha_root, str(cache / "shards" / "pass2_worker"),
+            s.aloha_options)),
+        ("pass2_worker", "ALOHA-like: one pass-2 worker (memory, stages, wall)", lambda: run_isolated(
+            "ki_bench.preprocess:pass2_worker_phase", raw["pass2_prepare"]["job"], s.policy)),
         ("core_loader", "ALOHA-like: loaders on one core", lambda: run_isolated(
             "ki_bench.loader:per_core_loader_phase", aloha_shards, aloha_id, aloha_root, s.core_loader_batch,
-            s.core_loader_batches)),
+            s.core_loader_batches, s.policy, goals.get("loader_vs_lerobot_loader_per_core"))),
         ("memory", f"XLA memory ({s.memory_preset})", lambda: run_isolated(
             "ki_bench.memory:memory_phase", s.memory_preset, s.memory_batch,
             ("cam_high", "cam_left_wrist", "cam_right_wrist"))),
         ("preprocess_pusht", "pusht: preprocess + decode only", lambda: run_isolated(
-            "ki_bench.preprocess:preprocess_phase", repo_id, root, shards, s.preprocess_options, s.preprocess_repeats)),
+            "ki_bench.preprocess:preprocess_phase", repo_id, root, shards, s.preprocess_options, s.policy,
+            s.loop_frames, {})),
         ("lerobot_loop_pusht", "pusht: LeRobotDataset loop", lambda: run_isolated(
             "ki_bench.preprocess:lerobot_loop_phase", repo_id, root, horizon("preprocess_pusht"), s.loop_frames)),
         ("loader", "pusht: loader", lambda: run_isolated(
@@ -99,9 +108,10 @@ def _phases(opts: BenchOptions, cache: Path, compile_cache: str | None, raw: dic
             "ki_bench.model:train_phase", shards, z.preset, z.train_batch, z.train_steps, compile_cache)))
     for label in s.model_sizes:
         phases.append((f"model_{label}", f"model timings ({label})", lambda z=s.size(label): run_isolated(
-            "ki_bench.model:model_phase", shards, z.preset, s.model_batch, s.repeats, compile_cache)))
+            "ki_bench.model:model_phase", shards, z.preset, s.model_batch, s.policy, compile_cache,
+            goals.get("fast_over_flow_latency") if z.label == s.headline_model else None)))
     phases.append(("flow_cost", f"KI cost ({s.flow_cost_preset})", lambda: run_isolated(
-        "ki_bench.model:flow_cost_phase", s.flow_cost_preset, s.flow_cost_batch, s.repeats, compile_cache)))
+        "ki_bench.model:flow_cost_phase", s.flow_cost_preset, s.flow_cost_batch, s.policy, compile_cache)))
     for preset in s.flops_presets:
         phases.append((f"flops_{preset}", f"FLOP count ({preset})",
                        lambda preset=preset: run_isolated("ki_bench.model:flops_phase", shards, preset, s.model_batch)))
@@ -128,6 +138,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
         t0 = time.perf_counter()
         raw[key] = run()
         raw[key]["phase_wall_s"] = time.perf_counter() - t0
+        if opts.partial_json is not None:
+            opts.partial_json.write_text(json.dumps({"raw": raw}, indent=2))
     bar.close()
 
     doc = document(raw, figures(opts))

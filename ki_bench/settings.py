@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ki_bench.datasets import AlohaLikeConfig
+from ki_bench.timing import RepeatPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,14 +22,13 @@ class BenchSettings:
     episodes: int  # demo dataset size (gym-pusht, scripted policy)
     max_steps: int  # episode length cap
     preprocess_options: dict[str, int]  # PreprocessConfig fields; {} = the demo's defaults (224 px, horizon 50)
-    preprocess_repeats: int
     loop_frames: int | None  # frames of the LeRobotDataset loop (None: all, the frames preprocess reads)
     loader_batch: int
     loader_batches: int
     sizes: tuple[ModelSize, ...]  # loader vs train step and training memory, per config
     model_sizes: tuple[str, ...]  # labels of `sizes` for the two-pass and sampling comparisons
     model_batch: int  # train-step batch of the two-pass comparison (sampling uses batch 1)
-    repeats: int  # timed repeats of the model comparisons (median)
+    policy: RepeatPolicy  # how many interleaved rounds each timed ratio gets (ki_bench.timing.paired_rounds)
     headline: str = "mid"  # label whose model figures fill the unsuffixed keys
     flops_presets: tuple[str, ...] = ()  # more presets whose train-step FLOPs are counted (no weights, no compile)
     fast_compile: bool = False  # XLA backend optimisation off (CPU): compiles faster, runs slower; tests only
@@ -70,24 +70,25 @@ _TINY_SHARDS = {"image_size": 32, "action_horizon": 10, "max_token_len": 64, "ma
 SETTINGS: dict[str, BenchSettings] = {
     # tiny = the demo's training (tiny preset, batch 16, on the demo shards); mid = width 256, depth 4 on 224 px.
     "full": BenchSettings(
-        mode="full", episodes=20, max_steps=150, preprocess_options={}, preprocess_repeats=3, loop_frames=None,
+        mode="full", episodes=20, max_steps=150, preprocess_options={}, loop_frames=None,
         loader_batch=16, loader_batches=30,
         sizes=(ModelSize("tiny", "tiny", 16, 10), ModelSize("mid", "small", 8, 5)),
-        model_sizes=("tiny", "mid"), model_batch=4, repeats=5, flops_presets=("pi05",),
+        model_sizes=("tiny", "mid"), model_batch=4, policy=RepeatPolicy(min_repeats=5, max_repeats=25, max_seconds=300), flops_presets=("pi05",),
         aloha=AlohaLikeConfig(episodes=4, frames=300),
     ),
     "quick": BenchSettings(
-        mode="quick", episodes=4, max_steps=150, preprocess_options={}, preprocess_repeats=2, loop_frames=None,
+        mode="quick", episodes=4, max_steps=150, preprocess_options={}, loop_frames=None,
         loader_batch=16, loader_batches=12,
         sizes=(ModelSize("tiny", "tiny", 16, 5), ModelSize("mid", "small", 4, 3)),
-        model_sizes=("mid",), model_batch=2, repeats=3,
+        model_sizes=("mid",), model_batch=2, policy=RepeatPolicy(min_repeats=5, max_repeats=12, max_seconds=100),
         aloha=AlohaLikeConfig(episodes=2, frames=250), aloha_loop_frames=250, core_loader_batches=8,
     ),
     # Tests only: everything shrunk (32 px shards, the tiny preset alone, quick compiles); its numbers mean nothing.
     "smoke": BenchSettings(
-        mode="smoke", episodes=2, max_steps=12, preprocess_options=_TINY_SHARDS, preprocess_repeats=1,
+        mode="smoke", episodes=2, max_steps=12, preprocess_options=_TINY_SHARDS,
         loop_frames=None, loader_batch=4, loader_batches=3, sizes=(ModelSize("tiny", "tiny", 4, 1),),
-        model_sizes=("tiny",), model_batch=2, repeats=1, fast_compile=True,
+        model_sizes=("tiny",), model_batch=2, policy=RepeatPolicy(min_repeats=2, max_repeats=2),
+        fast_compile=True,
         aloha=AlohaLikeConfig(episodes=2, frames=12, height=48, width=64),
         aloha_options=_TINY_SHARDS | {"max_token_len": 160, "max_text_len": 96},
         core_loader_batch=4, core_loader_batches=4, memory_preset="tiny", memory_batch=2,

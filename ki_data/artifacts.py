@@ -13,6 +13,7 @@ import numpy as np
 from jaxtyping import Float
 
 from ki_data import schema
+from ki_data.actions import to_absolute
 from ki_data.manifest import MANIFEST_FILE, Manifest, ManifestError
 from ki_data.normalize import NormStats, load_norm_stats, normalize, unnormalize
 from ki_data.prompt import PromptBuilder
@@ -49,6 +50,21 @@ class DataArtifacts:
 
     def unnormalize_actions(self, actions: Float[np.ndarray, "*b d"]) -> Float[np.ndarray, "*b d"]:
         return unnormalize(actions, self.norm_stats["actions"], self.manifest.norm_mode)
+
+    def absolute_actions(
+        self, chunks: Float[np.ndarray, "*b h d"], state: Float[np.ndarray, "*b s"]
+    ) -> Float[np.ndarray, "*b h d"]:
+        """Normalized chunks as stored (relative where `--delta-actions` said) -> absolute chunks in the dataset's
+        units, with the raw state of each chunk's frame: what people and robots see."""
+        return to_absolute(self.unnormalize_actions(chunks), state, self.manifest.delta_actions)
+
+    def hold_still_chunks(self, state: Float[np.ndarray, "b s"], horizon: int) -> Float[np.ndarray, "b h d"]:
+        """The hold-still baseline in absolute units: the state dimensions named as the action's, repeated."""
+        dims = self.manifest.action_state_dims()
+        if dims is None:
+            raise ValueError(f"hold still does not apply: {self.manifest.hold_still()[1]}")
+        held = np.asarray(state, np.float32)[:, list(dims)]
+        return np.broadcast_to(held[:, None, :], (held.shape[0], horizon, held.shape[1]))
 
     def shard_paths(self, split: str | None = None) -> list[Path]:
         return self.manifest.shard_paths(self.root, split)

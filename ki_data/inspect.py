@@ -14,24 +14,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.fft
 from jaxtyping import Bool, Float, Int, UInt8
 from tqdm import tqdm
 
+from ki_data import schema
 from ki_data.artifacts import DataArtifacts
+from ki_data.fast_tokenizer import FastDecodeError
 from ki_data.images import decode_image
 from ki_data.manifest import MANIFEST_FILE, ManifestError
-from ki_data.prompt import ACTION_PREFIX, COLUMNS, PromptTokens
-from ki_data.shard_writer import READ_OPTIONS
+from ki_data.prompt import ACTION_PREFIX, PromptTokens
+from ki_data.schema import PROMPT_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SHARDS = REPO_ROOT / "runs" / "demo" / "shards"
 DEMO_CHECKPOINT = REPO_ROOT / "runs" / "demo" / "checkpoint"
-
-# The token columns of a shard row, with their lengths taken from the manifest.
-TOKEN_COLUMNS, TEXT_COLUMNS = COLUMNS[:4], COLUMNS[4:]
 
 
 class InspectError(ValueError):
@@ -44,7 +41,8 @@ class RowInconsistencyError(InspectError):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One frame of a shard, decoded (images still PNG bytes) with its actions reshaped to [horizon, dim]."""
+    """One frame of a shard, decoded (images still encoded: JPEG by default, PNG if the manifest says so) with its
+    actions reshaped to [horizon, dim]."""
 
     shard: Path
     split: str
@@ -74,17 +72,17 @@ class Row:
     def as_batch(self) -> dict[str, np.ndarray]:
         """The row as a batch of one in shard-column layout, images decoded (what `Observation.from_batch` reads)."""
         batch: dict[str, np.ndarray] = {
-            "episode_index": np.array([self.episode_index]),
-            "frame_index": np.array([self.frame_index]),
-            "index": np.array([self.index]),
-            "state": self.state[None],
-            "actions": self.actions[None],
-            "action_is_pad": self.action_is_pad[None],
+            schema.EPISODE_INDEX: np.array([self.episode_index]),
+            schema.FRAME_INDEX: np.array([self.frame_index]),
+            schema.INDEX: np.array([self.index]),
+            schema.STATE: self.state[None],
+            schema.ACTIONS: self.actions[None],
+            schema.ACTION_IS_PAD: self.action_is_pad[None],
         }
         for cam, img in self.decoded_images().items():
-            batch[f"image.{cam}"] = img[None]
-            batch[f"image_mask.{cam}"] = np.array([self.image_masks[cam]])
-        for name in TOKEN_COLUMNS + TEXT_COLUMNS:
+            batch[schema.image_column(cam)] = img[None]
+            batch[schema.image_mask_column(cam)] = np.array([self.image_masks[cam]])
+        for name in PROMPT_COLUMNS:
             batch[name] = getattr(self, name)[None]
         return batch
 
@@ -104,54 +102,22 @@ def open_shards(path: str | os.PathLike) -> DataArtifacts:
         raise InspectError(str(e)) from None
 
 
-def _read_columns(path: Path, columns: list[str], filters: list | None = None) -> dict[str, np.ndarray]:
-    """Columns of one shard as numpy ([n] or [n, k] for fixed-size lists; bytes/str as object arrays).
-
-    `filters` (pyarrow's) let parquet skip row groups, so one row does not cost a whole shard of images.
-    """
-    table = pq.read_table(path, columns=columns, filters=filters, **READ_OPTIONS)
-    out: dict[str, np.ndarray] = {}
-    for name in columns:
-        col = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(col.type):
-            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-        elif pa.types.is_binary(col.type) or pa.types.is_string(col.type):
-            out[name] = np.array(col.to_pylist(), dtype=object)
-        else:
-            out[name] = col.to_numpy(zero_copy_only=False)
-    return out
-
-
 def _row_from_table(shards: DataArtifacts, shard: Path, split: str, cols: dict[str, np.ndarray], i: int) -> Row:
-    cams = shards.manifest.cameras
+    """Row i of `schema.read_rows`' columns (stored dtypes), typed."""
+    m = shards.manifest
     return Row(
         shard=shard,
         split=split,
-        episode_index=int(cols["episode_index"][i]),
-        frame_index=int(cols["frame_index"][i]),
-        index=int(cols["index"][i]),
-        task=str(cols["task"][i]),
-        images={c: bytes(cols[f"image.{c}"][i]) for c in cams},
-        image_masks={c: bool(cols[f"image_mask.{c}"][i]) for c in cams},
-        state=cols["state"][i].astype(np.float32),
-        actions=cols["actions"][i].astype(np.float32).reshape(shards.manifest.action_horizon, shards.manifest.action_dim),
-        action_is_pad=cols["action_is_pad"][i].astype(bool),
-        tokenized_prompt=cols["tokenized_prompt"][i].astype(np.int32),
-        tokenized_prompt_mask=cols["tokenized_prompt_mask"][i].astype(bool),
-        token_ar_mask=cols["token_ar_mask"][i].astype(bool),
-        token_loss_mask=cols["token_loss_mask"][i].astype(bool),
-        text_prompt=cols["text_prompt"][i].astype(np.int32),
-        text_prompt_mask=cols["text_prompt_mask"][i].astype(bool),
-    )
-
-
-def _all_columns(shards: DataArtifacts) -> list[str]:
-    cams = shards.manifest.cameras
-    return (
-        ["episode_index", "frame_index", "index", "task"]
-        + [f"image.{c}" for c in cams]
-        + [f"image_mask.{c}" for c in cams]
-        + ["state", "actions", "action_is_pad", *TOKEN_COLUMNS, *TEXT_COLUMNS]
+        episode_index=int(cols[schema.EPISODE_INDEX][i]),
+        frame_index=int(cols[schema.FRAME_INDEX][i]),
+        index=int(cols[schema.INDEX][i]),
+        task=str(cols[schema.TASK][i]),
+        images={c: bytes(cols[schema.image_column(c)][i]) for c in m.cameras},
+        image_masks={c: bool(cols[schema.image_mask_column(c)][i]) for c in m.cameras},
+        state=cols[schema.STATE][i],
+        actions=cols[schema.ACTIONS][i].reshape(m.action_horizon, m.action_dim),
+        action_is_pad=cols[schema.ACTION_IS_PAD][i],
+        **{name: cols[name][i] for name in PROMPT_COLUMNS},
     )
 
 
@@ -170,29 +136,29 @@ def load_row(
         path = shards.root / entry.path
         if episode is not None and episode not in entry.episodes:
             continue
-        keys = _read_columns(path, ["episode_index", "frame_index", "index"])
+        keys = schema.read_rows(path, list(schema.KEY_COLUMNS))
         if index is not None:
-            hits = np.flatnonzero(keys["index"] == index)
+            hits = np.flatnonzero(keys[schema.INDEX] == index)
         elif episode is not None:
-            in_episode = keys["episode_index"] == episode
+            in_episode = keys[schema.EPISODE_INDEX] == episode
             if not in_episode.any():
                 continue
             if frame is None:
-                frame_here = keys["frame_index"][in_episode].min()
-                hits = np.flatnonzero(in_episode & (keys["frame_index"] == frame_here))
+                frame_here = keys[schema.FRAME_INDEX][in_episode].min()
+                hits = np.flatnonzero(in_episode & (keys[schema.FRAME_INDEX] == frame_here))
             else:
-                hits = np.flatnonzero(in_episode & (keys["frame_index"] == frame))
+                hits = np.flatnonzero(in_episode & (keys[schema.FRAME_INDEX] == frame))
                 if not len(hits):
-                    frames = keys["frame_index"][in_episode]
+                    frames = keys[schema.FRAME_INDEX][in_episode]
                     raise InspectError(
                         f"{shards.root}: episode {episode} has no frame {frame} "
                         f"(frames {frames.min()}..{frames.max()} in {entry.path})"
                     )
         else:
-            hits = np.array([0]) if len(keys["index"]) else np.array([], dtype=int)
+            hits = np.array([0]) if len(keys[schema.INDEX]) else np.array([], dtype=int)
         if len(hits):
-            wanted = int(keys["index"][hits[0]])
-            cols = _read_columns(path, _all_columns(shards), filters=[("index", "=", wanted)])
+            wanted = int(keys[schema.INDEX][hits[0]])
+            cols = schema.read_rows(path, filters=[(schema.INDEX, "=", wanted)])
             return _row_from_table(shards, path, entry.split, cols, 0)
     what = f"index {index}" if index is not None else f"episode {episode}" if episode is not None else "any row"
     raise InspectError(f"{shards.root}: no shard holds {what}")
@@ -220,10 +186,9 @@ class TokenRecord:
     text_prompt_mask: bool | None
 
 
-def fast_ids_of(shards: DataArtifacts, row: Row) -> list[int]:
-    """The FAST ids of the row's postfix (model ids mapped back), in order."""
-    ids = row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
-    return shards.prompt.model_to_fast(ids[shards.prompt.is_fast(ids)]).tolist()
+def postfix_of(row: Row) -> Int[np.ndarray, " k"]:
+    """The row's postfix: the real tokens of `tokenized_prompt` after the text prompt."""
+    return row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
 
 
 def segment_of(mask: bool, ar: bool) -> str:
@@ -240,7 +205,7 @@ def token_table(shards: DataArtifacts, row: Row) -> list[TokenRecord]:
         segment = segment_of(mask, ar)
         # Only postfix ids can be FAST: with PaliGemma the FAST range overlaps rare text ids.
         fast = segment == "postfix" and bool(shards.prompt.is_fast(tid))
-        fast_id = shards.prompt.fast_id_top - tid if fast else None
+        fast_id = int(shards.prompt.model_to_fast(tid)) if fast else None
         in_text = p < len(row.text_prompt)
         text_id = int(row.text_prompt[p]) if in_text else None
         records.append(
@@ -276,7 +241,7 @@ def decoded_segments(shards: DataArtifacts, row: Row) -> dict[str, str]:
     """The row's prompt as text: prefix, the text around the FAST ids in the postfix, and text_prompt."""
     text = shards.prompt.text
     prefix = row.tokenized_prompt[row.tokenized_prompt_mask & ~row.token_ar_mask]
-    postfix = row.tokenized_prompt[row.tokenized_prompt_mask & row.token_ar_mask]
+    postfix = postfix_of(row)
     fast = shards.prompt.is_fast(postfix)
     first_fast = int(np.argmax(fast)) if fast.any() else len(postfix)
     last_fast = len(postfix) - int(np.argmax(fast[::-1])) if fast.any() else len(postfix)
@@ -337,11 +302,15 @@ def fast_quantization_bound(horizon: int, scale: float) -> float:
 
 
 def decode_fast_postfix(shards: DataArtifacts, row: Row) -> FastDecode:
-    """FastTokenizer.decode of the row's FAST ids, against the stored chunk (raises FastDecodeError if it can't)."""
-    ids = fast_ids_of(shards, row)
-    decoded = np.asarray(shards.prompt.fast.decode(ids, shards.manifest.action_horizon, shards.manifest.action_dim), dtype=np.float32)
+    """The row's postfix read back into a chunk (`PromptBuilder.read_postfix`, as evaluation reads a sampled one),
+    against the stored chunk; raises FastDecodeError saying why when there is no chunk."""
+    m = shards.manifest
+    reading = shards.prompt.read_postfix(postfix_of(row), m.action_horizon, m.action_dim)
+    if reading.error is not None:
+        raise FastDecodeError(reading.error)
+    decoded = np.asarray(reading.actions, dtype=np.float32)
     return FastDecode(
-        fast_ids=ids,
+        fast_ids=reading.fast_ids,
         decoded=decoded,
         stored=row.actions,
         decoded_actions=shards.unnormalize_actions(decoded),
@@ -425,7 +394,7 @@ def row_problems(shards: DataArtifacts, row: Row) -> list[str]:
         rebuilt = rebuild_prompt(shards, row)
     except ValueError as err:  # PromptTooLongError, a FAST chunk that cannot be encoded
         return problems + [f"the prompt builder fails on the row's own task/state/actions: {err}"]
-    for name in TOKEN_COLUMNS + TEXT_COLUMNS:
+    for name in PROMPT_COLUMNS:
         if not np.array_equal(np.asarray(getattr(rebuilt, name)), getattr(row, name)):
             problems.append(f"{name} differs from the prompt builder on the row's own task/state/actions")
     return problems
@@ -500,17 +469,17 @@ class DatasetTokenStats:
 def dataset_token_stats(shards: DataArtifacts, *, progress: bool = True) -> DatasetTokenStats:
     """Reads only the token columns of every shard (no images) and counts tokens per row."""
     parts: dict[str, list[np.ndarray]] = {k: [] for k in DatasetTokenStats.__dataclass_fields__ if "max_" not in k}
-    names = ["episode_index", "frame_index", "index", "tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask",
-             "text_prompt_mask"]
+    names = [*schema.KEY_COLUMNS, schema.TOKENIZED_PROMPT, schema.TOKENIZED_PROMPT_MASK, schema.TOKEN_AR_MASK,
+             schema.TEXT_PROMPT_MASK]
     for entry in tqdm(shards.manifest.shards, desc="token stats", unit="shard", disable=not progress):
-        cols = _read_columns(shards.root / entry.path, names)
-        postfix = cols["tokenized_prompt_mask"] & cols["token_ar_mask"]
-        parts["split"].append(np.full(len(cols["index"]), entry.split, dtype=object))
-        for key in ("episode_index", "frame_index", "index"):
+        cols = schema.read_rows(shards.root / entry.path, names)
+        postfix = cols[schema.TOKENIZED_PROMPT_MASK] & cols[schema.TOKEN_AR_MASK]
+        parts["split"].append(np.full(len(cols[schema.INDEX]), entry.split, dtype=object))
+        for key in schema.KEY_COLUMNS:
             parts[key].append(cols[key])
-        parts["prompt_length"].append(cols["tokenized_prompt_mask"].sum(axis=1))
-        parts["text_length"].append(cols["text_prompt_mask"].sum(axis=1))
-        parts["fast_tokens"].append((postfix & shards.prompt.is_fast(cols["tokenized_prompt"])).sum(axis=1))
+        parts["prompt_length"].append(cols[schema.TOKENIZED_PROMPT_MASK].sum(axis=1))
+        parts["text_length"].append(cols[schema.TEXT_PROMPT_MASK].sum(axis=1))
+        parts["fast_tokens"].append((postfix & shards.prompt.is_fast(cols[schema.TOKENIZED_PROMPT])).sum(axis=1))
     if not parts["index"]:
         raise InspectError(f"{shards.root}: the manifest lists no shards")
     return DatasetTokenStats(
@@ -577,7 +546,7 @@ def row_summary(shards: DataArtifacts, row: Row) -> dict[str, Any]:
         "max_token_len": shards.manifest.max_token_len,
         "text_length": int(row.text_prompt_mask.sum()),
         "max_text_len": shards.manifest.max_text_len,
-        "fast_tokens": len(fast_ids_of(shards, row)),
+        "fast_tokens": int(shards.prompt.is_fast(postfix_of(row)).sum()),
         "padded_steps": int(row.action_is_pad.sum()),
     }
 

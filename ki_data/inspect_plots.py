@@ -7,7 +7,7 @@ a notebook shows them with `display(fig)`, a script saves them with `fig.savefig
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from jaxtyping import Bool, Float, UInt8
@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from ki_data.inspect import DatasetTokenStats, FastDecode
 
 
+@runtime_checkable  # so that a run-time type checker can check arguments against it
 class HeadPredictions(Protocol):
     """A model's two action heads on one row (what `ki_model.evaluate.predict_row` returns), in the dataset's units."""
 

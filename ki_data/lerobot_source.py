@@ -191,6 +191,9 @@ class DatasetSpec:
     # are the same quantities (pusht: both the agent's x, y).
     state_names: tuple[str, ...] | None = None
     action_names: tuple[str, ...] | None = None
+    # The features concatenated into the state, in order, and each one's size (`--state-keys`).
+    state_keys: tuple[str, ...] = (STATE_KEY,)
+    state_key_dims: tuple[int, ...] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -255,8 +258,25 @@ def feature_names(feature: dict) -> tuple[str, ...] | None:
     return tuple(str(n) for n in names)
 
 
-def open_lerobot_dataset(repo_id: str, root: str | Path | None = None, *, download: bool = True) -> DatasetSpec:
+def state_names_of(features: dict, keys: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The concatenated state's names: each feature's own names (`key[i]` for an unnamed one); None when none is
+    named."""
+    named = [feature_names(features[k]) for k in keys]
+    if all(n is None for n in named):
+        return None
+    out: list[str] = []
+    for key, names in zip(keys, named, strict=True):
+        out += list(names) if names is not None else [f"{key}[{i}]" for i in range(int(np.prod(features[key]["shape"])))]
+    return tuple(out)
+
+
+def open_lerobot_dataset(
+    repo_id: str, root: str | Path | None = None, *, download: bool = True, state_keys: tuple[str, ...] | None = None
+) -> DatasetSpec:
     """Resolve a dataset through lerobot's metadata: `root`, else `$HF_LEROBOT_HOME/<repo_id>`, else the hub.
+
+    `state_keys`: the features concatenated into the model's state (default `observation.state`), e.g.
+    ("observation.state", "observation.environment_state").
 
     Raises DatasetNotFoundError (one sentence, no traceback needed) when it is nowhere to be found.
     """
@@ -280,7 +300,10 @@ def open_lerobot_dataset(repo_id: str, root: str | Path | None = None, *, downlo
             f"({type(e).__name__}: {first_line})"
         ) from None
     features = meta.features
-    for key in (STATE_KEY, ACTION_KEY):
+    state_keys = tuple(state_keys or (STATE_KEY,))
+    if len(set(state_keys)) != len(state_keys):
+        raise DatasetFormatError(f"state keys {list(state_keys)} name a feature twice")
+    for key in (*state_keys, ACTION_KEY):
         if key not in features:
             raise DatasetFormatError(
                 f"LeRobot dataset '{repo_id}' has no '{key}' feature (features: {', '.join(sorted(features))})"
@@ -294,14 +317,16 @@ def open_lerobot_dataset(repo_id: str, root: str | Path | None = None, *, downlo
         root=Path(meta.root),
         fps=int(meta.fps),
         codebase_version=str(meta.info.codebase_version),
-        state_dim=int(np.prod(features[STATE_KEY]["shape"])),
+        state_dim=sum(int(np.prod(features[k]["shape"])) for k in state_keys),
         action_dim=int(np.prod(features[ACTION_KEY]["shape"])),
         cameras={k: features[k]["dtype"] for k in meta.camera_keys if k not in depth},
         tasks=tasks,
         episodes=_episodes_from_meta(meta),
         requested_root=None if root is None else Path(root),
-        state_names=feature_names(features[STATE_KEY]),
+        state_names=state_names_of(features, state_keys),
         action_names=feature_names(features[ACTION_KEY]),
+        state_keys=state_keys,
+        state_key_dims=tuple(int(np.prod(features[k]["shape"])) for k in state_keys),
     )
 
 
@@ -368,11 +393,16 @@ class EpisodeReader:
     def read_episode(self, index: int) -> EpisodeColumns:
         """All tabular columns of one episode in one bulk read, ordered by frame_index."""
         ep = self.spec.episode(index)
-        table = self._episode_rows(ep, (*_TABULAR, STATE_KEY, ACTION_KEY))
+        keys = self.spec.state_keys
+        table = self._episode_rows(ep, (*_TABULAR, *keys, ACTION_KEY))
         order = np.argsort(table.column("frame_index").to_numpy(), kind="stable")
         if not np.array_equal(order, np.arange(len(order))):
             table = table.take(pa.array(order))
-        state, state_len = _vectors(table.column(STATE_KEY), self.spec.state_dim)
+        dims = self.spec.state_key_dims or (self.spec.state_dim,)
+        parts = [_vectors(table.column(k), d) for k, d in zip(keys, dims, strict=True)]
+        state = np.concatenate([p[0] for p in parts], axis=1)
+        # A row whose stored vector of any key has the wrong length is NaN there; its length is the sum.
+        state_len = np.sum([p[1] for p in parts], axis=0) if len(parts) > 1 else parts[0][1]
         actions, action_len = _vectors(table.column(ACTION_KEY), self.spec.action_dim)
         task = table.column("task_index").combine_chunks()
         return EpisodeColumns(

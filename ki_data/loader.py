@@ -5,12 +5,12 @@ shuffle*, fixed by (seed, epoch): the row groups of every shard of the split are
 shards), the rows laid out in that order, and each consecutive window of `shuffle_buffer` rows permuted (shuffling
 within a buffer). A worker therefore only needs the row groups of the windows it is reading, which it caches.
 
-The order is a pure function of the row's position in the stream, so the pipeline is a grain `MapDataset`: PNG
-decoding and augmentation run in grain's worker processes (`random_map`, seeded by position), rows are split between
-JAX processes by grain's `ElasticIterator` (with `ProcessBlocks`, each process reads its contiguous block of every
-global batch, so P processes train on exactly the batches one process would), and the loader state is just the
-global position reached, a small JSON dict saved with each checkpoint. A resumed job sees exactly the batches it would
-have seen, whatever its number of loader workers.
+The order is a pure function of the row's position in the stream, so the pipeline is a grain `MapDataset`: image
+decoding (JPEG by default, PNG) and augmentation run in grain's worker processes (`random_map`, seeded by position),
+rows are split between JAX processes by grain's `ElasticIterator` (with `ProcessBlocks`, each process reads its
+contiguous block of every global batch, so P processes train on exactly the batches one process would), and the
+loader state is just the global position reached, a small JSON dict saved with each checkpoint. A resumed job sees
+exactly the batches it would have seen, whatever its number of loader workers.
 
 Row groups are read with parquet page checksums verified. A row that cannot be read or decoded stops the stream with a
 `ShardReadError` naming the shard file, the row (episode, frame, row group, position) and the column; no batch ever
@@ -27,13 +27,12 @@ from typing import Any, Iterator
 
 import grain
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import flags
 
 from ki_data.augment import AugmentConfig, augment_image, is_wrist_camera
 from ki_data.manifest import Manifest, ManifestError
-from ki_data.schema import EPISODE_INDEX, FRAME_INDEX
+from ki_data import schema
 from ki_data.shard_writer import READ_OPTIONS
 
 Batch = dict[str, np.ndarray]
@@ -89,7 +88,7 @@ class LoaderConfig:
     augment: bool = True
     repeat: bool = True  # endless stream of epochs (training); False: one pass (evaluation)
     num_workers: int = 0  # grain worker processes; 0 = decode in this process
-    num_threads: int = 2  # reader threads per process (PNG decoding releases the GIL)
+    num_threads: int = 2  # reader threads per process (JPEG/PNG decoding releases the GIL)
     prefetch: int = 4  # batches buffered per worker
     augment_config: AugmentConfig = AugmentConfig()
 
@@ -149,17 +148,6 @@ def list_row_groups(files: tuple[str, ...]) -> list[RowGroup]:
     return [g for g in groups if g.rows > 0]
 
 
-def _column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray | list:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if pa.types.is_fixed_size_list(arr.type) or pa.types.is_list(arr.type):
-        n = len(arr)
-        flat = arr.flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(n, -1) if n else flat.reshape(0, 0)
-    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type) or pa.types.is_string(arr.type):
-        return arr.to_pylist()
-    return arr.to_numpy(zero_copy_only=False)
-
-
 def block_shuffle_order(groups: list[RowGroup], seed: int, epoch: int, buffer: int) -> np.ndarray:
     """Row ids (positions in the unshuffled concatenation of `groups`) in the order epoch `epoch` reads them."""
     starts = np.cumsum([0] + [g.rows for g in groups])
@@ -182,8 +170,7 @@ class _Unreadable:
 
 def _read_group(g: RowGroup) -> dict[str, Any] | _Unreadable:
     try:
-        table = pq.ParquetFile(g.path, **READ_OPTIONS).read_row_group(g.index)
-        return {name: _column_to_numpy(table.column(name)) for name in table.column_names}
+        return schema.decode_table(pq.ParquetFile(g.path, **READ_OPTIONS).read_row_group(g.index))
     except Exception as e:  # any failure: named below, never handed on as data
         cause = e
     # Column by column, to name the damaged one and to recover the rows' episode and frame if their pages are sound.
@@ -196,12 +183,12 @@ def _read_group(g: RowGroup) -> dict[str, Any] | _Unreadable:
         names, f = [], None
     for name in names:
         try:
-            cols[name] = _column_to_numpy(f.read_row_group(g.index, columns=[name]).column(0))
+            cols[name] = schema.decode_column(f.read_row_group(g.index, columns=[name]).column(0))
         except Exception as e:
             cols[name] = None
             if failed is None:
                 failed, cause = name, e
-    return _Unreadable(failed, cause, cols.get(EPISODE_INDEX), cols.get(FRAME_INDEX))
+    return _Unreadable(failed, cause, cols.get(schema.EPISODE_INDEX), cols.get(schema.FRAME_INDEX))
 
 
 # Key of a raw row's origin (shard, row group, row in the group), read by DecodeRow to name a failed decode.
@@ -209,7 +196,8 @@ SOURCE_KEY = "__source__"
 
 
 class ShardRows(grain.MapDataset):
-    """Position -> raw shard row (images still PNG bytes). Positions past one epoch continue into the next."""
+    """Position -> raw shard row (images still encoded: JPEG by default, PNG if the manifest says so). Positions
+    past one epoch continue into the next."""
 
     def __init__(self, spec: ShardSpec, *, seed: int, shuffle: bool, shuffle_buffer: int):
         super().__init__()
@@ -301,13 +289,14 @@ class DecodeRow(grain.transforms.RandomMap):
         source = row.pop(SOURCE_KEY)
         out: dict[str, np.ndarray] = {}
         for name, value in row.items():
+            camera = schema.camera_of(name)
             try:
-                if name.startswith("image."):
+                if camera is not None:
                     img = decode_image(value)
                     if self._augment:
-                        img = augment_image(img, rng, wrist=is_wrist_camera(name[6:]), cfg=self._augment_config)
+                        img = augment_image(img, rng, wrist=is_wrist_camera(camera), cfg=self._augment_config)
                     out[name] = img
-                elif name == "actions":
+                elif name == schema.ACTIONS:
                     out[name] = np.asarray(value, np.float32).reshape(self._shape)
                 else:
                     out[name] = np.asarray(value)
@@ -315,7 +304,7 @@ class DecodeRow(grain.transforms.RandomMap):
                 shard, row_group, i = source
                 raise _row_error(
                     "decoded", e, shard=shard, row_group=row_group, row=i, column=name,
-                    episode=int(row[EPISODE_INDEX]), frame=int(row[FRAME_INDEX]),
+                    episode=int(row[schema.EPISODE_INDEX]), frame=int(row[schema.FRAME_INDEX]),
                 ) from e
         return out
 

@@ -46,7 +46,9 @@ class TokenizerEntry:
 # Fields that fix the model's data-dependent shapes (the same names as Pi05KIConfig's).
 MODEL_FIELDS = ("action_horizon", "action_dim", "cameras", "image_size", "max_token_len", "max_text_len", "vocab_size")
 # What a checkpoint and a shard directory must share for the checkpoint to read the shards the same way.
-SAME_DATA_FIELDS = MODEL_FIELDS + ("state_dim", "skip_tokens", "norm_mode", "prompt_layout", "image_format")
+SAME_DATA_FIELDS = MODEL_FIELDS + ("state_dim", "skip_tokens", "norm_mode", "prompt_layout", "image_format",
+                                   "state_keys", "delta_actions")
+DEFAULT_STATE_KEYS = ("observation.state",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,12 @@ class Manifest:
     # whether state and action are the same quantities (pusht: both the agent's x, y).
     state_names: tuple[str, ...] | None = None
     action_names: tuple[str, ...] | None = None
+    # The LeRobot features concatenated into the model's state, in order (`--state-keys`); a frame given to the
+    # Policy or the server must carry each of them.
+    state_keys: tuple[str, ...] = DEFAULT_STATE_KEYS
+    # Per action dimension: the state dimension it is stored relative to, or -1 absolute; None: all absolute
+    # (ki_data.actions, `--delta-actions`).
+    delta_actions: tuple[int, ...] | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the preprocessing options used
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)  # counts and timings of the run
     norm_stats: str = "norm_stats.json"
@@ -97,8 +105,9 @@ class Manifest:
         fields = {k: v for k, v in d.items() if k in known}
         try:
             fields["cameras"] = tuple(d["cameras"])
-            for key in ("state_names", "action_names"):
+            for key in ("state_names", "action_names", "delta_actions"):
                 fields[key] = None if d.get(key) is None else tuple(d[key])
+            fields["state_keys"] = tuple(d.get("state_keys", DEFAULT_STATE_KEYS))
             fields["tokenizers"] = {k: TokenizerEntry(**v) for k, v in d["tokenizers"].items()}
             fields["splits"] = {k: tuple(v) for k, v in d["splits"].items()}
             fields["shards"] = tuple(ShardEntry(**{**s, "episodes": tuple(s["episodes"])}) for s in d["shards"])
@@ -141,16 +150,30 @@ class Manifest:
         """The model config's data-dependent fields (Pi05KIConfig takes them by these names)."""
         return {k: getattr(self, k) for k in MODEL_FIELDS}
 
+    def action_state_dims(self) -> tuple[int, ...] | None:
+        """For each action dimension, the state dimension of the same recorded name; None when some action dimension
+        has none (or the features are unnamed)."""
+        if self.state_names is None or self.action_names is None:
+            return None
+        if not set(self.action_names) <= set(self.state_names) or len(self.action_names) != self.action_dim:
+            return None
+        return tuple(self.state_names.index(n) for n in self.action_names)
+
     def hold_still(self) -> tuple[bool, str]:
         """(applies, why): whether repeating the current state is a meaningful action chunk (the "hold still"
-        baseline), i.e. state and action are the same quantities: equal dimensions and equal recorded names."""
-        if self.state_dim != self.action_dim:
-            return False, f"state has {self.state_dim} values and the action {self.action_dim}"
+        baseline): every action dimension has a state dimension of the same recorded name (pusht: the agent's x, y,
+        also when the state holds more, as the block's pose); `action_state_dims` says which."""
         if self.state_names is None or self.action_names is None:
-            return False, "the dataset records no feature names for observation.state and action"
-        if self.state_names != self.action_names:
-            return False, f"state names {list(self.state_names)} differ from action names {list(self.action_names)}"
-        return True, f"state and action are the same quantities ({', '.join(self.state_names)})"
+            return False, "the dataset records no feature names for the state and the action"
+        if len(self.action_names) != self.action_dim or len(self.state_names) != self.state_dim:
+            return False, (f"the recorded names ({len(self.state_names)} state, {len(self.action_names)} action) do "
+                           f"not match the dimensions ({self.state_dim} state, {self.action_dim} action)")
+        dims = self.action_state_dims()
+        if dims is None:
+            missing = [n for n in self.action_names if n not in self.state_names]
+            return False, (f"action names {missing} differ from every state dimension's name "
+                           f"({list(self.state_names)})")
+        return True, f"the action's dimensions are state dimensions ({', '.join(self.action_names)})"
 
     def data_differences(self, other: Manifest) -> list[tuple[str, Any, Any]]:
         """(field, value here, value in `other`) for everything that would make `other`'s shards read differently

@@ -10,14 +10,17 @@ Two layouts, named in the manifest:
         tokenized_prompt = text_prompt "Action: " FAST_1 ... FAST_k "|" EOS
 
 `PromptBuilder` owns the layout, the way openpi's tokenizers own theirs: built once from the two tokenizers and the
-manifest's prompt fields, it builds the columns (preprocessing with actions, the Policy without), maps FAST ids to
-model ids and back, turns a postfix back into actions, and gives the postfix grammar constrained decoding follows.
+manifest's prompt fields, it builds the columns (preprocessing with actions, the Policy without) and reads a postfix
+back into actions (`read_postfix`: the one route from postfix tokens to actions, for evaluation, inspection and the
+preprocessing report). Its `PostfixGrammar` is the FAST id table: FAST id <-> model id <-> coefficients, and the ids
+around the FAST ids; constrained decoding (`ki_model.decoding.FastDecodeSpec.from_grammar`) takes that table as it is.
 Nothing else knows the formula `model id = vocab_size - 1 - skip_tokens - FAST id`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from ki_data.fast_tokenizer import FastDecodeError, FastTokenizer
+from ki_data.schema import PROMPT_COLUMNS
 from ki_data.text_tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
@@ -68,41 +72,97 @@ class PromptTokens:
         return int(self.text_prompt_mask.sum())
 
     def columns(self) -> dict[str, np.ndarray]:
-        """The six shard columns by their docs/DESIGN.md §4 names."""
-        return {name: getattr(self, name) for name in COLUMNS}
-
-
-COLUMNS = ("tokenized_prompt", "tokenized_prompt_mask", "token_ar_mask", "token_loss_mask", "text_prompt",
-           "text_prompt_mask")
+        """The six shard columns by their docs/DESIGN.md §4 names (`schema.PROMPT_COLUMNS`, the fields above)."""
+        return {name: getattr(self, name) for name in PROMPT_COLUMNS}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PostfixGrammar:
-    """The postfix in model ids: `start_ids`, FAST ids summing to horizon x dim coefficients, `end_ids`."""
+    """The postfix in model ids (`start_ids`, FAST ids summing to horizon x dim coefficients, `end_ids`) and the FAST
+    id table: FAST id f is model id `fast_id_top - f` and expands to `fast_coefficients[f]` coefficients.
+
+    Checked on construction: every FAST id is a model id, and no start/end id is also a FAST id (the postfix would be
+    ambiguous). Raises ValueError naming the ids otherwise.
+    """
 
     start_ids: tuple[int, ...]  # "Action: " under the fast layout; nothing under pi05
     end_ids: tuple[int, ...]  # "|" EOS
     fast_coefficients: Int[np.ndarray, " f"]  # coefficients each FAST id expands to; 0 = never offered
-    fast_id_top: int  # model id of FAST id 0: FAST id f is model id fast_id_top - f
+    fast_id_top: int  # model id of FAST id 0
     vocab_size: int
 
-    def is_fast(self, model_ids: Int[np.ndarray, "..."] | int) -> Bool[np.ndarray, "..."]:
-        ids = np.asarray(model_ids)
-        return (ids <= self.fast_id_top) & (ids > self.fast_id_top - len(self.fast_coefficients))
+    def __post_init__(self):
+        n, top = len(self.fast_coefficients), self.fast_id_top
+        if n == 0 or top - (n - 1) < 0 or top >= self.vocab_size:
+            raise ValueError(
+                f"{n} FAST ids do not fit below model id {top}: FAST ids take model ids {top - (n - 1)}..{top}, "
+                f"which must lie in [0, vocab_size {self.vocab_size})"
+            )
+        for name, ids in (("start_ids", self.start_ids), ("end_ids", self.end_ids)):
+            if any(not 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"{name} {list(ids)} outside the vocabulary [0, {self.vocab_size})")
+        if not self.end_ids:
+            raise ValueError("end_ids is empty: a postfix needs an end (e.g. '|' EOS)")
+        clash = [i for i in self.start_ids + self.end_ids if self.is_fast(i)]
+        if clash:
+            raise ValueError(f"grammar ids {clash} are also FAST ids (model ids {top - (n - 1)}..{top}): the postfix "
+                             "would be ambiguous")
 
-    def fast_ids(self, postfix: Sequence[int] | Int[np.ndarray, " k"]) -> list[int] | None:
-        """The FAST ids (FAST vocabulary) of a postfix that is exactly start ids, FAST ids, end ids (then anything:
-        padding), else None. Whether they make horizon x dim coefficients is the FAST tokenizer's to say."""
+    # ------------------------------------------------------------------ the FAST id table
+
+    def fast_to_model(self, fast_ids: Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"]:
+        """FAST id f -> model id fast_id_top - f (openpi's mapping; it is its own inverse)."""
+        return self.fast_id_top - np.asarray(fast_ids, dtype=np.int64)
+
+    def model_to_fast(self, model_ids: Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"]:
+        return self.fast_id_top - np.asarray(model_ids, dtype=np.int64)
+
+    def is_fast(self, model_ids: Int[np.ndarray, "*n"] | int) -> Bool[np.ndarray, "*n"]:
+        """Whether each model id falls in the FAST range (with PaliGemma it overlaps rare text ids: ask only of
+        postfix positions)."""
+        ids = np.asarray(model_ids)
+        return np.asarray((ids <= self.fast_id_top) & (ids > self.fast_id_top - len(self.fast_coefficients)))
+
+    @functools.cached_property
+    def coefficients_per_model_id(self) -> Int[np.ndarray, " vocab"]:
+        """Coefficients each model id expands to; 0 for ids that are not FAST ids (or never offered)."""
+        table = np.zeros((self.vocab_size,), np.int32)
+        table[self.fast_to_model(np.arange(len(self.fast_coefficients)))] = np.maximum(self.fast_coefficients, 0)
+        table.flags.writeable = False
+        return table
+
+    # ------------------------------------------------------------------ parsing
+
+    def parse(self, postfix: Sequence[int] | Int[np.ndarray, " k"]) -> tuple[list[int], str | None]:
+        """(FAST ids, None) for a postfix that is exactly start ids, FAST ids, end ids (then anything: padding);
+        otherwise the FAST ids read before it broke and what broke. Whether the FAST ids make horizon x dim
+        coefficients is the FAST tokenizer's to say."""
         toks = [int(t) for t in postfix]
         n_start = len(self.start_ids)
         if tuple(toks[:n_start]) != self.start_ids:
-            return None
+            return [], f"does not start with {list(self.start_ids)}"
         i = n_start
         while i < len(toks) and self.is_fast(toks[i]):
             i += 1
-        if tuple(toks[i : i + len(self.end_ids)]) != self.end_ids:
-            return None
-        return [self.fast_id_top - t for t in toks[n_start:i]]
+        fast_ids = self.model_to_fast(toks[n_start:i]).tolist()
+        after = toks[i : i + len(self.end_ids)]
+        if tuple(after) != self.end_ids:
+            return fast_ids, f"the {i - n_start} FAST ids are followed by {after}, not {list(self.end_ids)}"
+        return fast_ids, None
+
+    def fast_ids(self, postfix: Sequence[int] | Int[np.ndarray, " k"]) -> list[int] | None:
+        """The FAST ids of a postfix that follows the grammar, else None."""
+        fast_ids, broken = self.parse(postfix)
+        return None if broken else fast_ids
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PostfixReading:
+    """What a postfix says: its FAST ids and the normalized chunk they decode to, or why there is no chunk."""
+
+    fast_ids: list[int]  # the FAST ids (those read before the grammar broke, if it did)
+    actions: Float[np.ndarray, "h d"] | None  # normalized; None exactly when `error` says why
+    error: str | None
 
 
 def discretize_state(state: Float[np.ndarray, " s"]) -> Int[np.ndarray, " s"]:
@@ -163,13 +223,8 @@ class PromptBuilder:
         self.text, self.fast, self.layout = text, fast, layout
         self.max_token_len, self.max_text_len = max_token_len, max_text_len
         self.vocab_size, self.skip_tokens = vocab_size, skip_tokens
-        self.fast_id_top = vocab_size - 1 - skip_tokens
-        lowest = self.fast_id_top - (fast.vocab_size - 1)
-        if lowest < 0 or self.fast_id_top >= vocab_size:
-            raise ValueError(
-                f"{fast.vocab_size} FAST ids do not fit below model id {self.fast_id_top} (vocab_size {vocab_size}, "
-                f"skip_tokens {skip_tokens}); vocab_size must be at least text vocab + skip_tokens + FAST vocab"
-            )
+        if text.vocab_size > vocab_size:
+            raise ValueError(f"the text tokenizer's {text.vocab_size} ids do not fit in vocab_size {vocab_size}")
         self.start_ids = tuple(text.encode(ACTION_PREFIX)) if layout == "fast" else ()
         self.end_ids = tuple(text.encode(ACTION_END)) + (text.eos_id,)
         self._grammar = self._make_grammar()
@@ -238,48 +293,54 @@ class PromptBuilder:
             fast_clipped=clipped,
         )
 
-    # ------------------------------------------------------------------ ids
+    # ------------------------------------------------------------------ ids (the grammar's table)
 
-    def fast_to_model(self, fast_ids: Sequence[int] | Int[np.ndarray, "..."]) -> Int[np.ndarray, "..."]:
-        """FAST id f -> model id vocab_size - 1 - skip_tokens - f (openpi's mapping; it is its own inverse)."""
-        return self.fast_id_top - np.asarray(fast_ids, dtype=np.int64)
+    def fast_to_model(self, fast_ids: Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"]:
+        return self._grammar.fast_to_model(fast_ids)
 
-    def model_to_fast(self, model_ids: Sequence[int] | Int[np.ndarray, "..."]) -> Int[np.ndarray, "..."]:
-        return self.fast_id_top - np.asarray(model_ids, dtype=np.int64)
+    def model_to_fast(self, model_ids: Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"]:
+        return self._grammar.model_to_fast(model_ids)
 
-    def is_fast(self, model_ids: Int[np.ndarray, "..."] | int) -> Bool[np.ndarray, "..."]:
-        """Whether each model id falls in the FAST range (with PaliGemma it overlaps rare text ids: ask only of
-        postfix positions)."""
+    def is_fast(self, model_ids: Int[np.ndarray, "*n"] | int) -> Bool[np.ndarray, "*n"]:
         return self._grammar.is_fast(model_ids)
 
     # ------------------------------------------------------------------ reading a postfix
 
+    def read_postfix(self, postfix: Sequence[int] | Int[np.ndarray, " k"], horizon: int, dim: int) -> PostfixReading:
+        """The one route from postfix tokens (model ids, padding after the end allowed) to a normalized chunk: the
+        grammar's FAST ids, decoded by the FAST tokenizer into exactly horizon x dim values, or the reason not."""
+        fast_ids, broken = self._grammar.parse(postfix)
+        if broken:
+            return PostfixReading(fast_ids, None, f"the tokens break the postfix grammar {self.describe_grammar()}: "
+                                                  f"{broken}")
+        try:
+            return PostfixReading(fast_ids, self.fast.decode(fast_ids, horizon, dim), None)
+        except FastDecodeError as err:
+            return PostfixReading(fast_ids, None, str(err))
+
     def fast_ids_of_postfix(self, postfix: Sequence[int] | Int[np.ndarray, " k"]) -> list[int] | None:
-        """The FAST ids of a postfix that follows the grammar (see `PostfixGrammar.fast_ids`), else None."""
+        """The FAST ids of a postfix that follows the grammar, else None."""
         return self._grammar.fast_ids(postfix)
 
     def postfix_actions(self, postfix: Sequence[int] | Int[np.ndarray, " k"], horizon: int, dim: int) -> Float[np.ndarray, "h d"]:
-        """The normalized chunk a postfix encodes; FastDecodeError unless it follows the grammar and decodes to
-        exactly horizon x dim coefficients."""
-        fast_ids = self.fast_ids_of_postfix(postfix)
-        if fast_ids is None:
-            raise FastDecodeError(f"the tokens do not follow the postfix grammar {self.describe_grammar()}")
-        return self.fast.decode(fast_ids, horizon, dim)
+        """`read_postfix`'s chunk; FastDecodeError saying why there is none."""
+        reading = self.read_postfix(postfix, horizon, dim)
+        if reading.error is not None:
+            raise FastDecodeError(reading.error)
+        return reading.actions
 
     def decode_actions(
         self, tokens: Int[np.ndarray, "b t"], horizon: int, dim: int
     ) -> tuple[Float[np.ndarray, "b h d"], Bool[np.ndarray, " b"]]:
-        """Rows of generated postfix tokens -> (normalized chunks, valid). A row that breaks the grammar or does not
-        decode to horizon x dim coefficients is NaN with valid=False, never zeros."""
+        """Rows of generated postfix tokens -> (normalized chunks, valid). A row without a chunk (`read_postfix`) is
+        NaN with valid=False, never zeros."""
         tokens = np.asarray(tokens)
         out = np.full((tokens.shape[0], horizon, dim), np.nan, np.float32)
         valid = np.zeros((tokens.shape[0],), bool)
         for r, row in enumerate(tokens):
-            try:
-                out[r] = self.postfix_actions(row, horizon, dim)
-                valid[r] = True
-            except FastDecodeError:
-                pass
+            reading = self.read_postfix(row, horizon, dim)
+            if reading.error is None:
+                out[r], valid[r] = reading.actions, True
         return out, valid
 
     def describe_grammar(self) -> str:
@@ -287,7 +348,7 @@ class PromptBuilder:
         return f"{start}FAST… {ACTION_END!r} EOS"
 
     def grammar(self) -> PostfixGrammar:
-        """What constrained decoding needs (ki_model.decoding.FastDecodeSpec is built from it)."""
+        """The postfix grammar and FAST id table (ki_model.decoding.FastDecodeSpec is built from it)."""
         return self._grammar
 
     def _make_grammar(self) -> PostfixGrammar:
@@ -300,4 +361,6 @@ class PromptBuilder:
                     self.fast.decode_coefficients([i], int(c), 1)
                 except FastDecodeError:
                     counts[i] = 0
-        return PostfixGrammar(self.start_ids, self.end_ids, counts, self.fast_id_top, self.vocab_size)
+        # The one place the id formula is written (docs/DESIGN.md §3).
+        fast_id_top = self.vocab_size - 1 - self.skip_tokens
+        return PostfixGrammar(self.start_ids, self.end_ids, counts, fast_id_top, self.vocab_size)

@@ -1,7 +1,10 @@
-"""Token shard layout (docs/DESIGN.md §4): file names, column names, the Arrow schema and row reading (the manifest: manifest.py).
+"""Token shard layout (docs/DESIGN.md §4): file names, column names, the Arrow schema and the one parquet -> numpy
+decoder of shard rows (the manifest: manifest.py).
 
 One row per frame. Vector columns are Arrow fixed-size lists; `actions` is the [horizon, action_dim] chunk
-flattened row-major, and `read_rows` gives it back as [n, horizon, action_dim].
+flattened row-major, and the decoder (`decode_table`, `read_rows`) gives it back as [n, horizon, action_dim].
+Every reader of shards (the loader, inspection, verification, the tests) decodes through `decode_column` /
+`decode_table`, and names camera columns through `image_column` / `camera_of`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ TOKEN_LOSS_MASK = "token_loss_mask"
 TEXT_PROMPT = "text_prompt"
 TEXT_PROMPT_MASK = "text_prompt_mask"
 
+# The six prompt columns, as `ki_data.prompt.PromptTokens` builds them and `ki_model.Observation` reads them: the
+# four over max_token_len (prefix + postfix), then the two over max_text_len (the text prefix alone).
+TOKEN_COLUMNS = (TOKENIZED_PROMPT, TOKENIZED_PROMPT_MASK, TOKEN_AR_MASK, TOKEN_LOSS_MASK)
+TEXT_COLUMNS = (TEXT_PROMPT, TEXT_PROMPT_MASK)
+PROMPT_COLUMNS = TOKEN_COLUMNS + TEXT_COLUMNS
+KEY_COLUMNS = (EPISODE_INDEX, FRAME_INDEX, INDEX)  # where a row comes from
+
 IMAGE_PREFIX = "image."
 IMAGE_MASK_PREFIX = "image_mask."
 
@@ -51,6 +61,16 @@ def image_column(camera: str) -> str:
 
 def image_mask_column(camera: str) -> str:
     return IMAGE_MASK_PREFIX + camera
+
+
+def camera_of(column: str) -> str | None:
+    """`image.top` -> `top`; None for any other column (`image_mask.top` included)."""
+    return column[len(IMAGE_PREFIX) :] if column.startswith(IMAGE_PREFIX) else None
+
+
+def cameras_in(columns) -> list[str]:
+    """The cameras of the `image.<camera>` columns among `columns` (any iterable of names), sorted."""
+    return sorted(c for c in map(camera_of, columns) if c is not None)
 
 
 def camera_name(feature_key: str) -> str:
@@ -130,27 +150,36 @@ class ShardLayout:
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def read_rows(path: Path | str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Decoded columns of one shard: int64 / bool / float32 / int32 arrays ([n] or [n, k]; `actions` [n, h, d]),
-    `task` as an object array of str, images still encoded (object array of bytes)."""
+def decode_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """One Arrow column of n rows as numpy: a fixed-size list of k as [n, k] (int64 / bool / float32 / int32 as
+    stored), bytes and strings as an object array of python bytes / str, scalars as [n]."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    typ = arr.type
+    if pa.types.is_fixed_size_list(typ):
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), typ.list_size)
+    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_string(typ):
+        out = np.empty(len(arr), dtype=object)  # filled, not np.array(list): equal-length bytes stay scalars
+        out[:] = arr.to_pylist()
+        return out
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
+    """Every column of a shard table (or of some of its rows/columns) through `decode_column`; `actions` reshaped to
+    [n, horizon, action_dim] from the schema's metadata."""
+    out = {name: decode_column(table.column(name)) for name in table.column_names}
+    meta = table.schema.metadata or {}
+    if ACTIONS in out and _META_HORIZON in meta:
+        out[ACTIONS] = out[ACTIONS].reshape(-1, int(meta[_META_HORIZON]), int(meta[_META_ACTION_DIM]))
+    return out
+
+
+def read_rows(path: Path | str, columns: list[str] | None = None, filters: list | None = None) -> dict[str, np.ndarray]:
+    """Decoded columns of one shard (`decode_table`); images still encoded. `filters` (pyarrow's) let parquet skip
+    row groups, so one row does not cost a whole shard of images. Page checksums are verified."""
     try:
-        table = pq.read_table(path, columns=columns, **READ_OPTIONS)
+        table = pq.read_table(path, columns=columns, filters=filters, **READ_OPTIONS)
     except (OSError, pa.ArrowException) as e:  # pyarrow's message does not name the file
         cause = " ".join(str(e).split())
         raise OSError(f"{path}: cannot read the shard ({type(e).__name__}: {cause})") from e
-    meta = table.schema.metadata or {}
-    out: dict[str, np.ndarray] = {}
-    for name in table.column_names:
-        arr = table.column(name).combine_chunks()
-        typ = arr.type
-        if pa.types.is_fixed_size_list(typ):
-            values = arr.flatten().to_numpy(zero_copy_only=False)
-            out[name] = values.reshape(len(arr), typ.list_size)
-        elif pa.types.is_binary(typ) or pa.types.is_string(typ):
-            out[name] = np.array(arr.to_pylist(), dtype=object)
-        else:
-            out[name] = arr.to_numpy(zero_copy_only=False)
-    if ACTIONS in out and _META_HORIZON in meta:
-        horizon, action_dim = int(meta[_META_HORIZON]), int(meta[_META_ACTION_DIM])
-        out[ACTIONS] = out[ACTIONS].reshape(-1, horizon, action_dim)
-    return out
+    return decode_table(table)

@@ -269,10 +269,6 @@ def restore_params(checkpoint_dir: str | Path, abstract_params: Any, *, step: in
         mngr.close()
 
 
-def abstract_like(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 

@@ -106,7 +106,7 @@ def remat_policy_name(value: bool | str) -> str:
 
 # Architectures by name: `Pi05KIConfig.preset(name, **fields)`, `pipelines.train --config NAME`.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tests and the CPU demo: a few-hundred-thousand-parameter model on 32-pixel images.
+    # Tests (32-pixel images) and the CPU demo (64-pixel images, scripts/demo.sh): a few hundred thousand parameters.
     "tiny": dict(max_token_len=64, max_text_len=32, image_size=32, backbone_variant="gemma_tiny",
                  expert_variant="gemma_tiny_expert", vision_variant="siglip_tiny", dtype="float32"),
     # Small but real: width 256, depth 4, 224-pixel images (reports and benchmarks on a CPU).
@@ -160,8 +160,11 @@ class Pi05KIConfig:
     image_size: int = 224
     # Camera order of the image tokens; empty = the observation's cameras in sorted order.
     cameras: tuple[str, ...] = ()
-    # λ of total = flow + λ·FAST; 0 = flow-only training (FAST tokens not fed, no FAST loss).
+    # λ of total = μ·flow + λ·FAST; λ = 0: flow-only training (FAST tokens not fed, no FAST loss).
     fast_loss_weight: float = 1.0
+    # μ; 0 = FAST-only training (the action expert does not run: a π0-FAST-style policy, the KI recipe's first
+    # stage, whose backbone a later `--init ki-backbone:DIR` run starts from).
+    flow_loss_weight: float = 1.0
     # Knowledge insulation: the action expert reads the backbone's keys/values through stop_gradient. False = π0/π0.5
     # training without KI (the flow gradient reaches the backbone); an ablation switch.
     insulation: bool = True
@@ -208,8 +211,11 @@ class Pi05KIConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_text_len > self.max_token_len:
             raise ConfigError(f"max_text_len {self.max_text_len} > max_token_len {self.max_token_len}")
-        if self.fast_loss_weight < 0:
-            raise ConfigError(f"fast_loss_weight must be >= 0, got {self.fast_loss_weight}")
+        if self.fast_loss_weight < 0 or self.flow_loss_weight < 0:
+            raise ConfigError(f"loss weights must be >= 0, got fast {self.fast_loss_weight}, flow "
+                              f"{self.flow_loss_weight}")
+        if self.fast_loss_weight == 0 and self.flow_loss_weight == 0:
+            raise ConfigError("fast_loss_weight and flow_loss_weight are both 0: nothing to train")
         for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps",
                      "flow_samples"):
             if getattr(self, name) <= 0:

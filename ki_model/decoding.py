@@ -2,15 +2,15 @@
 
 A decoded sequence is valid when it is exactly: the action-prefix ids (`Action: ` under the `fast` prompt layout,
 none under `pi05`), then FAST ids whose coefficient counts sum to horizon × dim, then the end ids. The ids come from
-`ki_data.PromptBuilder.grammar()`; turning valid tokens back into actions is the prompt builder's too. `DecodeState` tracks every row through that grammar during decoding; in constrained
+`ki_data.PromptBuilder.grammar()`, and so does the table of coefficients per FAST id (in model ids): nothing here
+recomputes it. Turning valid tokens back into actions is the prompt builder's too (`read_postfix`).
+
+`DecodeState` tracks every row through that grammar during decoding; in constrained
 mode `allowed_tokens` only admits tokens that keep the row valid and able to finish (a FAST id expanding to one
 coefficient must exist, so any remaining count can be filled), hence every constrained sequence decodes.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +18,13 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
+from ki_data.prompt import PostfixGrammar
+
 PREFIX, FAST, END = 0, 1, 2
 
 
 class FastSpecError(ValueError):
-    """A FastDecodeSpec that cannot drive decoding (ids out of range, FAST ids colliding with the grammar, ...)."""
+    """A grammar that cannot drive constrained decoding (no FAST id of one coefficient to finish with)."""
 
 
 @struct.dataclass
@@ -34,12 +36,14 @@ class FastDecodeSpec:
     coeffs_per_model_id: Int[np.ndarray, " vocab"]  # coefficients each model id expands to; 0 = not a FAST id
     horizon: int = struct.field(pytree_node=False)
     action_dim: int = struct.field(pytree_node=False)
-    vocab_size: int = struct.field(pytree_node=False)
-    skip_tokens: int = struct.field(pytree_node=False)
 
     @property
     def total_coefficients(self) -> int:
         return self.horizon * self.action_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.coeffs_per_model_id.shape[0]
 
     @property
     def max_decode_steps(self) -> int:
@@ -47,57 +51,15 @@ class FastDecodeSpec:
         return len(self.action_prefix_ids) + self.total_coefficients + len(self.end_ids)
 
     @classmethod
-    def create(
-        cls,
-        *,
-        action_prefix_ids: Sequence[int],
-        end_ids: Sequence[int],
-        fast_token_num_coefficients: Sequence[int],
-        vocab_size: int,
-        skip_tokens: int,
-        horizon: int,
-        action_dim: int,
-    ) -> FastDecodeSpec:
-        """FAST id f lives at model id `vocab_size - 1 - skip_tokens - f` (docs/DESIGN.md §3)."""
-        counts = np.asarray(fast_token_num_coefficients, np.int32)
-        prefix, end = np.asarray(action_prefix_ids, np.int32), np.asarray(end_ids, np.int32)
-        top = vocab_size - 1 - skip_tokens
-        if len(counts) == 0 or top - (len(counts) - 1) < 0:
-            raise FastSpecError(
-                f"{len(counts)} FAST ids do not fit below model id {top} (vocab_size {vocab_size}, skip {skip_tokens})"
-            )
-        if len(end) == 0:
-            raise FastSpecError("end_ids is empty: a sequence needs an end (e.g. '|' EOS)")
-        for name, ids in (("action_prefix_ids", prefix), ("end_ids", end)):
-            if np.any(ids < 0) or np.any(ids >= vocab_size):
-                raise FastSpecError(f"{name} {ids.tolist()} outside the vocabulary [0, {vocab_size})")
-        if not np.any(counts == 1):
+    def from_grammar(cls, grammar: PostfixGrammar, horizon: int, dim: int) -> FastDecodeSpec:
+        """From `ki_data.PromptBuilder.grammar()`: the very ids and FAST id table the training prompts were built
+        with (the grammar has already checked that the ids fit the vocabulary and do not collide)."""
+        if not np.any(np.asarray(grammar.fast_coefficients) == 1):
             raise FastSpecError("no FAST id expands to exactly one coefficient: constrained decoding could get stuck")
-        coeffs = np.zeros((vocab_size,), np.int32)
-        coeffs[top - np.arange(len(counts))] = np.maximum(counts, 0)
-        clash = [int(i) for i in np.concatenate([prefix, end]) if coeffs[i] > 0]
-        if clash:
-            raise FastSpecError(f"grammar ids {clash} are also FAST ids: the postfix would be ambiguous")
         return cls(
-            action_prefix_ids=prefix,
-            end_ids=end,
-            coeffs_per_model_id=coeffs,
-            horizon=horizon,
-            action_dim=action_dim,
-            vocab_size=vocab_size,
-            skip_tokens=skip_tokens,
-        )
-
-    @classmethod
-    def from_grammar(cls, grammar: Any, horizon: int, dim: int) -> FastDecodeSpec:
-        """From `ki_data.PromptBuilder.grammar()`: the very ids the training prompts were built with."""
-        top = grammar.fast_id_top
-        return cls.create(
-            action_prefix_ids=grammar.start_ids,
-            end_ids=grammar.end_ids,
-            fast_token_num_coefficients=grammar.fast_coefficients,
-            vocab_size=grammar.vocab_size,
-            skip_tokens=grammar.vocab_size - 1 - top,
+            action_prefix_ids=np.asarray(grammar.start_ids, np.int32),
+            end_ids=np.asarray(grammar.end_ids, np.int32),
+            coeffs_per_model_id=grammar.coefficients_per_model_id,
             horizon=horizon,
             action_dim=dim,
         )

@@ -157,20 +157,22 @@ def evaluate(
             real = ~batch["action_is_pad"].astype(bool)
             real[n:] = False  # padding rows of a short last batch
             state = policy.data.unnormalize_state(batch["state"])
-            true = policy.unnormalize_actions(true_n)
+            absolute = functools.partial(policy.data.absolute_actions, state=state)  # stored units -> the dataset's
+            true = absolute(true_n)
             flow_n = [policy.sample_normalized(obs, jax.random.fold_in(rng, j)) for j in range(flow_samples)]
-            flow = policy.unnormalize_actions(flow_n[0])
+            flow = absolute(flow_n[0])
             errors["flow"].add(flow, true, real)
             if flow_samples > 1:
-                errors["flow_sample_mean"].add(policy.unnormalize_actions(np.mean(flow_n, axis=0)), true, real)
-            errors["mean_action_baseline"].add(np.broadcast_to(actions_stats.mean, true.shape), true, real)
+                errors["flow_sample_mean"].add(absolute(np.mean(flow_n, axis=0)), true, real)
+            mean = policy.data.normalize_actions(np.broadcast_to(actions_stats.mean, true.shape))
+            errors["mean_action_baseline"].add(absolute(mean), true, real)
             if hold_still:
-                errors["hold_still_baseline"].add(np.broadcast_to(state[:, None, :], true.shape), true, real)
+                errors["hold_still_baseline"].add(policy.data.hold_still_chunks(state, true.shape[1]), true, real)
             fast_pred = {}
             for name, constrained in (("fast_constrained", True), ("fast_unconstrained", False)):
                 tokens = np.asarray(decode_fast(params, rng, obs, constrained))
                 pred, ok = policy.data.prompt.decode_actions(tokens, horizon, dim)
-                pred = policy.unnormalize_actions(pred)
+                pred = absolute(pred)
                 ok[n:] = False
                 valid[name][0] += int(ok.sum())
                 valid[name][1] += n
@@ -259,21 +261,16 @@ def predict_row(policy: Policy, batch: dict[str, np.ndarray], *, seed: int = 0, 
     spec = policy.fast_decode_spec()
     tokens = np.asarray(policy.model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens)[0]
     prompt = policy.data.prompt
-    fast_ids = prompt.fast_ids_of_postfix(tokens)
-    fast, fast_error = None, None
-    if fast_ids is None:
-        fast_ids, fast_error = [], f"the sampled tokens break the {prompt.describe_grammar()} grammar: {tokens.tolist()}"
-    else:
-        try:
-            fast = policy.unnormalize_actions(prompt.fast.decode(fast_ids, horizon, dim))
-        except ValueError as err:  # FastDecodeError: an unconstrained sample may not decode; show it, not fail
-            fast_error = str(err)
+    state = policy.data.unnormalize_state(np.asarray(batch["state"], np.float32))[0]
+    absolute = functools.partial(policy.data.absolute_actions, state=state)  # stored units -> the dataset's
+    reading = prompt.read_postfix(tokens, horizon, dim)
+    fast = None if reading.actions is None else absolute(reading.actions)
     return Predictions(
-        truth=policy.unnormalize_actions(np.asarray(batch["actions"][0], np.float32)),
-        flow=policy.unnormalize_actions(flow),
+        truth=absolute(np.asarray(batch["actions"][0], np.float32)),
+        flow=absolute(flow),
         fast=fast,
-        fast_ids=fast_ids,
-        fast_error=fast_error,
+        fast_ids=reading.fast_ids,
+        fast_error=reading.error,
         action_is_pad=np.asarray(batch["action_is_pad"][0], bool),
     )
 

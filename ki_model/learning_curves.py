@@ -33,7 +33,9 @@ class Run:
     model_config: dict[str, Any]
     train_config: dict[str, Any]
     eval_report: dict[str, Any] | None
-    rollout_report: dict[str, Any] | None
+    rollout_report: dict[str, Any] | None  # the flow head's closed loop
+    rollout_fast_report: dict[str, Any] | None = None  # the FAST head's
+    init_run: Run | None = None  # the run a `--init ki:` / `ki-backbone:` run started from (stage 1)
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         rows = [m for m in self.metrics if m.get(key) is not None]
@@ -51,13 +53,20 @@ class Run:
             parts.append(f"peak lr {lr:g}")
         if tc.get("number_embeddings"):
             parts.append("number embeddings")
+        if mc.get("flow_loss_weight", 1.0) == 0:
+            parts.append("FAST only")
+        if self.init_run is not None:
+            parts.append(f"from {self.init_run.path} ({tc['init'].split(':', 1)[0]})")
         return ", ".join(parts)
 
 
 def _find_report(run_dir: Path, name: str, want: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The first `*/name` report whose top-level fields (or `setup` fields) have the wanted values; a report that
+    lacks a field counts as having it (e.g. rollouts from before the `head` option were flow-head rollouts)."""
     for path in sorted(run_dir.glob(f"*/{name}")):
         report = json.loads(path.read_text())
-        if all(report.get(k, v) == v for k, v in (want or {}).items()):
+        fields = {**report.get("setup", {}), **report}
+        if all(fields.get(k, v) == v for k, v in (want or {}).items()):
             return report
     return None
 
@@ -76,8 +85,28 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
         model_config=read(ckpt.MODEL_CONFIG),
         train_config=read(ckpt.TRAIN_CONFIG),
         eval_report=_find_report(root, "eval_report.json", {"split": "val"}),
-        rollout_report=_find_report(root, "rollout_report.json"),
+        rollout_report=_find_report(root, "rollout_report.json", {"head": "flow"}),
+        rollout_fast_report=_find_report(root, "rollout_report.json", {"head": "fast"}),
+        init_run=_init_run(read(ckpt.TRAIN_CONFIG).get("init")),
     )
+
+
+def _init_run(init: str | None) -> Run | None:
+    """The stage-1 run of a `--init ki:DIR` / `ki-backbone:DIR` run, when its directory is still there."""
+    if not init or not init.startswith(("ki:", "ki-backbone:")):
+        return None
+    path = Path(init.split(":", 1)[1])
+    return load_run(path) if (path / ckpt.METRICS).is_file() else None
+
+
+def fast_disturbance(run: Run) -> tuple[float, float] | None:
+    """(validation FAST loss at the end of the init run, at this run's first evaluation): how much the start of
+    stage 2 disturbed what stage 1's backbone had learned (the KI paper's claim: without insulation, much)."""
+    if run.init_run is None:
+        return None
+    _, before = run.init_run.series("val_fast_loss")
+    _, after = run.series("val_fast_loss")
+    return (float(before[-1]), float(after[0])) if len(before) and len(after) else None
 
 
 def final_figures(run: Run) -> dict[str, float | None]:
@@ -91,11 +120,21 @@ def final_figures(run: Run) -> dict[str, float | None]:
         out["val_fast_mse"] = e["fast_constrained"]["mse"]
         out["val_hold_still_mse"] = (e.get("hold_still_baseline") or {}).get("mse")
         out["val_mean_action_mse"] = e["mean_action_baseline"]["mse"]
-    r = run.rollout_report
-    if r is not None:
-        out["policy_max_coverage"] = r["policy"]["mean_max_coverage"]
+    for head, r in (("flow", run.rollout_report), ("fast", run.rollout_fast_report)):
+        if r is None:
+            continue
+        out[f"{head}_max_coverage"] = r["policy"]["mean_max_coverage"]
+        out[f"{head}_distance_closed"] = r["policy"].get("mean_distance_closed")
+        out[f"{head}_closed_vs_expert"] = r["policy"].get("distance_closed_vs_expert")
         out["expert_max_coverage"] = r.get("expert", {}).get("mean_max_coverage")
-        out["policy_vs_expert"] = r["policy"].get("max_coverage_vs_expert")
+        out["expert_distance_closed"] = r.get("expert", {}).get("mean_distance_closed")
+    # Before the head option, rollouts reported coverage only: keep that figure under its old name.
+    if run.rollout_report is not None:
+        out["policy_max_coverage"] = run.rollout_report["policy"]["mean_max_coverage"]
+        out["policy_vs_expert"] = run.rollout_report["policy"].get("max_coverage_vs_expert")
+    disturbed = fast_disturbance(run)
+    if disturbed is not None:
+        out["val_fast_loss_end_of_init"], out["val_fast_loss_first_eval"] = disturbed
     return out
 
 
@@ -103,7 +142,11 @@ def summary_table(runs: list[Run]) -> str:
     cols = [("step", "steps", "{:.0f}"), ("flow_loss", "flow", "{:.3f}"), ("fast_accuracy", "FAST acc", "{:.3f}"),
             ("val_flow_mse", "val flow", "{:.0f}"), ("val_flow_mean_mse", "flow mean", "{:.0f}"),
             ("val_fast_mse", "val FAST", "{:.0f}"), ("val_hold_still_mse", "hold still", "{:.0f}"),
-            ("policy_max_coverage", "max cov", "{:.3f}"), ("policy_vs_expert", "vs expert", "{:.0%}")]
+            ("flow_distance_closed", "flow closed", "{:.0%}"), ("flow_closed_vs_expert", "vs expert", "{:.0%}"),
+            ("flow_max_coverage", "flow cov", "{:.3f}"),
+            ("fast_distance_closed", "FAST closed", "{:.0%}"), ("fast_closed_vs_expert", "vs expert", "{:.0%}"),
+            ("val_fast_loss_end_of_init", "FAST@s1 end", "{:.3f}"),
+            ("val_fast_loss_first_eval", "FAST@s2 1st", "{:.3f}")]
     width = max(12, *(len(r.label) + 2 for r in runs))
     lines = [f"{'run':<{width}}" + "".join(f"{h:>11}" for _, h, _ in cols)]
     for run in runs:
@@ -121,10 +164,19 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     for j, run in enumerate(runs):
         color = f"C{j}"
-        for ax, (key, title, log) in zip(axes[0], TRAIN_PANELS, strict=True):
+        # Validation FAST loss; a stage-2 run continues its stage-1 curve (drawn thin), steps counted on.
+        offset = 0
+        if run.init_run is not None:
+            xi, yi = run.init_run.series("val_fast_loss")
+            axes[0, 3].plot(xi, yi, color=color, lw=0.8, alpha=0.6)
+            offset = int(xi[-1]) if len(xi) else 0
+        x, y = run.series("val_fast_loss")
+        if len(x):
+            axes[0, 3].plot(x + offset, y, color=color, marker=".", label=run.label)
+        for ax, (key, title, log) in zip(axes[0, :3], TRAIN_PANELS, strict=True):
             x, y = run.series(key)
             ax.plot(x, y, color=color, label=run.label)
             ax.set_title(title, fontsize=10)
@@ -143,7 +195,9 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
                 axes[1, 1].axhline(yh[-1], color="k", ls=":", lw=1)
     axes[1, 0].set_title("validation flow loss (dashed: another row's observation)", fontsize=10)
     axes[1, 1].set_title("validation flow-sample MSE (dotted: hold still)", fontsize=10)
-    for ax in axes.flat[:5]:
+    axes[0, 3].set_title("validation FAST loss (thin: the stage-1 run it started from)", fontsize=10)
+    axes[1, 3].axis("off")
+    for ax in (*axes[0], axes[1, 0], axes[1, 1]):
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
     axes[0, 0].legend(fontsize=8)
@@ -156,7 +210,7 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
 def _final_bars(ax: Any, runs: list[Run]) -> None:
     """Validation MSE of the flow head (mean of samples when reported) and the FAST head over hold-still's, and the
     closed-loop max coverage over the expert's: lower / higher is better, 1 = the baseline."""
-    names = ["flow MSE / hold still", "FAST MSE / hold still", "max coverage / expert"]
+    names = ["flow MSE / hold still", "FAST MSE / hold still", "closed (flow) / expert", "closed (FAST) / expert"]
     width = 0.8 / max(len(runs), 1)
     shown = False
     for j, run in enumerate(runs):
@@ -164,12 +218,13 @@ def _final_bars(ax: Any, runs: list[Run]) -> None:
         hold = f.get("val_hold_still_mse")
         flow = f.get("val_flow_mean_mse") or f.get("val_flow_mse")
         values = [flow / hold if flow and hold else np.nan, f["val_fast_mse"] / hold if hold and f.get("val_fast_mse")
-                  else np.nan, f.get("policy_vs_expert") or np.nan]
+                  else np.nan]
+        values += [np.nan if f.get(k) is None else f[k] for k in ("flow_closed_vs_expert", "fast_closed_vs_expert")]
         if not np.all(np.isnan(values)):
             shown = True
-        ax.bar(np.arange(3) + (j - (len(runs) - 1) / 2) * width, values, width, color=f"C{j}", label=run.label)
+        ax.bar(np.arange(4) + (j - (len(runs) - 1) / 2) * width, values, width, color=f"C{j}", label=run.label)
     ax.axhline(1.0, color="k", lw=1)
     ax.legend(fontsize=8)
-    ax.set_xticks(np.arange(3), names, fontsize=8)
+    ax.set_xticks(np.arange(4), names, fontsize=7)
     ax.set_title("final evaluation (1 = baseline)" if shown else "final evaluation: no eval/rollout reports found",
                  fontsize=10)

@@ -9,16 +9,8 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
-IMAGE_PREFIX = "image."
-IMAGE_MASK_PREFIX = "image_mask."
-TOKEN_COLUMNS = (
-    "tokenized_prompt",
-    "tokenized_prompt_mask",
-    "token_ar_mask",
-    "token_loss_mask",
-    "text_prompt",
-    "text_prompt_mask",
-)
+from ki_data import schema
+from ki_data.schema import PROMPT_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS
 
 
 def pad_action_dim(actions: Float[np.ndarray, "*b h d"], dim: int) -> Float[np.ndarray, "*b h dim"]:
@@ -63,33 +55,34 @@ class Observation:
 
         Other columns (episode_index, actions, task, ...) are ignored.
         """
-        cams = sorted(k[len(IMAGE_PREFIX) :] for k in columns if k.startswith(IMAGE_PREFIX))
+        cams = schema.cameras_in(columns)
         if not cams:
-            raise ObservationError(f"no `image.<camera>` column among {sorted(columns)}")
-        missing = [c for c in TOKEN_COLUMNS if c not in columns]
+            raise ObservationError(f"no `{schema.image_column('<camera>')}` column among {sorted(columns)}")
+        missing = [c for c in PROMPT_COLUMNS if c not in columns]
         if missing:
             raise ObservationError(f"token columns {missing} missing (have {sorted(columns)})")
-        tokens = {c: np.asarray(columns[c]) for c in TOKEN_COLUMNS}
+        tokens = {c: np.asarray(columns[c]) for c in PROMPT_COLUMNS}
         b = tokens["tokenized_prompt"].shape[0]
         images, masks = {}, {}
         for cam in cams:
-            img = np.asarray(columns[IMAGE_PREFIX + cam])
+            img = np.asarray(columns[schema.image_column(cam)])
             if img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3 or img.shape[0] != b:
                 raise ObservationError(
-                    f"column `image.{cam}` must be decoded uint8 [{b}, S, S, 3], got {img.dtype} {img.shape}"
+                    f"column `{schema.image_column(cam)}` must be decoded uint8 [{b}, S, S, 3], got {img.dtype} "
+                    f"{img.shape}"
                 )
             images[cam] = jnp.asarray(img)
-            mask = columns.get(IMAGE_MASK_PREFIX + cam)
+            mask = columns.get(schema.image_mask_column(cam))
             mask = np.ones((b,), bool) if mask is None else np.asarray(mask)
             if mask.shape != (b,):
-                raise ObservationError(f"column `image_mask.{cam}` must be bool [{b}], got {mask.shape}")
+                raise ObservationError(f"column `{schema.image_mask_column(cam)}` must be bool [{b}], got {mask.shape}")
             masks[cam] = jnp.asarray(mask.astype(bool))
-        lengths = {c: tokens[c].shape for c in TOKEN_COLUMNS}
-        for group in (TOKEN_COLUMNS[:4], TOKEN_COLUMNS[4:]):
+        lengths = {c: tokens[c].shape for c in PROMPT_COLUMNS}
+        for group in (TOKEN_COLUMNS, TEXT_COLUMNS):
             shapes = {lengths[c] for c in group}
             if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != b:
                 raise ObservationError(f"columns {list(group)} must share one [{b}, length] shape, got {lengths}")
-        state = columns.get("state")
+        state = columns.get(schema.STATE)
         return cls(
             images=images,
             image_masks=masks,

@@ -59,7 +59,7 @@ class PrefixCache(NamedTuple):
 
 class TrainForward(NamedTuple):
     prompt_out: Float[Array, "b l w"]  # backbone outputs on the prompt block
-    velocity: Float[Array, "b k h d"]  # action expert's flow prediction for each of the K draws (float32)
+    velocity: Float[Array, "b k h d"] | None  # the action expert's flow prediction per draw (float32); None: FAST only
     kv: gemma.KVCache  # K/V of every token of the pass, [depth, b, N, k, h]
     layout: attention.Layout
     num_image_tokens: int
@@ -167,13 +167,28 @@ class Pi05KI(nnx.Module):
         """Whether the backbone is fed the FAST tokens and learns them (fast_loss_weight 0: flow-only training)."""
         return self.config.fast_loss_weight != 0
 
+    @property
+    def trains_flow(self) -> bool:
+        """Whether the action expert runs and learns the flow (flow_loss_weight 0: FAST-only training)."""
+        return self.config.flow_loss_weight != 0
+
     def train_forward(
         self, obs: Observation, x_t: Float[Array, "b k h d"], time: Float[Array, "b k"]
     ) -> TrainForward:
         """The single pass over [I | tokenized_prompt | A_1 .. A_K] (backbone on I and the prompt, action expert on
-        the K noisy action blocks). Flow-only training feeds `text_prompt` instead: no FAST tokens."""
+        the K noisy action blocks). Flow-only training feeds `text_prompt` instead: no FAST tokens. FAST-only training
+        runs no action block (velocity None)."""
         c = self.config
         b, k, h, d = x_t.shape
+        if not self.trains_flow:
+            img, img_valid = self.embed_images(obs)
+            ids, mask, ar = obs.tokenized_prompt, obs.tokenized_prompt_mask, obs.token_ar_mask
+            layout = attention.training_layout(img_valid, mask.astype(bool), ar.astype(bool), h, action_blocks=0)
+            (bb_out, _), kv = gemma.forward(
+                [self.backbone, self.action_expert], [jnp.concatenate([img, self.embed_text(ids)], axis=1), None],
+                positions=layout.positions, mask=layout.mask, remat=c.remat,
+            )
+            return TrainForward(bb_out[:, img.shape[1]:], None, kv, layout, img.shape[1])
         img, img_valid = self.embed_images(obs)
         if self.trains_fast:
             ids, mask, ar = obs.tokenized_prompt, obs.tokenized_prompt_mask, obs.token_ar_mask
@@ -222,7 +237,9 @@ class Pi05KI(nnx.Module):
         return noise, time
 
     def _losses(self, flow: Float[Array, ""], fast: Float[Array, ""], acc: Float[Array, ""]) -> dict[str, Array]:
-        return {"flow": flow, "fast": fast, "total": flow + self.config.fast_loss_weight * fast, "fast_accuracy": acc}
+        c = self.config
+        total = c.flow_loss_weight * flow + c.fast_loss_weight * fast if self.trains_flow else c.fast_loss_weight * fast
+        return {"flow": flow, "fast": fast, "total": total, "fast_accuracy": acc}
 
     def losses_given_noise(
         self,
@@ -240,10 +257,10 @@ class Pi05KI(nnx.Module):
         t = time[:, :, None, None]
         x_t = t * noise + (1.0 - t) * actions[:, None]
         fwd = self.train_forward(obs, x_t, time)
-        flow = self._flow_loss(fwd.velocity, noise - actions[:, None], action_is_pad)
+        nan = jnp.asarray(jnp.nan, jnp.float32)
+        flow = self._flow_loss(fwd.velocity, noise - actions[:, None], action_is_pad) if self.trains_flow else nan
         if not self.trains_fast:
-            nan = jnp.asarray(jnp.nan, jnp.float32)
-            return {"flow": flow, "fast": nan, "total": flow, "fast_accuracy": nan}
+            return {"flow": flow, "fast": nan, "total": self.config.flow_loss_weight * flow, "fast_accuracy": nan}
         fast, acc = self._fast_loss(fwd.prompt_out, obs)
         return self._losses(flow, fast, acc)
 

@@ -22,6 +22,7 @@ from jaxtyping import Float, UInt8
 from ki_data.artifacts import DataArtifacts
 from ki_data.images import decode_image, shard_image
 from ki_data.manifest import ManifestError
+from ki_data import schema
 from ki_data.schema import camera_name
 from ki_model import checkpoint as ckpt
 from ki_model.compile import compiler_options
@@ -82,6 +83,7 @@ class Policy:
         self._calls = 0
         self.compiler_options = compiler_options(fast_compile)
         self._sample = jax.jit(self._sample_fn, static_argnums=(3,), compiler_options=self.compiler_options)
+        self._decode_fast: dict[bool, Any] = {}  # compiled on the first infer_fast, per `constrained`
 
     # ------------------------------------------------------------------ loading
 
@@ -124,11 +126,7 @@ class Policy:
         """One frame as shard-style columns with a batch axis of 1 (`image.<cam>` decoded, tokens with actions=None)."""
         if "task" not in frame:
             raise FrameError("frame has no 'task' string")
-        if "observation.state" not in frame:
-            raise FrameError("frame has no 'observation.state'")
-        state = np.asarray(frame["observation.state"], dtype=np.float32).reshape(-1)
-        if state.shape[0] != self.manifest.state_dim:
-            raise FrameError(f"observation.state has {state.shape[0]} values; the policy was trained on {self.manifest.state_dim}")
+        state = self.frame_state(frame)
         images = frame_images(frame)
         missing = [c for c in self.cameras if c not in images]
         if missing:
@@ -140,10 +138,22 @@ class Policy:
             img = to_uint8_hwc(images[cam], where=f"camera {cam}")
             # The encode/decode round trip keeps inference on exactly the pixels the shards hold.
             image = shard_image(img, self.manifest.image_size, self.manifest.image_format)
-            cols[f"image.{cam}"] = decode_image(image)[None]
-            cols[f"image_mask.{cam}"] = np.ones((1,), bool)
+            cols[schema.image_column(cam)] = decode_image(image)[None]
+            cols[schema.image_mask_column(cam)] = np.ones((1,), bool)
         cols["state"] = state_n[None]
         return cols
+
+    def frame_state(self, frame: Mapping[str, Any]) -> Float[np.ndarray, " s"]:
+        """The raw state: the manifest's `state_keys` of the frame, concatenated (as preprocessing did)."""
+        keys = self.manifest.state_keys
+        missing = [k for k in keys if k not in frame]
+        if missing:
+            raise FrameError(f"frame has no {missing[0]!r}; the policy's state is {' + '.join(keys)}")
+        state = np.concatenate([np.asarray(frame[k], dtype=np.float32).reshape(-1) for k in keys])
+        if state.shape[0] != self.manifest.state_dim:
+            raise FrameError(f"{' + '.join(keys)} has {state.shape[0]} values; the policy was trained on "
+                             f"{self.manifest.state_dim}")
+        return state
 
     def prepare(self, frame: Mapping[str, Any]) -> Observation:
         return Observation.from_batch(self.prepare_columns(frame))
@@ -165,8 +175,27 @@ class Policy:
         return self.data.unnormalize_actions(actions)
 
     def infer(self, frame: Mapping[str, Any]) -> Float[np.ndarray, "h d"]:
-        """The action chunk [horizon, action_dim] in the dataset's units for one observation."""
-        return self.unnormalize_actions(self.sample_normalized(self.prepare(frame)))[0]
+        """The action chunk [horizon, action_dim] in the dataset's units for one observation, absolute (delta
+        dimensions turned back with the frame's state)."""
+        chunk = self.sample_normalized(self.prepare(frame))[0]
+        return self.data.absolute_actions(chunk, self.frame_state(frame))
+
+    def infer_fast(self, frame: Mapping[str, Any], *, constrained: bool = True) -> Float[np.ndarray, "h d"]:
+        """The backbone alone as the policy (π0-FAST style): greedy FAST tokens decoded to an absolute chunk.
+        Raises FrameError when unconstrained decoding breaks the grammar."""
+        obs = self.prepare(frame)
+        spec = self.fast_decode_spec()
+        if constrained not in self._decode_fast:
+            def decode(params: Any, rng: jax.Array, obs: Observation) -> jax.Array:
+                model = nnx.merge(self._graphdef, params)
+                return model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens
+
+            self._decode_fast[constrained] = jax.jit(decode, compiler_options=self.compiler_options)
+        tokens = np.asarray(self._decode_fast[constrained](self._params, self._key, obs))
+        chunk, ok = self.data.prompt.decode_actions(tokens, self.config.action_horizon, self.manifest.action_dim)
+        if not ok[0]:
+            raise FrameError("the FAST tokens the backbone decoded do not form a chunk")
+        return self.data.absolute_actions(chunk[0], self.frame_state(frame))
 
     def fast_decode_spec(self) -> FastDecodeSpec:
         # The FAST tokens are over the dataset's own action dimensions, whatever the model's.

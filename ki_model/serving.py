@@ -14,6 +14,14 @@ Differences from openpi's server, on purpose:
   connection stays open for the next request; openpi's server closes it.
 - It binds 127.0.0.1 unless told otherwise (openpi's binds every interface).
 
+With an API key (`PolicyServer(api_key=...)`), a websocket handshake is answered 401 unless it carries the header
+`Authorization: Api-Key <key>`, which is what openpi-client sends when made with `WebsocketClientPolicy(...,
+api_key=KEY)`. The refusal is the HTTP answer to the handshake, so no message of a refused peer is ever read. The key
+is compared through SHA-256 digests with `hmac.compare_digest` (constant time, whatever the sent key's length), only
+the digest is kept, refusals are logged with the peer and the reason but never what was sent, and websockets' own
+DEBUG dump of request headers shows `Authorization` hidden. `GET /healthz` stays open: it reveals only that the
+server is up, and health probes carry no key.
+
 Observations are LeRobot frames as `ki_model.Policy.infer` takes them: the dataset's camera keys
 (`observation.images.<cam>`, HxWx3 uint8 or 3xHxW float in [0, 1]), `observation.state`, and `task` (openpi's clients
 send `prompt`; it is read when `task` is absent). Inference runs on one worker thread, so a slow model call never
@@ -24,12 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import hmac
 import http
+import ipaddress
 import logging
 import math
 import re
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -52,9 +64,112 @@ _SAFE_DTYPE = re.compile(r"[<>|=]?[biuf][1248]")
 _MAX_NDIM = 32
 
 
+# openpi-client sends `Authorization: Api-Key <key>` (websocket_client_policy.py); HTTP auth schemes are
+# case-insensitive (RFC 9110 §11.1).
+API_KEY_SCHEME = "Api-Key"
+
+
 class RequestError(ValueError):
     """A message the server refuses: not msgpack, an unsafe or inconsistent array, or an observation that does not
     fit the policy. The message names the key at fault."""
+
+
+class ApiKeyError(ValueError):
+    """An API key that cannot be used (empty, several lines, not header-safe) or a key file that cannot be read.
+    The message names the file or the variable, never the key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API key: where it comes from, who may skip it, how a handshake is checked
+
+
+def check_api_key(key: str, source: str) -> str:
+    """`key` with surrounding whitespace (a key file's final newline) removed; ApiKeyError naming `source` when it is
+    empty or not one run of printable ASCII without spaces (it travels in an HTTP header)."""
+    key = key.strip()
+    if not key:
+        raise ApiKeyError(f"{source} is empty: it must hold the API key")
+    if not all("!" <= c <= "~" for c in key):
+        raise ApiKeyError(f"{source} must hold one API key of printable ASCII characters without spaces "
+                          "or line breaks (it is sent in an HTTP header)")
+    return key
+
+
+def read_api_key_file(path: str | Path) -> str:
+    """The key in `path` (one line; see check_api_key); ApiKeyError naming the file when it cannot be used."""
+    try:
+        text = Path(path).read_bytes().decode("ascii")
+    except OSError as e:
+        raise ApiKeyError(f"cannot read the API key file {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ApiKeyError(f"the API key file {str(path)!r} is not ASCII text") from None
+    return check_api_key(text, f"the API key file {str(path)!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server to this machine. Any other name may reach the network ('' and
+    '0.0.0.0' are every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
+    """The warning to print when a server without a key is bound beyond loopback; None when there is nothing to say."""
+    if api_key or is_loopback(host):
+        return None
+    where = "every interface" if host in ("", "0.0.0.0", "::") else repr(host)
+    return (f"warning: serving on {where} without an API key: anyone who can reach port {port} can drive the robot. "
+            "Pass --api-key-file FILE (or set KI_API_KEY) and give the key to the robots' openpi clients "
+            "(WebsocketClientPolicy(..., api_key=KEY)).")
+
+
+def _key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def authorization_problem(request: Request, key_digest: bytes) -> str | None:
+    """None when `request` carries `Authorization: Api-Key <key>` with the right key; else why it is refused, in
+    words that never quote what the peer sent (a wrong key may be a near miss, or another secret of theirs)."""
+    values = request.headers.get_all("Authorization")
+    if not values:
+        return "no Authorization header"
+    if len(values) > 1:
+        return f"{len(values)} Authorization headers"
+    scheme, _, sent = values[0].strip().partition(" ")
+    if scheme.lower() != API_KEY_SCHEME.lower():
+        return f"the Authorization header is not '{API_KEY_SCHEME} <key>'"
+    # Digests have one length, so the comparison's time says nothing about the sent key's length either.
+    if not hmac.compare_digest(_key_digest(sent.strip()), key_digest):
+        return "wrong API key"
+    return None
+
+
+def _peer(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+class _HideAuthorization(logging.Filter):
+    """websockets logs every request header at DEBUG as ('< %s: %s', name, value); an Authorization value is a key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], str)
+                and args[0].lower() in ("authorization", "proxy-authorization")):
+            record.args = (args[0], "[hidden]")
+        return True
+
+
+# The websockets server logs its connections here (instead of "websockets.server"), where the filter applies.
+websockets_logger = logging.getLogger(f"{__name__}.websockets")
+websockets_logger.addFilter(_HideAuthorization())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,7 +252,8 @@ def policy_metadata(policy: Policy) -> dict[str, Any]:
     return {
         "policy": "ki pi05-ki",
         "camera_keys": [m.camera_keys[c] for c in policy.cameras],
-        "state_key": "observation.state",
+        "state_key": m.state_keys[0],  # the first; kept for clients that read one key
+        "state_keys": list(m.state_keys),  # concatenated in this order into a state of state_dim values
         "state_dim": int(m.state_dim),
         "action_dim": int(m.action_dim),
         "action_horizon": int(m.action_horizon),
@@ -154,15 +270,19 @@ def frame_from_request(obs: Mapping[str, Any], metadata: Mapping[str, Any]) -> d
         raise RequestError("missing 'task' (or openpi's 'prompt'): the instruction string")
     if not isinstance(task, str):
         raise RequestError(f"'{'task' if 'task' in obs else 'prompt'}' must be a string, got {type(task).__name__}")
-    key = metadata["state_key"]
-    if key not in obs:
-        raise RequestError(f"missing {key!r}")
-    state = np.asarray(obs[key])
-    if state.dtype.kind not in "biuf":
-        raise RequestError(f"{key!r} must be numbers (bool, integer or float), got dtype {state.dtype}")
-    if state.size != metadata["state_dim"]:
-        raise RequestError(f"{key!r} has {state.size} values; the policy takes {metadata['state_dim']}")
-    frame: dict[str, Any] = {"task": task, key: state.astype(np.float32).reshape(-1)}
+    keys = metadata.get("state_keys") or [metadata["state_key"]]
+    frame: dict[str, Any] = {"task": task}
+    for key in keys:
+        if key not in obs:
+            raise RequestError(f"missing {key!r} (the policy's state is {' + '.join(keys)})")
+        state = np.asarray(obs[key])
+        if state.dtype.kind not in "biuf":
+            raise RequestError(f"{key!r} must be numbers (bool, integer or float), got dtype {state.dtype}")
+        frame[key] = state.astype(np.float32).reshape(-1)
+    size = sum(frame[k].size for k in keys)
+    if size != metadata["state_dim"]:
+        raise RequestError(f"{' + '.join(repr(k) for k in keys)} has {size} values; the policy takes "
+                           f"{metadata['state_dim']}")
     for cam_key in metadata["camera_keys"]:
         if cam_key not in obs:
             raise RequestError(f"missing camera image {cam_key!r} (the policy takes {metadata['camera_keys']})")
@@ -184,11 +304,16 @@ class PolicyServer:
         port: int = DEFAULT_PORT,
         metadata: Mapping[str, Any] | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        api_key: str | None = None,
     ):
+        """api_key: when given, only handshakes with `Authorization: Api-Key <api_key>` are let in (see the module
+        docstring); only its digest is kept."""
         self.policy = policy
         self.host, self.port = host, port
         self.metadata = dict(metadata or policy_metadata(policy))
         self.max_message_bytes = max_message_bytes
+        self._key_digest = None if api_key is None else _key_digest(check_api_key(api_key, "the API key"))
+        self.requires_key = self._key_digest is not None
         # One thread: the Policy (its jitted call and its rng counter) is used by one request at a time.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
 
@@ -209,8 +334,24 @@ class PolicyServer:
             timing["prev_total_ms"] = prev_total_s * 1000
         return pack({"actions": actions, "server_timing": timing})
 
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Runs on the handshake, before the connection is opened: an HTTP answer here ends it unread."""
+        if request.path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if self._key_digest is None:
+            return None
+        problem = authorization_problem(request, self._key_digest)
+        if problem is None:
+            return None
+        logger.warning("refused a connection from %s: %s", _peer(connection), problem)
+        # One answer for every refusal: a stranger learns the scheme, not which part was wrong.
+        response = connection.respond(
+            http.HTTPStatus.UNAUTHORIZED, f"This server needs the header 'Authorization: {API_KEY_SCHEME} <key>'.\n")
+        response.headers["WWW-Authenticate"] = API_KEY_SCHEME
+        return response
+
     async def _handler(self, ws: ServerConnection) -> None:
-        logger.info("connection from %s", ws.remote_address)
+        logger.info("connection from %s", _peer(ws))
         loop = asyncio.get_running_loop()
         try:
             await ws.send(pack(self.metadata))
@@ -222,12 +363,12 @@ class PolicyServer:
                 prev_total = time.monotonic() - start
         except ConnectionClosed:
             pass
-        logger.info("connection from %s closed", ws.remote_address)
+        logger.info("connection from %s closed", _peer(ws))
 
     async def run(self, on_ready: Callable[[str, int], None] | None = None) -> None:
         """Serve until cancelled; `on_ready(host, port)` once listening (port 0 picks a free port)."""
         async with serve(self._handler, self.host, self.port, compression=None, max_size=self.max_message_bytes,
-                         process_request=_health_check) as server:
+                         process_request=self._process_request, logger=websockets_logger) as server:
             host, port = next(iter(server.sockets)).getsockname()[:2]
             if on_ready is not None:
                 on_ready(host, port)
@@ -240,11 +381,6 @@ class PolicyServer:
             self._worker.shutdown(wait=False, cancel_futures=True)
 
 
-def _health_check(connection: ServerConnection, request: Request) -> Response | None:
-    if request.path == "/healthz":
-        return connection.respond(http.HTTPStatus.OK, "OK\n")
-    return None
-
 
 def warm_up(policy: Policy, metadata: Mapping[str, Any]) -> float:
     """Compile the policy's sampling program on a blank frame (seconds taken). It draws with its own key, so the
@@ -252,7 +388,9 @@ def warm_up(policy: Policy, metadata: Mapping[str, Any]) -> float:
     import jax
 
     size = metadata["image_size"]
-    frame = {"task": "", metadata["state_key"]: np.zeros(metadata["state_dim"], np.float32)}
+    keys = metadata.get("state_keys") or [metadata["state_key"]]
+    frame = {"task": "", **{k: np.zeros(0, np.float32) for k in keys}}
+    frame[keys[0]] = np.zeros(metadata["state_dim"], np.float32)  # warm-up only: the sizes add up
     frame |= {k: np.zeros((size, size, 3), np.uint8) for k in metadata["camera_keys"]}
     start = time.monotonic()
     policy.sample_normalized(policy.prepare(frame), rng=jax.random.key(0))

@@ -37,6 +37,7 @@ from ki_model.observation import Observation, pad_action_dim
 from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
 from ki_model.pi05_ki import param_group
 from ki_model.sharding import MeshError, batch_sharding, make_mesh, param_shardings
+from ki_model.warm_start import KiCheckpoint, is_ki_init
 from ki_model.weights import OpenpiCheckpoint, PaliGemmaCheckpoint, init_model_config, load_init
 
 
@@ -323,7 +324,9 @@ class TrainConfig:
     fast_compile: bool = False  # see compiler_options
     progress: bool = True
     # "paligemma:PATH": vision encoder + backbone from a Hugging Face PaliGemma checkpoint; "openpi:PATH": the whole
-    # model, its architecture included, from an openpi π0.5 checkpoint (weights not applied on resume).
+    # model, its architecture included, from an openpi π0.5 checkpoint; "ki:DIR" / "ki-backbone:DIR": every weight /
+    # vision and backbone (fresh action expert) from one of our checkpoints (ki_model.warm_start). Not applied on
+    # resume.
     init: str | None = None
     verify: bool = False  # hash every shard against manifest.json before anything else (ki_data.verify)
     # Every eval_every steps (a multiple of log_every; 0: never), score eval_batches fixed validation batches and log
@@ -345,16 +348,21 @@ class TrainConfig:
 
 
 def _init_model_config(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> Pi05KIConfig:
-    """With `--init openpi:PATH` the checkpoint decides the architecture (also on resume, to match the saved one)."""
+    """With `--init openpi:PATH` the checkpoint decides the architecture (also on resume, to match the saved one);
+    `--init ki:DIR` must match this run's (checked when it is opened)."""
+    if not cfg.init or is_ki_init(cfg.init):
+        return model_cfg
     try:
-        return init_model_config(cfg.init, model_cfg) if cfg.init else model_cfg
+        return init_model_config(cfg.init, model_cfg)
     except CheckpointError as e:
         raise TrainError(f"--init {cfg.init}: {e}") from e
 
 
-def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PaliGemmaCheckpoint | OpenpiCheckpoint:
+def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PaliGemmaCheckpoint | OpenpiCheckpoint | KiCheckpoint:
     """The checked `--init` checkpoint (nothing read yet); its tokenizer must be the shards' text tokenizer."""
     try:
+        if is_ki_init(cfg.init):
+            return KiCheckpoint(cfg.init, model_cfg, cfg.shards)
         pretrained = load_init(cfg.init, model_cfg)
         pretrained.check_text_tokenizer(Path(cfg.shards) / "tokenizer" / "text.model")
     except CheckpointError as e:
@@ -380,7 +388,7 @@ def _fresh_dir(out: Path) -> None:
 
 def _fresh_state(
     cfg: TrainConfig, model_cfg: Pi05KIConfig, tx: optax.GradientTransformation, mesh: Mesh,
-    pretrained: PaliGemmaCheckpoint | OpenpiCheckpoint | None,
+    pretrained: PaliGemmaCheckpoint | OpenpiCheckpoint | KiCheckpoint | None,
 ) -> tuple[TrainState, TrainState, nnx.GraphDef]:
     """The initial state of a new run, with the `--init` weights in place."""
     state, shardings, graphdef = init_train_state(model_cfg, tx, mesh, seed=cfg.seed, ema=cfg.ema_decay is not None)
@@ -474,7 +482,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
     pretrained = _check_init(cfg, model_cfg) if cfg.init and not cfg.resume else None
     if cfg.number_embeddings and cfg.init:
         raise TrainError("--number-embeddings is a prior for a backbone trained from scratch; --init loads "
-                         "PaliGemma's own embeddings")
+                         "the checkpoint's own embeddings")
     try:
         mesh = make_mesh(cfg.fsdp_devices)
     except MeshError as e:

@@ -64,14 +64,15 @@ class Validator:
                 real[n:] = False
                 actions = batch["actions"].astype(np.float32)
                 state = data.unnormalize_state(batch["state"])
-                true = data.unnormalize_actions(actions)
+                true = data.absolute_actions(actions, state)
                 actions = pad_action_dim(actions, config.action_dim)  # what the model trains on
                 obs = Observation.from_batch(batch)
                 shuffled = Observation.from_batch(shuffle_observation(batch, n))
-                self.batches.append((obs, shuffled, actions, batch["action_is_pad"].astype(bool), real, true))
-                preds = {"mean_action": np.broadcast_to(data.norm_stats["actions"].mean, true.shape)}
+                self.batches.append((obs, shuffled, actions, batch["action_is_pad"].astype(bool), real, true, state))
+                mean = data.normalize_actions(np.broadcast_to(data.norm_stats["actions"].mean, true.shape))
+                preds = {"mean_action": data.absolute_actions(mean, state)}
                 if hold_still:
-                    preds["hold_still"] = np.broadcast_to(state[:, None, :], true.shape)
+                    preds["hold_still"] = data.hold_still_chunks(state, true.shape[1])
                 for k, pred in preds.items():
                     fixed[k].add(pred, true, real)
         if not self.batches:
@@ -91,16 +92,18 @@ class Validator:
     def __call__(self, params: Any) -> dict[str, float]:
         sums = {"val_flow_loss": 0.0, "val_fast_loss": 0.0, "val_fast_accuracy": 0.0, "val_flow_loss_shuffled": 0.0}
         flow = ErrorSum(self.data.manifest.action_dim)
-        for i, (obs, shuffled, actions, pad, real, true) in enumerate(self.batches):
+        for i, (obs, shuffled, actions, pad, real, true, state) in enumerate(self.batches):
             rng = jax.random.fold_in(self._key, i)  # the same noise and time at every evaluation
             m = jax.device_get(self._losses(params, rng, obs, actions, pad))
             sums["val_flow_loss"] += float(m["flow"])
             sums["val_fast_loss"] += float(m["fast"])
             sums["val_fast_accuracy"] += float(m["fast_accuracy"])
+            if not self.config.flow_loss_weight:  # FAST-only training: the action expert is untrained, not scored
+                sums["val_flow_loss_shuffled"] = float("nan")
+                continue
             sums["val_flow_loss_shuffled"] += float(jax.device_get(self._losses(params, rng, shuffled, actions, pad))["flow"])
             pred = np.asarray(self._sample(params, rng, obs))[..., : self.data.manifest.action_dim]
-            pred = self.data.unnormalize_actions(pred)
-            flow.add(pred, true, real)
+            flow.add(self.data.absolute_actions(pred, state), true, real)
         out = {k: v / len(self.batches) for k, v in sums.items()}
-        out["val_flow_mse"] = flow.summary()["mse"] or 0.0
+        out["val_flow_mse"] = (flow.summary()["mse"] or 0.0) if self.config.flow_loss_weight else float("nan")
         return out | self.fixed

@@ -61,16 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         compile_cache=not a.no_compile_cache,
         progress=not a.no_progress,
         gpu=a.gpu,
+        partial_json=Path(a.json + ".partial") if a.json else None,
     )
     doc = run_benchmark(opts)
+    if a.json:  # first: the measurements are kept whatever happens to the printing
+        path = Path(a.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2))
     print(table(doc, figures(opts)))
     print()
     print(notes(doc))
     if a.json:
-        path = Path(a.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2))
-        print(f"\nwrote {path}")
+        print(f"\nwrote {a.json}")
     return 0
 
 

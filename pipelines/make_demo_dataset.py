@@ -1,6 +1,7 @@
-"""Record the demo LeRobot dataset from the gym-pusht simulator with a scripted pushing policy.
+"""Record the demo LeRobot dataset from the gym-pusht simulator with a scripted expert.
 
     python -m pipelines.make_demo_dataset [--repo-id ki/pusht_demo] [--root DIR] [--episodes 20] [--seed 0]
+                                          [--expert line|planner]
 
 Lands under $HF_LEROBOT_HOME/<repo_id> (unless --root) so `python -m pipelines.preprocess <repo_id>` finds it offline.
 """
@@ -13,15 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from ki_data.demo_pusht import (
-    DEFAULT_REPO_ID,
-    RECORDING_FILE,
-    DemoConfig,
-    check_seed_range,
-    record_demo_dataset,
-    recording_reset_seed,
-)
+from ki_data.console import library_output_to, log_file
 from ki_data.lerobot_source import lerobot_home
+from ki_sim.experts import EXPERTS
+from ki_sim.pusht import DEFAULT_REPO_ID, RECORDING_FILE, check_seed_range, recording_reset_seed
+from ki_sim.record import DemoConfig, record_demo_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
@@ -34,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
     p.add_argument("--image-storage", choices=("video", "image"), default="video",
                    help="cameras as mp4 video (default, like lerobot/pusht) or PNG frames")
     p.add_argument("--image-size", type=int, default=96, help="rendered image side (default: %(default)s)")
+    p.add_argument("--expert", choices=sorted(EXPERTS), default="line",
+                   help="line: push the block's center straight to the goal's, circling the block counter-clockwise "
+                        "(a function of the observation; the demo's); planner: the greedy contact planner with "
+                        "random push lengths (the harder configuration) (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at the destination")
     p.add_argument("--skip-existing", action="store_true",
                    help="do nothing when the dataset already exists (a demo recording with other options is recorded "
@@ -48,20 +49,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
     if a.overwrite and a.skip_existing:
         p.error("--overwrite and --skip-existing exclude each other")
     cfg = DemoConfig(repo_id=a.repo_id, root=a.root, episodes=a.episodes, seed=a.seed, max_steps=a.max_steps,
-                     image_storage=a.image_storage, image_size=a.image_size, overwrite=a.overwrite)
+                     image_storage=a.image_storage, image_size=a.image_size, expert=a.expert,
+                     overwrite=a.overwrite)
     return cfg, a.skip_existing
 
 
 def same_recording(root: Path, cfg: DemoConfig) -> bool | None:
-    """Whether the recording at `root` is the one `cfg` asks for (episodes, seed, episode limit, image size); None
+    """Whether the recording at `root` is the one `cfg` asks for (episodes, seed, episode limit, image size, expert); None
     when it has no recording sidecar (recorded before it existed, or not by this command)."""
     path = root / RECORDING_FILE
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
     wanted = [recording_reset_seed(cfg.seed, e) for e in range(cfg.episodes)]
-    return (rec.get("reset_seeds"), rec.get("max_steps"), rec.get("image_size")) == (wanted, cfg.max_steps,
-                                                                                     cfg.image_size)
+    got = (rec.get("reset_seeds"), rec.get("max_steps"), rec.get("image_size"), rec.get("expert", "planner"))
+    return got == (wanted, cfg.max_steps, cfg.image_size, cfg.expert)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"demo dataset {cfg.repo_id} at {root} was recorded with other options; recording it again")
         cfg = dataclasses.replace(cfg, overwrite=True)
+    log = log_file("make_demo_dataset", root)
     try:
-        summary = record_demo_dataset(cfg)
+        with library_output_to(log):  # lerobot's video encoder (ffmpeg) logs a line per episode
+            summary = record_demo_dataset(cfg)
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.text())
+    print(f"  library logs: {log}")
     return 0
 
 

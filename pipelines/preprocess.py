@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from ki_data.console import library_output_to, log_file
 from ki_data.images import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS
 from ki_data.lerobot_source import DatasetFormatError, DatasetNotFoundError
 from ki_data.preprocess import (
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-vocab-size", type=int, default=1024, help="vocabulary of the fitted FAST tokenizer" + d)
     p.add_argument("--fast-scale", type=float, default=10.0, help="FAST DCT coefficient scale" + d)
     p.add_argument("--cameras", nargs="+", help="camera names or feature keys to keep, in order (default: all)")
+    p.add_argument("--state-keys", default="observation.state",
+                   help="LeRobot features concatenated into the model's state, comma-separated, e.g. "
+                        "observation.state,observation.environment_state" + d)
+    p.add_argument("--delta-actions", default=None, metavar="MASK",
+                   help="action dimensions stored relative to the state: openpi's counts (6,-1,6,-1: six relative, "
+                        "one absolute, ...) or action feature names (x,y); each against the state dimension of the "
+                        "same name, else the same index (default: all absolute)")
     p.add_argument("--episodes", nargs="+", help="episodes to use: 3, 0-9 (inclusive), 0:10 (default: all)")
     p.add_argument("--workers", type=int, default=0,
                    help="pass-2 tasks run at once: local processes (0: one per CPU core), Ray tasks or Slurm array "
@@ -119,6 +127,8 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         fast_vocab_size=args.fast_vocab_size,
         fast_scale=args.fast_scale,
         cameras=tuple(args.cameras) if args.cameras else None,
+        state_keys=tuple(k.strip() for k in args.state_keys.split(",") if k.strip()),
+        delta_actions=args.delta_actions,
         episodes=_episodes(args.episodes) if args.episodes else None,
         workers=args.workers,
         val_fraction=args.val_fraction,
@@ -148,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log = log_file("preprocess", cfg.output_dir)
     try:
-        result = write_slurm_preprocess(cfg) if cfg.executor.kind == "slurm" else run_preprocess(cfg)
+        # DataTrove's task logs, lerobot's and ffmpeg's messages go to the log; the bars and the summary stay here.
+        with library_output_to(log):
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+            result = write_slurm_preprocess(cfg) if cfg.executor.kind == "slurm" else run_preprocess(cfg)
     except (PreprocessError, DatasetNotFoundError, DatasetFormatError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -161,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(result.instructions())
         return 0
     print(result.summary_text())
+    print(f"  library logs: {log}")
     if args.show_rows:
         print(describe_rows(result.out_dir, args.show_rows))
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ki_data.demo_pusht import DEFAULT_REPO_ID
+from ki_sim.pusht import DEFAULT_REPO_ID
 
 
 def main(argv: list[str] | None = None) -> int:

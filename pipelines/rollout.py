@@ -1,5 +1,5 @@
 """Closed-loop evaluation of a checkpoint in gym-pusht, beside the scripted expert and hold-still:
-`python -m pipelines.rollout --checkpoint DIR [--episodes 20] [--seed S] [--replan K] [--output DIR]`."""
+`python -m pipelines.rollout --checkpoint DIR [--head flow|fast] [--episodes 20] [--seed S] [--replan K] [--output DIR]`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import argparse
 import sys
 
 from ki_model.checkpoint import CheckpointError
-from ki_model.rollout import RolloutConfig, RolloutError, format_table, run_rollout
+from ki_sim.rollout import RolloutConfig, RolloutError, format_table, run_rollout
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.rollout", description=__doc__.split(":")[0])
     p.add_argument("--checkpoint", required=True, help="training checkpoint directory (pipelines.train --checkpoint-dir)")
+    p.add_argument("--head", choices=("flow", "fast"), default="flow",
+                   help="the policy's head: flow (the action expert) or fast (the backbone alone, greedy constrained "
+                        "FAST decoding, π0-FAST style) (default: %(default)s)")
     p.add_argument("--episodes", type=int, default=20, help="initial states, never the recording's (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="picks the initial states and the flow noise")
     p.add_argument("--replan", type=int, default=None,
@@ -25,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU: compile without XLA backend optimisation (quicker start, slower inference)")
     a = p.parse_args(argv)
     cfg = RolloutConfig(episodes=a.episodes, seed=a.seed, replan=a.replan, max_steps=a.max_steps,
-                        video_episodes=a.video_episodes)
-    output = a.output or f"{a.checkpoint.rstrip('/')}/rollout"
+                        video_episodes=a.video_episodes, head=a.head)
+    output = a.output or f"{a.checkpoint.rstrip('/')}/rollout" + ("" if a.head == "flow" else f"_{a.head}")
     try:
         r = run_rollout(a.checkpoint, output, cfg, fast_compile=a.fast_compile)
     except (RolloutError, CheckpointError, ValueError) as e:

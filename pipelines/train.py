@@ -59,13 +59,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     ablation.add_argument("--insulation", choices=("on", "off"), default="on",
                           help="off: the flow gradient reaches the backbone and vision encoder (π0/π0.5 without KI)")
     ablation.add_argument("--fast-loss-weight", type=float, default=1.0,
-                          help="λ in flow + λ·FAST; 0 = flow only (FAST tokens not fed, no FAST loss)")
+                          help="λ in μ·flow + λ·FAST; 0 = flow only (FAST tokens not fed, no FAST loss)")
+    ablation.add_argument("--flow-loss-weight", type=float, default=1.0,
+                          help="μ in μ·flow + λ·FAST; 0 = FAST only, the action expert does not run (the KI recipe's "
+                               "stage 1: a π0-FAST-style backbone for a later --init ki-backbone:DIR)")
     p.add_argument("--fast-compile", action="store_true",
                    help="CPU: compile the train step without XLA backend optimisation (~3x faster compile, ~2x slower steps)")
-    p.add_argument("--init", metavar="{paligemma,openpi}:PATH",
+    p.add_argument("--init", metavar="{paligemma,openpi,ki,ki-backbone}:PATH",
                    help="paligemma:PATH starts the vision encoder and backbone from a Hugging Face PaliGemma directory; "
                    "openpi:PATH the whole model, architecture included, from an openpi pi0.5 checkpoint (the "
-                   "directory holding params/). The shards must use the checkpoint's text tokenizer (PaliGemma's)")
+                   "directory holding params/); the shards must use the checkpoint's text tokenizer (PaliGemma's). "
+                   "ki:DIR every weight of one of our training checkpoints; ki-backbone:DIR its vision encoder and "
+                   "backbone with a fresh action expert (same data and architecture)")
     dist = p.add_argument_group("multi-host (jax.distributed): run the same command on every host")
     dist.add_argument("--coordinator-address", help="host:port of process 0's coordinator")
     dist.add_argument("--num-processes", type=int, default=1)
@@ -122,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 def model_overrides(a: argparse.Namespace) -> dict:
     out = {"remat": a.remat_policy or a.remat, "flow_samples": a.flow_samples, "insulation": a.insulation == "on",
-           "fast_loss_weight": a.fast_loss_weight}
+           "fast_loss_weight": a.fast_loss_weight, "flow_loss_weight": a.flow_loss_weight}
     if a.vision_variant is not None:
         out["vision_variant"] = a.vision_variant
     if a.dtype is not None:

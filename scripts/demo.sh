@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole demo on a fresh machine: set up .venv, record the demo pusht dataset with the simulator, preprocess it
-# into token shards, train the tiny pi0.5 model from scratch, evaluate it open loop and in closed loop.
+# The whole demo on a fresh machine: set up .venv, record the pusht demo dataset with the simulator, preprocess it
+# into token shards, train the tiny pi0.5 model with the KI recipe (stage 1: the backbone learns FAST tokens alone;
+# stage 2: a fresh action expert learns the flow with insulation on), evaluate it open loop and in closed loop with
+# both heads. Library logs go to runs/demo/logs/; the terminal keeps one progress bar per stage and the summaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
@@ -8,27 +10,39 @@ export HF_HUB_OFFLINE=1 SDL_VIDEODRIVER=dummy
 export HF_LEROBOT_HOME="${HF_LEROBOT_HOME:-$PWD/runs/lerobot}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cache}"
 py=.venv/bin/python
-repo_id=ki/pusht_demo
+repo_id=ki/pusht_line
 out=runs/demo
-steps="${DEMO_STEPS:-4000}"
+seed="${DEMO_SEED:-0}"
+stage1="${DEMO_STAGE1_STEPS:-1500}"
+stage2="${DEMO_STEPS:-2500}"
+mkdir -p "$out/logs"
+export KI_LOG_DIR="$PWD/$out/logs"
 
-$py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISODES:-100}" --seed 0 --skip-existing
-# Small images and a 16-step horizon keep the CPU demo to minutes; the defaults are 224 px and 50. From scratch the
-# demo writes PNG and the `fast` prompt layout: on this data both trained better than the defaults (JPEG, `pi05`), which
-# exist for pretrained π0.5 checkpoints (README, "Training from scratch").
+# The line expert pushes the block's center straight to the goal, circling the block counter-clockwise: what it does
+# is a function of what the policy observes (README, "The demo task").
+$py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISODES:-100}" --seed 0 --expert line \
+  --skip-existing
+# The block's pose joins the state; the agent's x, y actions are stored relative to its position (delta actions).
+# Small images and a 16-step horizon keep the CPU demo to minutes (defaults: 224 px, 50 steps).
 $py -m pipelines.preprocess "$repo_id" --output "$out/shards" --image-size 64 --action-horizon 16 \
-  --max-token-len 64 --max-text-len 40 --prompt-layout fast --image-format png --workers 2 --show-rows 2 --overwrite
-# Trained from scratch, so (README, "Training from scratch"): no insulation (there is no pretrained knowledge to
-# protect, and an insulated expert cannot read a from-scratch prefix), number-aware state-token embeddings, and 8-px
-# patches (the 64-px image as 8x8 tokens).
-$py -m pipelines.train --shards "$out/shards" --checkpoint-dir "$out/checkpoint" --config tiny \
-  --steps "$steps" --decay-steps "$steps" --batch-size 32 --log-every 100 --save-every 1000 --eval-every 500 \
-  --insulation off --number-embeddings --vision-variant siglip_tiny_p8 --overwrite
+  --max-token-len 64 --max-text-len 40 --prompt-layout fast --image-format png --workers 2 --show-rows 1 --overwrite \
+  --state-keys observation.state,observation.environment_state --delta-actions x,y
+common=(--shards "$out/shards" --config tiny --batch-size 32 --log-every 100 --eval-every 500 --seed "$seed"
+        --vision-variant siglip_tiny_p8 --overwrite)
+# Stage 1: vision + backbone learn the FAST tokens alone (no action expert runs): a pi0-FAST-style policy.
+$py -m pipelines.train "${common[@]}" --checkpoint-dir "$out/stage1" --steps "$stage1" --decay-steps "$stage1" \
+  --save-every "$stage1" --flow-loss-weight 0 --number-embeddings
+# Stage 2: from stage 1's vision and backbone, a fresh action expert; insulation on (the default).
+$py -m pipelines.train "${common[@]}" --checkpoint-dir "$out/checkpoint" --steps "$stage2" --decay-steps "$stage2" \
+  --save-every "$stage2" --init "ki-backbone:$out/stage1"
 $py -m pipelines.evaluate --checkpoint "$out/checkpoint" --shards "$out/shards" --output "$out/eval" \
-  --batches 10 --batch-size 32 --shuffle
-$py -m pipelines.rollout --checkpoint "$out/checkpoint" --episodes 20 --output "$out/rollout"
+  --batches 10 --batch-size 32 --shuffle --flow-samples 8
+$py -m pipelines.rollout --checkpoint "$out/checkpoint" --episodes 20 --output "$out/rollout" --head flow
+$py -m pipelines.rollout --checkpoint "$out/checkpoint" --episodes 20 --output "$out/rollout_fast" --head fast \
+  --video-episodes 0
 echo
 echo "shards:      $out/shards"
-echo "checkpoint:  $out/checkpoint (metrics.jsonl inside)"
+echo "checkpoints: $out/stage1 (FAST only), $out/checkpoint (KI; metrics.jsonl inside)"
 echo "eval:        $out/eval/eval_report.json, eval_plot.png"
-echo "closed loop: $out/rollout/rollout_report.json, rollout_plot.png, rollout.gif"
+echo "closed loop: $out/rollout/ (flow head: report, plot, GIF), $out/rollout_fast/ (FAST head)"
+echo "logs:        $out/logs/"

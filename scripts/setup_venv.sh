@@ -29,10 +29,13 @@ fi
 stamp=.venv/.ki-install-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "installing ki and its dependencies into .venv (first time: a few minutes, torch is large)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
-  # openpi's client, unmodified, for tests/test_serve.py: without its numpy<2 pin (see pyproject.toml)
-  .venv/bin/python -m pip install -q --no-deps 'openpi-client==0.1.2'
+  log=.venv/install.log
+  echo "installing ki and its dependencies into .venv (first time: a few minutes, torch is large; pip's log: $log)"
+  {
+    .venv/bin/python -m pip install -q --upgrade pip &&
+    .venv/bin/python -m pip install -q -e '.[test]' &&
+    # openpi's client, unmodified, for tests/test_serve.py: without its numpy<2 pin (see pyproject.toml)
+    .venv/bin/python -m pip install -q --no-deps 'openpi-client==0.1.2'
+  } > "$log" 2>&1 || { tail -n 40 "$log" >&2; echo "error: the install failed (whole log: $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -24,6 +24,12 @@ def _positive_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+def raw_pass2_ok(p2: dict) -> bool:
+    """The pass-2 worker phase measured a worker: its own peak memory above its start, and CPU in the stages."""
+    st = p2["stage_cpu_ms_per_frame"]
+    return p2["peak_rss_mb_own"] >= p2["rss_at_start_mb"] > 0 and {"decode", "resize_encode", "write"} <= set(st)
+
+
 def test_benchmark_writes_every_figure_as_a_positive_number(demo_dataset, lerobot_home, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
@@ -42,10 +48,20 @@ def test_benchmark_writes_every_figure_as_a_positive_number(demo_dataset, lerobo
     records = figures_for(SETTINGS["smoke"])
     assert set(figures) | set(doc["not_measured"]) == {f.key for f in records}
     assert not set(figures) & set(doc["not_measured"])
-    signed = {f.key for f in records if f.signed}  # differences of timings: finite, any sign
+    floors = {f.key: f.floor for f in records if f.floor is not None}  # e.g. an extra cost: >= 0, never negative
     bad = {k: v for k, v in figures.items() if not _positive_number(v) and not (k == "resize_max_abs_diff" and v == 0)
-           and not (k in signed and isinstance(v, float) and math.isfinite(v))}
+           and not (k in floors and isinstance(v, float) and math.isfinite(v))}
     assert not bad, f"figures that are not positive numbers: {bad}"
+    assert all(figures[k] >= floor for k, floor in floors.items()), {k: figures[k] for k in floors}
+
+    # Every figure measured in rounds reports its spread: the figure is the median of its rounds, inside the
+    # interquartile range and the median's interval, with the number of rounds and whether they settled it.
+    spread = {f.key for f in records if f.spread is not None}
+    assert spread and set(doc["spread"]) == spread
+    for key, sp in doc["spread"].items():
+        assert sp["q1"] <= doc[key] <= sp["q3"] and sp["ci_low"] <= doc[key] <= sp["ci_high"], (key, sp)
+        assert sp["n"] >= 1 and sp["stop"] in ("settled", "max_repeats", "max_seconds", "frames")
+    assert raw_pass2_ok(doc["raw"]["pass2_worker"])
     assert doc["targets"] == TARGETS
     met = {k: figures[k] >= v if doc["directions"][k] == ">=" else figures[k] <= v
            for k, v in TARGETS.items() if k in figures}

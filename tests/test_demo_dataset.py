@@ -1,4 +1,5 @@
-"""The demo dataset: gym-pusht + scripted policy, written as a LeRobot v3.0 dataset like lerobot/pusht."""
+"""The demo dataset: gym-pusht + a scripted expert, written as a LeRobot v3.0 dataset like lerobot/pusht (plus the
+block's pose as observation.environment_state)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ki_data.demo_pusht import PUSHT_TASK, DemoConfig, make_env, record_demo_dataset, run_episode
 from ki_data.lerobot_source import EpisodeReader, open_lerobot_dataset
+from ki_sim import pusht
+from ki_sim.experts import LinePusher
+from ki_sim.pusht import PUSHT_TASK, evaluation_reset_seed, make_env
+from ki_sim.record import DemoConfig, record_demo_dataset, run_episode
 from pipelines import make_demo_dataset as cli
 
 
@@ -25,13 +29,47 @@ def _frames(repo_id: str, root: Path) -> list[np.ndarray]:
     return [f for e in spec.episodes for f in reader.iter_frames(e.index, "observation.image")]
 
 
-def test_the_scripted_policy_pushes_the_block_toward_the_target():
+def test_the_contact_planner_pushes_the_block_toward_the_target():
     env = make_env(max_steps=150)
-    records = [run_episode(env, seed=s, policy_seed=(0, s), max_steps=150) for s in (2, 3, 5)]
+    records = [run_episode(env, seed=s, policy_seed=(0, s), max_steps=150, expert="planner") for s in (2, 3, 5)]
     start = np.mean([r.start_coverage for r in records])
     final = np.mean([r.final_coverage for r in records])
     assert final > start + 0.3, (start, final)
     assert all(r.final_distance < r.start_distance for r in records)
+
+
+def test_the_line_expert_brings_the_block_to_the_goal_on_unseen_states():
+    env = make_env(max_steps=150)
+    records = [run_episode(env, seed=evaluation_reset_seed(0, e), policy_seed=(1, 0, e), max_steps=150)
+               for e in range(4)]
+    closed = [1 - r.final_distance / r.start_distance for r in records]
+    assert np.mean(closed) > 0.7, closed
+
+
+def test_the_line_expert_is_a_function_of_the_observation():
+    # Without noise it answers the same observation (agent position, block pose) the same way, whatever came before.
+    env = make_env(max_steps=30)
+    env.reset(seed=evaluation_reset_seed(0, 1))
+    first = LinePusher(np.random.default_rng(0), noise=0.0)
+    for _ in range(7):
+        env.step(first.act(env).astype(np.float32))
+    fresh = LinePusher(np.random.default_rng(1), noise=0.0)
+    np.testing.assert_array_equal(first.act(env), fresh.act(env))
+
+
+def test_our_coverage_and_block_pose_match_the_simulator():
+    env = make_env(max_steps=20)
+    obs, _ = env.reset(seed=evaluation_reset_seed(0, 3))
+    expert = LinePusher(np.random.default_rng(0))
+    for _ in range(15):
+        obs, _, _, _, info = env.step(expert.act(env).astype(np.float32))
+        assert pusht.coverage(env) == pytest.approx(info["coverage"], abs=1e-9)
+        u = env.unwrapped
+        x, y, s, c = pusht.environment_state(env)
+        assert (s, c) == pytest.approx((np.sin(u.block.angle), np.cos(u.block.angle)), abs=1e-6)
+        # the center of mass in the world is the body position plus the rotated (0, 45) offset
+        want = np.array(u.block.position) + 45.0 * np.array([-np.sin(u.block.angle), np.cos(u.block.angle)])
+        assert (x, y) == pytest.approx(tuple(want), abs=1e-3)
 
 
 def test_recording_is_a_lerobot_pusht_dataset_and_deterministic(tmp_path):
@@ -47,6 +85,7 @@ def test_recording_is_a_lerobot_pusht_dataset_and_deterministic(tmp_path):
     feats = info["features"]
     assert feats["observation.image"]["dtype"] == "video" and feats["observation.image"]["shape"] == [96, 96, 3]
     assert feats["observation.state"]["shape"] == [2] and feats["action"]["shape"] == [2]
+    assert feats["observation.environment_state"]["names"] == ["block_x", "block_y", "block_sin", "block_cos"]
     spec = open_lerobot_dataset("tests/pusht_a", tmp_path / "a")
     assert list(spec.tasks.values()) == [PUSHT_TASK]
 
@@ -91,7 +130,7 @@ def test_demo_shards_fixture_is_ready_for_the_tiny_model(demo_shards):
 
 
 def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys):
-    from ki_data.demo_pusht import RECORDING_FILE, recording_reset_seed
+    from ki_sim.pusht import RECORDING_FILE, recording_reset_seed
 
     root = tmp_path / "side"
     argv = ["--repo-id", "tests/pusht_side", "--root", str(root), "--episodes", "1", "--max-steps", "4", "--seed", "3",
@@ -99,6 +138,7 @@ def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys
     assert cli.main(argv) == 0
     sidecar = json.loads((root / RECORDING_FILE).read_text())
     assert sidecar["reset_seeds"] == [recording_reset_seed(3, 0)] and sidecar["max_steps"] == 4
+    assert sidecar["expert"] == "line"
     capsys.readouterr()
     assert cli.main([*argv, "--skip-existing"]) == 0
     assert "skipping" in capsys.readouterr().out

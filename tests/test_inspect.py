@@ -15,6 +15,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from ki_data import FastDecodeError
 from ki_data import inspect as ki_inspect
 from ki_data import inspect_plots, inspect_render
 from ki_data.normalize import unnormalize
@@ -131,6 +132,14 @@ def test_row_check_passes_a_real_row_and_names_corruptions(shards, known):
     tokens[fast_pos[0]] = tokens[fast_pos[-1]]
     problems = ki_inspect.row_problems(shards, dataclasses.replace(known, tokenized_prompt=tokens))
     assert any("tokenized_prompt differs from the prompt builder" in p for p in problems)
+
+    # A text id among the FAST ids: the postfix grammar breaks, and the reading (the route evaluation uses) says so.
+    tokens = known.tokenized_prompt.copy()
+    tokens[fast_pos[1]] = known.tokenized_prompt[0]
+    broken = dataclasses.replace(known, tokenized_prompt=tokens)
+    with pytest.raises(FastDecodeError, match="break the postfix grammar"):
+        ki_inspect.decode_fast_postfix(shards, broken)
+    assert any(p.startswith("FAST postfix does not decode: the tokens break") for p in ki_inspect.row_problems(shards, broken))
 
     text = known.text_prompt.copy()
     text[1] = (text[1] + 1) % shards.prompt.text.vocab_size

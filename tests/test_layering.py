@@ -60,3 +60,14 @@ def test_nothing_below_the_benchmark_imports_it():
         for pkg in ("ki_data", "ki_model") for p in sorted((REPO / pkg).rglob("*.py"))
     }
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_simulator_harness_stays_outside_the_core():
+    # ki_sim drives gym-pusht with the core packages; ki_data and ki_model never import it nor the simulator.
+    sim = ("ki_sim", "gym_pusht", "gymnasium", "pymunk", "pygame")
+    offenders = {
+        str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p) if m.split(".")[0] in sim)
+        for pkg in ("ki_data", "ki_model") for p in sorted((REPO / pkg).rglob("*.py"))
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+    assert any(m.startswith("ki_model") for m in _imported_modules(REPO / "ki_sim" / "rollout.py"))

@@ -190,12 +190,15 @@ def test_patch_embedding_is_a_strided_convolution():
 # -------------------------------------------------------------------------------------- FAST grammar
 
 
+def _grammar(coefficients=(1, 2, 3, 1)):
+    from ki_data.prompt import PostfixGrammar
+
+    return PostfixGrammar((5, 6), (7, 1), np.array(coefficients), fast_id_top=19, vocab_size=20)
+
+
 def _spec() -> FastDecodeSpec:
     # Model vocab 20; FAST ids 0..3 at model ids 19, 18, 17, 16 expanding to 1, 2, 3, 1 coefficients.
-    return FastDecodeSpec.create(
-        action_prefix_ids=[5, 6], end_ids=[7, 1], fast_token_num_coefficients=[1, 2, 3, 1],
-        vocab_size=20, skip_tokens=0, horizon=2, action_dim=3,
-    )
+    return FastDecodeSpec.from_grammar(_grammar(), horizon=2, dim=3)
 
 
 def _run_grammar(spec, tokens):
@@ -220,12 +223,9 @@ def _run_grammar(spec, tokens):
 def test_grammar_state_machine_agrees_with_the_parser(tokens, ok):
     """The jax state machine of constrained decoding and ki_data's postfix parser (what turns tokens into actions)
     accept the same sequences."""
-    from ki_data.prompt import PostfixGrammar
-
-    spec = _spec()
+    spec, grammar = _spec(), _grammar()
     assert _run_grammar(spec, tokens) == ok
-    grammar = PostfixGrammar((5, 6), (7, 1), np.array([1, 2, 3, 1]), fast_id_top=19, vocab_size=20)
-    assert FastDecodeSpec.from_grammar(grammar, 2, 3).coeffs_per_model_id.tolist() == spec.coeffs_per_model_id.tolist()
+    assert spec.coeffs_per_model_id.tolist() == [0] * 16 + [1, 3, 2, 1]  # the grammar's table, by model id
     fast = grammar.fast_ids(tokens + [0, 0])
     parsed = fast is not None and sum(grammar.fast_coefficients[f] for f in fast) == spec.total_coefficients
     assert parsed == ok
@@ -242,14 +242,10 @@ def test_allowed_tokens_keep_the_count_reachable():
     assert np.flatnonzero(np.asarray(decoding.allowed_tokens(spec, state)[0])).tolist() == [7]
 
 
-def test_fast_spec_rejects_ambiguous_grammars():
-    kw = dict(vocab_size=20, skip_tokens=0, horizon=2, action_dim=3)
-    with pytest.raises(FastSpecError, match="also FAST ids"):
-        FastDecodeSpec.create(action_prefix_ids=[19], end_ids=[1], fast_token_num_coefficients=[1, 2], **kw)
+def test_fast_spec_rejects_a_grammar_it_could_get_stuck_in():
+    # (Ambiguous or out-of-vocabulary grammars cannot be built at all: tests/test_prompt.py.)
     with pytest.raises(FastSpecError, match="exactly one coefficient"):
-        FastDecodeSpec.create(action_prefix_ids=[5], end_ids=[1], fast_token_num_coefficients=[2, 3], **kw)
-    with pytest.raises(FastSpecError, match="do not fit"):
-        FastDecodeSpec.create(action_prefix_ids=[5], end_ids=[1], fast_token_num_coefficients=[1] * 30, **kw)
+        FastDecodeSpec.from_grammar(_grammar((2, 3)), horizon=2, dim=3)
 
 
 # ---------------------------------------------------------------------------------------- losses

@@ -101,8 +101,28 @@ def test_decoding_rows_back_into_actions(toks, layout):
     with pytest.raises(FastDecodeError, match="grammar"):
         b.postfix_actions(broken, H, D)
     grammar = b.grammar()
-    assert grammar.start_ids == b.start_ids and grammar.end_ids == b.end_ids and grammar.fast_id_top == b.fast_id_top
+    assert grammar.start_ids == b.start_ids and grammar.end_ids == b.end_ids
     np.testing.assert_array_equal(grammar.fast_coefficients, fast.token_num_coefficients)
+    # The one route: the reading carries the FAST ids (also those before the break) and says why there is no chunk.
+    good, bad, few = (b.read_postfix(r, H, D) for r in (padded, broken, short))
+    assert good.error is None and good.fast_ids == fast.encode(chunk)
+    np.testing.assert_array_equal(good.actions, fast.decode(good.fast_ids, H, D))
+    assert bad.actions is None and "grammar" in bad.error and bad.fast_ids == good.fast_ids[:1]
+    assert few.actions is None and few.fast_ids == good.fast_ids[1:] and "coefficients" in few.error
+
+
+def test_the_fast_id_table(toks):
+    """The grammar's table, by model id, is what FastDecodeSpec takes: each FAST id's coefficient count at model id
+    vocab_size - 1 - skip_tokens - FAST id, zero elsewhere."""
+    _, fast, _ = toks
+    b = builder(toks, vocab_size=1000, skip_tokens=7)
+    table = b.grammar().coefficients_per_model_id
+    assert table.shape == (1000,) and not table.flags.writeable
+    f = np.arange(fast.vocab_size)
+    np.testing.assert_array_equal(table[999 - 7 - f], fast.token_num_coefficients)
+    assert table.sum() == sum(fast.token_num_coefficients)
+    assert (b.fast_to_model(f) == 999 - 7 - f).all() and b.is_fast(999 - 7 - f).all()
+    assert not b.is_fast(np.array([999 - 6, 999 - 7 - fast.vocab_size])).any()
 
 
 def test_padding_and_masks(toks):
@@ -137,8 +157,28 @@ def test_over_length_raises(toks):
 
 
 def test_vocab_too_small_for_fast_ids(toks):
-    with pytest.raises(ValueError, match="do not fit below model id"):
-        builder(toks, vocab_size=10, skip_tokens=0)
+    with pytest.raises(ValueError, match=r"256 FAST ids do not fit below model id 99: .* -156\.\.99"):
+        builder(toks, vocab_size=1000, skip_tokens=900)
+    # A negative skip would put FAST id 0 past the vocabulary's end.
+    with pytest.raises(ValueError, match=r"do not fit below model id 1000: .* \[0, vocab_size 1000\)"):
+        builder(toks, vocab_size=1000, skip_tokens=-1)
+    with pytest.raises(ValueError, match="text tokenizer's 500 ids do not fit in vocab_size 499"):
+        builder(toks, vocab_size=499, skip_tokens=0)
+
+
+def test_grammar_ids_are_checked():
+    """A grammar whose end/start ids are also FAST ids, or lie outside the vocabulary, cannot be built."""
+    from ki_data.prompt import PostfixGrammar
+
+    coeffs = np.array([1, 2])
+    with pytest.raises(ValueError, match=r"grammar ids \[19\] are also FAST ids"):
+        PostfixGrammar((19,), (1,), coeffs, fast_id_top=19, vocab_size=20)
+    with pytest.raises(ValueError, match="end_ids .* outside the vocabulary"):
+        PostfixGrammar((), (1, 20), coeffs, fast_id_top=19, vocab_size=20)
+    with pytest.raises(ValueError, match="end_ids is empty"):
+        PostfixGrammar((), (), coeffs, fast_id_top=19, vocab_size=20)
+    with pytest.raises(ValueError, match="do not fit"):
+        PostfixGrammar((), (1,), np.ones(30, int), fast_id_top=19, vocab_size=20)
 
 
 def test_clipped_coefficients_are_counted_not_hidden(toks):
@@ -167,7 +207,8 @@ def test_state_bins_clipped_at_and_beyond_the_ends():
         assert "-1" not in prefix_text("t", np.array([-2.0, -1.0]), layout)
     with pytest.raises(ValueError, match="non-finite"):
         discretize_state(np.array([0.0, np.nan]))
-    with pytest.raises(ValueError, match="1-D"):
+    # A ValueError naming the shape; under the tests' run-time shape checks, the checker's TypeError naming `state`.
+    with pytest.raises((ValueError, TypeError), match="1-D|parameter 'state'"):
         discretize_state(np.zeros((2, 2)))
 
 

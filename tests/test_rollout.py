@@ -1,4 +1,4 @@
-"""ki_model.rollout / pipelines.rollout: the policy, the scripted expert and hold-still in gym-pusht from unseen
+"""ki_sim.rollout / pipelines.rollout: the policy, the scripted expert and hold-still in gym-pusht from unseen
 initial states."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ki_data import demo_pusht
-from ki_model.rollout import CONTROLLERS, PolicyController, RolloutError, check_disjoint
+from ki_sim import pusht as demo_pusht
+from ki_sim.rollout import CONTROLLERS, PolicyController, RolloutError, check_disjoint
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def test_rollout_writes_report_plot_and_video(rollout):
             assert 1 <= e["steps"] <= 40 and len(e["coverage"]) == e["steps"]
             assert e["max_coverage"] == max([e["initial_coverage"], *e["coverage"]])
             assert e["final_coverage"] == e["coverage"][-1]
+            assert e["distance_closed"] == pytest.approx(1 - e["final_distance"] / e["initial_distance"])
         assert r["mean_max_coverage"] == pytest.approx(np.mean([e["max_coverage"] for e in r["episodes"]]))
     # Every controller starts from the same two initial states.
     starts = {name: [e["initial_coverage"] for e in report[name]["episodes"]] for name in CONTROLLERS}
@@ -59,6 +60,8 @@ def test_the_expert_is_the_yardstick(rollout):
     # Holding still never moves the block.
     for e in hold["episodes"]:
         assert e["max_coverage"] == e["final_coverage"] == e["initial_coverage"]
+        assert e["distance_closed"] == pytest.approx(0.0, abs=1e-6)
+    assert expert["mean_distance_closed"] > 0.05 and report["setup"]["expert"] == "line"
 
 
 def test_initial_states_are_unseen(rollout, demo_dataset):
@@ -97,7 +100,7 @@ def test_the_policy_sees_what_the_recording_stored(trained_checkpoint, demo_shar
     env = demo_pusht.make_env(96, max_steps=5)
     try:
         obs, _ = env.reset(seed=demo_pusht.recording_reset_seed(0, episode))
-        cols = policy.prepare_columns(controller.frame(obs))
+        cols = policy.prepare_columns(controller.frame(env, obs))
     finally:
         env.close()
     for key in ("text_prompt", "text_prompt_mask"):

@@ -1,29 +1,49 @@
 """openpi's websocket protocol out: `python -m pipelines.serve` as a subprocess, talked to with the unmodified
 `openpi-client` package, answers as `Policy.infer` does, refuses bad and malicious messages by name and keeps
-serving; `ki_model.serving`'s decoding refuses every unsafe array before numpy sees it."""
+serving; `ki_model.serving`'s decoding refuses every unsafe array before numpy sees it. With an API key it lets in
+only openpi clients made with `api_key=` that key, refuses the others at the handshake, and never logs the key."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
 import re
+import secrets
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
+import websockets.exceptions
 import websockets.sync.client
 from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.datastructures import Headers
+from websockets.http11 import Request
 
 from ki_data.manifest import Manifest
 from ki_model import Policy
-from ki_model.serving import RequestError, pack, unpack_request
+from ki_model.serving import (
+    ApiKeyError,
+    RequestError,
+    authorization_problem,
+    check_api_key,
+    exposure_warning,
+    pack,
+    read_api_key_file,
+    unpack_request,
+)
+from pipelines import serve as serve_cli
 
 # openpi-client 0.1.2 opens its connection without a context manager, which websockets 17 deprecates (it still works;
 # pyproject keeps websockets below 18).
@@ -38,11 +58,12 @@ class Server:
     """`python -m pipelines.serve` on a port the OS picks; its output is drained on a thread (a full pipe would
     block it) and kept for failure messages."""
 
-    def __init__(self, checkpoint: Path, *args: str):
+    def __init__(self, checkpoint: Path, *args: str, env: dict[str, str] | None = None):
+        inherited = {k: v for k, v in os.environ.items() if k != serve_cli.API_KEY_ENV}  # only the keys a test gives
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipelines.serve", "--checkpoint", str(checkpoint), "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-            env=dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu"),
+            env=inherited | {"HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"} | (env or {}),
         )
         self.lines: list[str] = []
         found: queue.Queue = queue.Queue()
@@ -59,8 +80,16 @@ class Server:
         assert got is not None, "server exited:\n" + "".join(self.lines[-40:])
         self.host, self.port = got
 
-    def client(self) -> WebsocketClientPolicy:
-        return WebsocketClientPolicy(self.host, self.port)
+    def client(self, api_key: str | None = None) -> WebsocketClientPolicy:
+        return WebsocketClientPolicy(self.host, self.port, api_key=api_key)
+
+    def log_once(self, complete: Callable[[str], bool], wait_s: float = 60) -> str:
+        """The server's output so far, once `complete(output)` holds (its lines arrive on a thread) or after
+        `wait_s`; the caller asserts on what it holds."""
+        deadline = time.monotonic() + wait_s
+        while not complete(log := "".join(self.lines)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return log
 
     def close(self) -> None:
         self.proc.terminate()
@@ -160,6 +189,160 @@ def test_malicious_messages_are_refused_unread_and_the_server_goes_on(server, fr
     with urllib.request.urlopen(f"http://{server.host}:{server.port}/healthz", timeout=30) as r:
         assert r.status == 200 and r.read() == b"OK\n"
     assert server.proc.poll() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API key
+
+KEY = secrets.token_urlsafe(24)
+DECOY = secrets.token_urlsafe(24)  # in $KI_API_KEY, which --api-key-file overrides
+
+
+@pytest.fixture(scope="module")
+def keyed_server(trained_checkpoint, tmp_path_factory):
+    """Served with --api-key-file (KEY) while $KI_API_KEY holds DECOY; at DEBUG, where websockets logs each
+    handshake's headers."""
+    key_file = tmp_path_factory.mktemp("key") / "api_key"
+    key_file.write_text(KEY + "\n")
+    s = Server(trained_checkpoint, "--api-key-file", str(key_file), "--log-level", "DEBUG",
+               env={serve_cli.API_KEY_ENV: DECOY})
+    yield s
+    s.close()
+
+
+def handshake_status(server: Server, headers: list[tuple[str, str]]) -> int:
+    """The HTTP status a websocket handshake with `headers` is answered with, when it is refused."""
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        websockets.sync.client.connect(f"ws://{server.host}:{server.port}", additional_headers=headers,
+                                       compression=None, open_timeout=60)
+    return refused.value.response.status_code
+
+
+def test_keyed_server_lets_in_only_openpi_clients_with_the_key(keyed_server, frames):
+    robot = keyed_server.client(api_key=KEY)  # connected throughout
+    assert robot.get_server_metadata()["state_dim"] == 2
+    assert robot.infer(frames[0])["actions"].shape == (10, 2)
+
+    # openpi-client without a key, with a wrong one, with $KI_API_KEY's (the file wins), with near misses: the
+    # handshake is answered 401, so the client never gets a connection to send on.
+    for api_key in (None, "wrong", DECOY, KEY + "x", KEY[:-1]):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            keyed_server.client(api_key=api_key)
+        assert refused.value.response.status_code == 401, api_key
+        assert refused.value.response.headers["WWW-Authenticate"] == "Api-Key"
+    # The right key in the wrong shape is refused too; the scheme's case is free (RFC 9110 §11.1).
+    assert handshake_status(keyed_server, [("Authorization", f"Bearer {KEY}")]) == 401
+    assert handshake_status(keyed_server, [("Authorization", KEY)]) == 401
+    assert handshake_status(keyed_server, [("Authorization", f"Api-Key {KEY}")] * 2) == 401
+    with websockets.sync.client.connect(f"ws://{keyed_server.host}:{keyed_server.port}", compression=None,
+                                        additional_headers=[("Authorization", f"api-key  {KEY}")]) as ws:
+        assert msgpack_numpy.unpackb(ws.recv())["state_dim"] == 2
+
+    # Eight strangers at once while the robot is served, then a robot that connects afterwards.
+    with ThreadPoolExecutor(8) as pool:
+        strangers = [pool.submit(handshake_status, keyed_server, [("Authorization", f"Api-Key guess{i}")])
+                     for i in range(8)]
+        answer = robot.infer(frames[1])
+        assert [f.result(timeout=120) for f in strangers] == [401] * 8
+    assert answer["actions"].shape == (10, 2)
+    assert keyed_server.client(api_key=KEY).infer(frames[2])["actions"].shape == (10, 2)
+    with urllib.request.urlopen(f"http://{keyed_server.host}:{keyed_server.port}/healthz", timeout=30) as r:
+        assert r.status == 200  # health probes carry no key; the answer reveals nothing
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(f"http://{keyed_server.host}:{keyed_server.port}/", timeout=30)
+    assert keyed_server.proc.poll() is None
+
+    # The log: each refusal with the peer and its reason; websockets' DEBUG header dump ran, the key hidden in it;
+    # neither the key, nor $KI_API_KEY's, nor a near miss anywhere.
+    reasons = ["no Authorization header", "wrong API key", "the Authorization header is not 'Api-Key <key>'",
+               "2 Authorization headers"]
+    refusals = 5 + 3 + 8 + 1
+    log = keyed_server.log_once(lambda log: log.count("refused a connection") >= refusals)
+    assert "(API key required)" in log and "(KI_API_KEY is set too and ignored)" in log
+    for reason in reasons:
+        assert re.search(rf"WARNING ki_model.serving: refused a connection from 127\.0\.0\.1:\d+: {re.escape(reason)}",
+                         log), reason
+    assert log.count("refused a connection") == refusals
+    assert "Authorization: [hidden]" in log
+    for secret in (KEY, DECOY, KEY[:-1], "guess0"):
+        assert secret not in log
+
+
+def test_a_server_without_a_key_still_lets_in_clients_that_send_one(server, frames):
+    """A client configured with a key keeps working against a loopback server that needs none."""
+    assert server.client(api_key="unused").infer(frames[0])["actions"].shape == (10, 2)
+
+
+@pytest.mark.parametrize(
+    "content, error",
+    [(None, "No such file or directory"), ("", "is empty"), ("\n \n", "is empty"),
+     ("two\nlines\n", "one API key of printable ASCII"), ("with space", "one API key of printable ASCII"),
+     ("clé".encode(), "is not ASCII text"), ("dir", "Is a directory")],
+    ids=["missing", "empty", "blank", "two-lines", "space", "not-ascii", "directory"],
+)
+def test_an_unusable_key_file_is_one_clear_error_and_nothing_starts(tmp_path, monkeypatch, capsys, content, error):
+    key_file = tmp_path / "api_key"
+    if content == "dir":
+        key_file.mkdir()
+    elif isinstance(content, bytes):
+        key_file.write_bytes(content)
+    elif content is not None:
+        key_file.write_text(content)
+    monkeypatch.delenv(serve_cli.API_KEY_ENV, raising=False)
+    # The checkpoint does not exist either: an error about the key file (not the checkpoint) shows that the key is
+    # settled before anything loads.
+    code = serve_cli.main(["--checkpoint", str(tmp_path / "no_checkpoint"), "--port", "0",
+                           "--api-key-file", str(key_file)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and repr(str(key_file)) in err and error in err, err
+
+
+def test_an_empty_key_variable_is_an_error_and_the_key_file_wins_over_it(tmp_path):
+    key_file = tmp_path / "api_key"
+    key_file.write_text(f"  {KEY}\n")
+    assert serve_cli.api_key_from(str(key_file), {"KI_API_KEY": DECOY}) == (KEY, f"the file {str(key_file)!r}")
+    assert serve_cli.api_key_from(None, {"KI_API_KEY": DECOY}) == (DECOY, "$KI_API_KEY")
+    assert serve_cli.api_key_from(None, {}) == (None, None)
+    with pytest.raises(ApiKeyError, match="the environment variable KI_API_KEY is empty"):
+        serve_cli.api_key_from(None, {"KI_API_KEY": ""})
+    assert read_api_key_file(key_file) == KEY == check_api_key(f"{KEY}\r\n", "x")
+
+
+def test_binding_beyond_loopback_without_a_key_prints_a_warning(tmp_path, monkeypatch, capsys):
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "LocalHost", "::1"):
+        assert exposure_warning(host, 8000, None) is None, host
+    for host in ("0.0.0.0", "::", "", "192.168.1.20", "robot-lab.local"):
+        assert "without an API key" in exposure_warning(host, 8000, None), host
+        assert exposure_warning(host, 8000, KEY) is None
+
+    # The CLI prints it before loading the model (here a checkpoint that does not exist: nothing is bound).
+    monkeypatch.delenv(serve_cli.API_KEY_ENV, raising=False)
+    args = ["--checkpoint", str(tmp_path / "no_checkpoint"), "--host", "0.0.0.0", "--port", "8123"]
+    assert serve_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warning: serving on every interface without an API key: anyone who can reach port 8123 "
+                          "can drive the robot."), err
+    monkeypatch.setenv(serve_cli.API_KEY_ENV, KEY)
+    assert serve_cli.main(args) == 2
+    out, err = capsys.readouterr()
+    assert "warning" not in err and "clients must send the API key from $KI_API_KEY" in out and KEY not in out + err
+
+
+@pytest.mark.parametrize(
+    "headers, problem",
+    [([], "no Authorization header"), ([("Authorization", f"Api-Key {KEY}")], None),
+     ([("authorization", f"API-KEY {KEY} ")], None), ([("Authorization", f"Api-Key {KEY}x")], "wrong API key"),
+     ([("Authorization", "Api-Key ")], "wrong API key"), ([("Authorization", f"Basic {KEY}")], "is not 'Api-Key"),
+     ([("Authorization", f"Api-Key {KEY}"), ("Authorization", "Api-Key x")], "2 Authorization headers")],
+    ids=["none", "right", "case-and-spaces", "longer", "blank-key", "other-scheme", "two-headers"],
+)
+def test_authorization_problem_names_what_is_wrong_and_never_the_key(headers, problem):
+    got = authorization_problem(Request("/", Headers(headers)), hashlib.sha256(KEY.encode()).digest())
+    if problem is None:
+        assert got is None
+    else:
+        assert problem in got and KEY not in got, got
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ def _column_table(m: Manifest) -> str:
     rows = [
         ("episode_index, frame_index, index", "int64", "the source frame (LeRobot episode, frame in it, global index)"),
         ("task", "string", "the task text, as the dataset has it"),
-        *[(f"image.{c}", f"Image ({m.image_format.upper()})",
+        *[(schema.image_column(c), f"Image ({m.image_format.upper()})",
            f"camera `{m.camera_keys[c]}`, resized with padding to {m.image_size}x{m.image_size}") for c in m.cameras],
-        *[(f"image_mask.{c}", "bool", "the image is real") for c in m.cameras],
+        *[(schema.image_mask_column(c), "bool", "the image is real") for c in m.cameras],
         ("state", f"float32[{m.state_dim}]", f"`observation.state`, normalized ({m.norm_mode}, norm_stats.json)"),
         ("actions", f"float32[{H * D}]", f"the next {H} actions ([{H}, {D}] row-major), normalized; padded with the "
          "episode's last action"),

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from jaxtyping import Bool, Int
 
-from ki_data.lerobot_source import ACTION_KEY, STATE_KEY, DatasetSpec, EpisodeColumns
+from ki_data.lerobot_source import ACTION_KEY, DatasetSpec, EpisodeColumns
 from ki_data.preprocess.config import BadInputError
 
 # Row problems, in the order a row with several is counted.
@@ -72,12 +72,12 @@ def find_row_problems(cols: EpisodeColumns, spec: DatasetSpec, horizon: int) -> 
          if cols.task_index[r] >= 0 else "has no task (task_index is null)")
     bad = cols.state_lengths != spec.state_dim
     mark(STATE_DIM, bad, bad,
-         lambda r: f"{STATE_KEY} has {cols.state_lengths[r]} values but the metadata says {spec.state_dim}")
+         lambda r: f"{' + '.join(spec.state_keys)} has {cols.state_lengths[r]} values but the metadata says {spec.state_dim}")
     bad = cols.action_lengths != spec.action_dim
     mark(ACTION_DIM, _chunk_reach(bad, horizon), bad,
          lambda r: f"{ACTION_KEY} has {cols.action_lengths[r]} values but the metadata says {spec.action_dim}")
     bad = (cols.state_lengths == spec.state_dim) & ~np.isfinite(cols.state).all(axis=1)
-    mark(STATE_NONFINITE, bad, bad, lambda r: f"{STATE_KEY} is not finite: {cols.state[r].tolist()}")
+    mark(STATE_NONFINITE, bad, bad, lambda r: f"{' + '.join(spec.state_keys)} is not finite: {cols.state[r].tolist()}")
     bad = (cols.action_lengths == spec.action_dim) & ~np.isfinite(cols.actions).all(axis=1)
     mark(ACTION_NONFINITE, _chunk_reach(bad, horizon), bad,
          lambda r: f"{ACTION_KEY} is not finite: {cols.actions[r].tolist()}")

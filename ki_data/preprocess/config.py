@@ -57,6 +57,11 @@ class PreprocessConfig:
     fast_vocab_size: int = 1024
     fast_scale: float = 10.0
     cameras: tuple[str, ...] | None = None  # camera names or feature keys; default all
+    # LeRobot features concatenated into the model's state, in order (e.g. + observation.environment_state).
+    state_keys: tuple[str, ...] = ("observation.state",)
+    # Action dimensions stored relative to the state (ki_data.actions): openpi's counts "6,-1,6,-1" or action
+    # feature names "x,y"; None: all absolute.
+    delta_actions: str | None = None
     episodes: tuple[int, ...] | None = None  # default all
     workers: int = 1  # pass-2 tasks run at once; 0 = one per CPU core (local) or no limit (ray, slurm)
     val_fraction: float = 0.1
@@ -77,7 +82,7 @@ class PreprocessConfig:
         """The options as recorded in the manifest."""
         out = dataclasses.asdict(self)  # the executor as a nested dict
         out.pop("progress")
-        for k in ("cameras", "episodes"):
+        for k in ("cameras", "episodes", "state_keys"):
             out[k] = None if out[k] is None else list(out[k])
         return out
 
@@ -86,6 +91,7 @@ class PreprocessConfig:
             (self.action_horizon >= 1, f"action_horizon must be >= 1, got {self.action_horizon}"),
             (self.max_token_len >= 2, f"max_token_len must be >= 2, got {self.max_token_len}"),
             (self.max_text_len >= 2, f"max_text_len must be >= 2, got {self.max_text_len}"),
+            (len(self.state_keys) >= 1, "state_keys must name at least one feature"),
             (self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
             (self.image_format in IMAGE_FORMATS, f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format}"),
             (self.workers >= 0, f"workers must be >= 0 (0: one per CPU core), got {self.workers}"),

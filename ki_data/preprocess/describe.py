@@ -50,17 +50,19 @@ def describe_rows(out_dir: str | Path, n: int = 3) -> str:
     for r in range(min(n, len(cols[schema.INDEX]))):
         text_ids = cols[schema.TEXT_PROMPT][r][cols[schema.TEXT_PROMPT_MASK][r]]
         postfix = cols[schema.TOKENIZED_PROMPT][r][cols[schema.TOKEN_AR_MASK][r]]
-        decoded = art.prompt.postfix_actions(postfix, m.action_horizon, m.action_dim)
+        reading = art.prompt.read_postfix(postfix, m.action_horizon, m.action_dim)
         stored = cols[schema.ACTIONS][r]
         head = art.unnormalize_actions(stored[:3]).astype(np.float64)  # float64: prints short
+        check = (f"decoded chunk vs stored: max |diff| {np.abs(reading.actions - stored).max():.3f} in normalized "
+                 f"units" if reading.error is None else f"they do not decode: {reading.error}")
+        units = "" if m.delta_actions is None else ", relative to the state where --delta-actions said"
         lines += [
             f"- episode {cols[schema.EPISODE_INDEX][r]}, frame {cols[schema.FRAME_INDEX][r]} "
             f"(dataset index {cols[schema.INDEX][r]})",
             f"    task:        {cols[schema.TASK][r]}",
             f"    text prompt: {art.prompt.text.decode(text_ids.tolist())!r} ({len(text_ids)} tokens)",
-            f"    FAST tokens: {len(art.prompt.fast_ids_of_postfix(postfix))} (decoded chunk vs stored: max |diff| "
-            f"{np.abs(decoded - stored).max():.3f} in normalized units)",
+            f"    FAST tokens: {len(reading.fast_ids)} ({check})",
             f"    actions:     first {len(head)} of {m.action_horizon} steps {np.round(head, 2).tolist()}"
-            f" (pad steps {int(cols[schema.ACTION_IS_PAD][r].sum())})",
+            f" (pad steps {int(cols[schema.ACTION_IS_PAD][r].sum())}{units})",
         ]
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from datatrove.pipeline.base import PipelineStep
 
+from ki_data.console import terminal
 from ki_data.preprocess import resume
 from ki_data.preprocess.config import ExecutorConfig, PreprocessConfig, PreprocessError
 from ki_data.preprocess.pass2 import Pass2Context, ShardWorker
@@ -131,7 +132,7 @@ class ShardProgress:
 
         self.out, self.plans, self.counted = out, plans, set(done)
         self.bar = tqdm(total=sum(p.frames for p in plans), initial=sum(p.frames for p in plans if p.path in done),
-                        desc="pass 2/2 (frames)", unit="fr", disable=not enabled)
+                        desc="pass 2/2 (frames)", unit="fr", disable=not enabled, file=terminal())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 

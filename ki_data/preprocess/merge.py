@@ -101,6 +101,8 @@ def build_manifest(cfg: PreprocessConfig, job: JobPlan, ctx: Pass2Context, resul
         action_dim=layout.action_dim,
         state_names=job.spec.state_names,
         action_names=job.spec.action_names,
+        state_keys=job.spec.state_keys,
+        delta_actions=ctx.delta_actions,
         max_token_len=layout.max_token_len,
         max_text_len=layout.max_text_len,
         vocab_size=ctx.vocab_size,

@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from ki_data import schema
+from ki_data.console import terminal
 from ki_data.fast_tokenizer import FastTokenizer, dct_coefficients
 from ki_data.lerobot_source import DatasetSpec, EpisodeColumns, EpisodeReader
 from ki_data.normalize import NormStats, compute_stats, normalize, save_norm_stats
@@ -78,17 +79,36 @@ class FitChunkCollector:
         return np.concatenate(self.parts + extremes)
 
 
+def _relative_steps(kept: list[tuple[EpisodeColumns, np.ndarray]], horizon: int, delta: tuple[int, ...],
+                    limit: int = FAST_FIT_MAX_CHUNKS) -> Float[np.ndarray, "m d"]:
+    """The steps of the usable rows' relative chunks (pad steps excluded): what delta actions are normalized by, as
+    openpi computes its norm stats after the delta transform. Above `limit` chunks, an even subsample of them."""
+    total = int(sum(ok.sum() for _, ok in kept))
+    pick = _subsample(total, limit)
+    out, offset = [], 0
+    for cols, ok in kept:
+        rows = np.flatnonzero(ok)
+        lo, hi = np.searchsorted(pick, [offset, offset + len(rows)])
+        mine = rows[pick[lo:hi] - offset]
+        offset += len(rows)
+        if len(mine):
+            chunks, is_pad = action_chunks(np.nan_to_num(cols.actions), horizon, np.nan_to_num(cols.state), delta)
+            out.append(chunks[mine][~is_pad[mine]])
+    return np.concatenate(out)
+
+
 def run_pass1(
-    cfg: PreprocessConfig, spec: DatasetSpec, episodes: list[int], out: Path
+    cfg: PreprocessConfig, spec: DatasetSpec, episodes: list[int], out: Path, delta: tuple[int, ...] | None = None
 ) -> Pass1Result:
-    """Statistics and tokenizers from the tabular columns of every selected episode; writes them into `out`."""
+    """Statistics and tokenizers from the tabular columns of every selected episode; writes them into `out`. `delta`:
+    the parsed `--delta-actions` (ki_data.actions); statistics and the FAST fit are then over the relative chunks."""
     from tqdm import tqdm
 
     reader = EpisodeReader(spec)
     kept: list[tuple[EpisodeColumns, Bool[np.ndarray, " n"]]] = []
     rejected: collections.Counter = collections.Counter()
     frames = 0
-    for ep in tqdm(episodes, desc="pass 1/2 (tabular)", unit="ep", disable=not cfg.progress):
+    for ep in tqdm(episodes, desc="pass 1/2 (tabular)", unit="ep", disable=not cfg.progress, file=terminal()):
         cols = reader.read_episode(ep)
         frames += len(cols)
         problems = find_row_problems(cols, spec, cfg.action_horizon)
@@ -104,7 +124,10 @@ def run_pass1(
 
     # Statistics over every row whose own value is usable (a row may be dropped only for its chunk or task).
     states = np.concatenate([c.state[np.isfinite(c.state).all(1)] for c, _ in kept])
-    actions = np.concatenate([c.actions[np.isfinite(c.actions).all(1)] for c, _ in kept])
+    if delta is None:
+        actions = np.concatenate([c.actions[np.isfinite(c.actions).all(1)] for c, _ in kept])
+    else:
+        actions = _relative_steps(kept, cfg.action_horizon, delta)
     stats = {"state": compute_stats(states), "actions": compute_stats(actions)}
     save_norm_stats(out / schema.NORM_STATS_FILE, stats)
 
@@ -117,8 +140,8 @@ def run_pass1(
     for cols, ok in kept:
         if not ok.any():
             continue
-        norm_actions = normalize(np.nan_to_num(cols.actions), stats["actions"], cfg.norm_mode)
-        fit.add(action_chunks(norm_actions, cfg.action_horizon)[0][ok])
+        chunks = action_chunks(np.nan_to_num(cols.actions), cfg.action_horizon, np.nan_to_num(cols.state), delta)[0]
+        fit.add(normalize(chunks[ok], stats["actions"], cfg.norm_mode))
         rows = np.flatnonzero(ok)
         lo, hi = np.searchsorted(text_pick, [offset, offset + len(rows)])
         for r in rows[text_pick[lo:hi] - offset]:

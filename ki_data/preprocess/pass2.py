@@ -1,6 +1,7 @@
-"""Pass 2: planned shards written from their episodes. Per episode: the tabular columns read in bulk, each camera
-decoded once sequentially, chunks cut with numpy, prompts built, images resized/padded and encoded; per shard, the
-episodes' columns concatenated in plan order and written as one parquet file, atomically.
+"""Pass 2: planned shards written from their episodes. Per episode: the tabular columns read in bulk; each camera
+decoded once sequentially and its frames resized/padded and encoded in a pipeline of threads (ki_data.preprocess.
+pipeline), the cameras side by side, while this thread cuts the chunks with numpy and builds the prompts; per shard,
+the episodes' columns concatenated in plan order and written as one parquet file, atomically.
 
 A shard's bytes depend only on its plan and the pass-1 artifacts in the output directory, never on which process
 or machine writes it.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,13 @@ from jaxtyping import Bool, Float
 
 from ki_data import schema
 from ki_data.fast_tokenizer import FastTokenizer
-from ki_data.images import shard_image
 from ki_data.lerobot_source import DatasetSpec, EpisodeColumns, EpisodeReader
 from ki_data.manifest import ShardEntry
 from ki_data.normalize import load_norm_stats, normalize
 from ki_data.preprocess.checks import PROMPT_TOO_LONG, REASONS, bad_input, find_row_problems, raise_first_problem
 from ki_data.preprocess.chunks import action_chunks
 from ki_data.preprocess.config import BadInputError
+from ki_data.preprocess.pipeline import ImagePipeline, StageClock
 from ki_data.preprocess.plan import ShardPlan
 from ki_data.prompt import PromptBuilder, PromptTokens, PromptTooLongError
 from ki_data.shard_writer import write_parquet_atomic
@@ -49,6 +50,7 @@ class Pass2Context:
     vocab_size: int
     skip_tokens: int
     skip_bad_rows: bool
+    delta_actions: tuple[int, ...] | None  # ki_data.actions: the action dimensions stored relative to the state
     fingerprint: str  # of the inputs, options and pass-1 artifacts: what a finished shard's sidecar must match
 
 
@@ -97,7 +99,8 @@ class ShardWorker:
             vocab_size=ctx.vocab_size, skip_tokens=ctx.skip_tokens,
         )
         self.stats = load_norm_stats(ctx.out / schema.NORM_STATS_FILE)
-        self._pool = ThreadPoolExecutor(max(1, len(ctx.cameras)), thread_name_prefix="camera")
+        self.clock = StageClock()  # CPU seconds per stage, for the benchmark
+        self._images = ImagePipeline(len(ctx.cameras), ctx.image_size, ctx.image_format, clock=self.clock)
 
     def _prompts(self, cols: EpisodeColumns, ok: Bool[np.ndarray, " n"], state: Float[np.ndarray, "n s"],
                  chunks: Float[np.ndarray, "n h d"]) -> tuple[dict[int, PromptTokens], list[int]]:
@@ -115,39 +118,50 @@ class ShardWorker:
                 too_long.append(int(r))
         return prompts, too_long
 
-    def _images(self, cols: EpisodeColumns, camera_key: str, ok: Bool[np.ndarray, " n"]) -> list[bytes]:
-        """Every frame decoded in order (sequential video decode); kept rows resized, padded and encoded."""
-        images = []
-        for k, frame in enumerate(self.reader.iter_frames(cols.episode_index, camera_key, cols.timestamp)):
-            if ok[k]:
-                images.append(shard_image(frame, self.ctx.image_size, self.ctx.image_format))
-        if len(images) != int(ok.sum()):
+    def _check_frames(self, cols: EpisodeColumns, camera_key: str, frames: int) -> None:
+        if frames != len(cols.timestamp):
             raise BadInputError(
                 f"LeRobot dataset '{self.ctx.spec.repo_id}', episode {cols.episode_index}: camera {camera_key} "
-                f"has {len(images)} frames for {int(ok.sum())} rows"
+                f"has {frames} frames for {len(cols.timestamp)} rows"
             )
-        return images
 
     def episode_rows(self, ep: int) -> EpisodeRows:
         ctx, spec = self.ctx, self.ctx.spec
+        t0 = time.thread_time()
         cols = self.reader.read_episode(ep)
         problems = find_row_problems(cols, spec, ctx.horizon)
         if not ctx.skip_bad_rows:
             raise_first_problem(spec, cols, problems)
-        state = normalize(np.nan_to_num(cols.state), self.stats["state"], ctx.norm_mode)
-        actions = normalize(np.nan_to_num(cols.actions), self.stats["actions"], ctx.norm_mode)
-        chunks, is_pad = action_chunks(actions, ctx.horizon)
-        prompts, too_long = self._prompts(cols, problems.ok, state, chunks)
+        # The cameras start now, on their own threads (PyAV, OpenCV and libjpeg-turbo release the GIL); this thread
+        # builds the prompts meanwhile. Every row without a problem is encoded; a row dropped below for a too-long
+        # prompt (only with skip_bad_rows) has its images discarded.
+        images = {key: self._images.submit(self.reader.iter_frames(ep, key, cols.timestamp), problems.ok)
+                  for key in ctx.cameras.values()}
+        try:
+            raw_state = np.nan_to_num(cols.state)
+            state = normalize(raw_state, self.stats["state"], ctx.norm_mode)
+            chunks, is_pad = action_chunks(np.nan_to_num(cols.actions), ctx.horizon, raw_state, ctx.delta_actions)
+            chunks = normalize(chunks, self.stats["actions"], ctx.norm_mode)
+            self.clock.add("rows", time.thread_time() - t0)
+            t0 = time.thread_time()
+            prompts, too_long = self._prompts(cols, problems.ok, state, chunks)
+            self.clock.add("prompts", time.thread_time() - t0)
+        except BaseException:
+            for f in images.values():  # no thread may still read this episode when the error leaves
+                f.exception()
+            raise
+        t0 = time.thread_time()
         ok, codes = problems.ok.copy(), problems.codes.copy()
         ok[too_long] = False
         codes[too_long] = REASONS.index(PROMPT_TOO_LONG)
 
         rows = np.flatnonzero(ok)
+        encoded_rows = ok[problems.ok]  # which of the encoded images (rows without a problem) are kept
         out: dict[str, Any] = {}
-        # The cameras of an episode decode side by side: PyAV, OpenCV and libjpeg-turbo release the GIL.
-        encoded = self._pool.map(lambda key: self._images(cols, key, ok), ctx.cameras.values())
-        for name, images in zip(ctx.cameras, encoded, strict=True):
-            out[schema.image_column(name)] = images
+        for name, key in ctx.cameras.items():
+            blobs, frames = images[key].result()
+            self._check_frames(cols, key, frames)
+            out[schema.image_column(name)] = [b for b, keep in zip(blobs, encoded_rows, strict=True) if keep]
             out[schema.image_mask_column(name)] = [True] * len(rows)
         out[schema.EPISODE_INDEX] = np.full(len(rows), ep, np.int64)
         out[schema.FRAME_INDEX] = cols.frame_index[rows]
@@ -159,6 +173,7 @@ class ShardWorker:
         kept = [prompts[int(r)] for r in rows]
         for name in kept[0].columns() if kept else ():
             out[name] = np.stack([getattr(p, name) for p in kept])
+        self.clock.add("rows", time.thread_time() - t0)
         return EpisodeRows(out, collections.Counter(REASONS[c] for c in codes if c >= 0), kept)
 
     def write_shard(self, plan: ShardPlan, on_frames: Callable[[int], None]) -> ShardResult:
@@ -173,6 +188,7 @@ class ShardWorker:
             prompts += episode.prompts
             frames += ctx.spec.episode(ep).length
             on_frames(ctx.spec.episode(ep).length)
+        t0 = time.thread_time()
         merged: dict[str, Any] = {}
         for name in ctx.layout.column_names():
             values = [p[name] for p in parts]
@@ -183,6 +199,7 @@ class ShardWorker:
             else:
                 merged[name] = [v for part in values for v in part]
         written = write_parquet_atomic(ctx.layout.table(merged), ctx.out / plan.path)
+        self.clock.add("write", time.thread_time() - t0)
         return ShardResult(
             path=plan.path, split=plan.split, episodes=list(plan.episodes), rows=written.rows,
             sha256=written.sha256, bytes=written.bytes, frames=frames, rejected=dict(sorted(rejected.items())),
@@ -192,5 +209,5 @@ class ShardWorker:
         )
 
     def close(self) -> None:
-        self._pool.shutdown()
+        self._images.close()
         self.reader.close()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ki_data import schema
+from ki_data.actions import DeltaSpecError, parse_delta_actions
 from ki_data.fast_tokenizer import FastTokenizer
 from ki_data.lerobot_source import ensure_local, open_lerobot_dataset
 from ki_data.manifest import SCHEMA_VERSION
@@ -53,7 +54,8 @@ def _run_fingerprint(cfg: PreprocessConfig, job: JobPlan) -> str:
                                "options": options, "cameras": job.cameras})
 
 
-def _pass2_context(cfg: PreprocessConfig, job: JobPlan, out: Path, state: dict, run_fingerprint: str) -> Pass2Context:
+def _pass2_context(cfg: PreprocessConfig, job: JobPlan, out: Path, state: dict, run_fingerprint: str,
+                   delta: tuple[int, ...] | None) -> Pass2Context:
     text = TextTokenizer.load(out / schema.TEXT_TOKENIZER_FILE)
     fast = FastTokenizer.load(out / schema.FAST_TOKENIZER_DIR)
     vocab_size, skip_tokens = vocab_layout(text, fast)
@@ -64,7 +66,7 @@ def _pass2_context(cfg: PreprocessConfig, job: JobPlan, out: Path, state: dict, 
     return Pass2Context(
         spec=job.spec, out=out, cameras=job.cameras, layout=layout, image_size=cfg.image_size, image_format=cfg.image_format,
         horizon=cfg.action_horizon, norm_mode=cfg.norm_mode, prompt_layout=cfg.prompt_layout, vocab_size=vocab_size,
-        skip_tokens=skip_tokens, skip_bad_rows=cfg.skip_bad_rows,
+        skip_tokens=skip_tokens, skip_bad_rows=cfg.skip_bad_rows, delta_actions=delta,
         fingerprint=resume.fingerprint([run_fingerprint, state["pass1"], vocab_size, skip_tokens]),
     )
 
@@ -87,7 +89,12 @@ def _prepare(cfg: PreprocessConfig) -> _Prepared:
     """Everything up to pass 2: the plan, the output directory, pass 1, and the job file the tasks read."""
     started_at, t0 = time.time(), time.perf_counter()
     cfg.validate()
-    spec = open_lerobot_dataset(cfg.repo_id, cfg.root)
+    spec = open_lerobot_dataset(cfg.repo_id, cfg.root, state_keys=cfg.state_keys)
+    try:
+        delta = parse_delta_actions(cfg.delta_actions, action_dim=spec.action_dim, state_dim=spec.state_dim,
+                                    action_names=spec.action_names, state_names=spec.state_names)
+    except DeltaSpecError as e:
+        raise PreprocessError(f"LeRobot dataset '{cfg.repo_id}': {e}") from None
     # Absolute paths: tasks on other processes and machines may run in another working directory.
     spec = dataclasses.replace(spec, root=spec.root.resolve())
     timings = {"open": time.perf_counter() - t0}
@@ -104,10 +111,10 @@ def _prepare(cfg: PreprocessConfig) -> _Prepared:
     t1 = time.perf_counter()
     pass1_reused = resume.pass1_valid(out, state.get("pass1"))
     if not pass1_reused:
-        pass1 = run_pass1(cfg, spec, list(plan.episodes), out)
+        pass1 = run_pass1(cfg, spec, list(plan.episodes), out, delta)
         state = state | {"pass1": resume.pass1_record(out, pass1.rejected)}
         resume.save_state(out, state)
-    ctx = _pass2_context(cfg, plan, out, state, run_fingerprint)
+    ctx = _pass2_context(cfg, plan, out, state, run_fingerprint, delta)
     timings["pass1"] = time.perf_counter() - t1
 
     job = Pass2Job(cfg, plan, ctx, task_groups(plan.shards, cfg.executor.tasks))

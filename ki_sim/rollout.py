@@ -1,13 +1,15 @@
 """Closed-loop evaluation in gym-pusht: a checkpoint's Policy drives the simulator that recorded the demo data.
 
-From initial states the demo dataset never used (see `ki_data.demo_pusht.evaluation_reset_seed`), each controller
+From initial states the demo dataset never used (see `ki_sim.pusht.evaluation_reset_seed`), each controller
 plays an episode: the policy observes, infers a chunk, executes its first `replan` actions and observes again, up to
-the episode limit. Two baselines play the same initial states: the scripted expert that recorded the demo data (the
-yardstick) and hold-still (the agent's current position as every action; the block never moves).
+the episode limit. The policy acts with its flow head (the action expert) or its FAST head (the backbone alone,
+greedy constrained decoding: π0-FAST style). Two baselines play the same initial states: the scripted expert that
+recorded the demo data (the yardstick) and hold-still (the agent's current position as every action).
 
-Per episode: the T's coverage of the target at the start, its maximum and its final value, and success (coverage
-above gym-pusht's 0.95, which ends the episode). `run_rollout` writes `rollout_report.json`, a plot and a GIF of the
-first episodes (policy beside the expert, the coverage drawn on every frame).
+Per episode: the T's coverage of the target at the start, its maximum and its final value, success (coverage above
+gym-pusht's 0.95, which ends the episode), and the share of the initial distance between the block's center of mass
+and the goal's that the episode closed (negative: pushed away). `run_rollout` writes `rollout_report.json`, a plot
+and a GIF of the first episodes (policy beside the expert, the coverage drawn on every frame).
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ import numpy as np
 from jaxtyping import Float, UInt8
 from tqdm import tqdm
 
-from ki_data import demo_pusht
 from ki_data.manifest import Manifest
 from ki_model.policy import Policy
+from ki_sim import pusht as demo_pusht
+from ki_sim.experts import EXPERTS
+from ki_sim.record import DemoConfig
 
 REPORT_FILE = "rollout_report.json"
 PLOT_FILE = "rollout_plot.png"
 VIDEO_FILE = "rollout.gif"
 CONTROLLERS = ("policy", "expert", "hold_still")
+HEADS = ("flow", "fast")
 SUCCESS_COVERAGE = 0.95  # gym-pusht's success_threshold
 
 
@@ -46,6 +51,7 @@ class RolloutConfig:
     max_steps: int | None = None  # episode limit; None: the recording's (its sidecar), else the demo default
     video_episodes: int = 3  # episodes shown in the GIF
     controllers: tuple[str, ...] = CONTROLLERS
+    head: str = "flow"  # the policy's: "flow" (action expert) or "fast" (the backbone's FAST tokens)
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -54,6 +60,8 @@ class RolloutConfig:
             raise RolloutError(f"replan must be at least 1, got {self.replan}")
         if self.max_steps is not None and self.max_steps < 1:
             raise RolloutError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.head not in HEADS:
+            raise RolloutError(f"head must be one of {HEADS}, got {self.head!r}")
         unknown = sorted(set(self.controllers) - set(CONTROLLERS))
         if unknown:
             raise RolloutError(f"unknown controllers {unknown}; known: {list(CONTROLLERS)}")
@@ -68,10 +76,17 @@ class EpisodeResult:
     max_coverage: float
     final_coverage: float
     success: bool
+    initial_distance: float  # the block's center of mass to the goal's, arena pixels
+    final_distance: float
     coverage: list[float]  # after every step
 
+    @property
+    def distance_closed(self) -> float:
+        """Share of the initial block-to-goal distance closed (1: on the goal; negative: pushed away)."""
+        return 1.0 - self.final_distance / self.initial_distance if self.initial_distance > 0 else 0.0
+
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"distance_closed": self.distance_closed}
 
 
 class Controller(Protocol):
@@ -92,15 +107,16 @@ class HoldStill:
 
 
 class Expert:
-    """The scripted pusher that recorded the demo data (its noise seeded per evaluation episode)."""
+    """The scripted expert that recorded the demo data (ki_sim.experts; its noise seeded per evaluation episode)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, kind: str = "line"):
         self.seed = seed
-        self._pusher: demo_pusht.ScriptedPusher | None = None
+        self.kind = kind
+        self._pusher: Any = None
 
     def reset(self, episode: int) -> None:
         # (1, seed, episode): never a recording's (seed, episode) policy stream.
-        self._pusher = demo_pusht.ScriptedPusher(np.random.default_rng((1, self.seed, episode)))
+        self._pusher = EXPERTS[self.kind](np.random.default_rng((1, self.seed, episode)))
 
     def act(self, env: Any, obs: dict[str, np.ndarray]) -> Float[np.ndarray, "1 2"]:
         assert self._pusher is not None, "reset() first"
@@ -108,26 +124,31 @@ class Expert:
 
 
 class PolicyController:
-    """Observation -> the frame a recorded demo row came from -> Policy.infer -> the chunk's first `replan` actions."""
+    """Observation -> the frame a recorded demo row came from -> the policy's head -> the chunk's first `replan`
+    actions."""
 
-    def __init__(self, policy: Policy, replan: int):
+    def __init__(self, policy: Policy, replan: int, head: str = "flow"):
         self.policy = policy
         self.replan = replan
+        self.head = head
         self.image_key = pusht_image_key(policy.manifest)
 
     def reset(self, episode: int) -> None:
         pass
 
-    def frame(self, obs: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Exactly what `ki_data.demo_pusht.record_demo_dataset` hands to `add_frame` for an observation."""
+    def frame(self, env: Any, obs: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Exactly what `ki_sim.record.record_demo_dataset` hands to `add_frame` for an observation."""
         return {
             self.image_key: obs["pixels"],
-            "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
+            demo_pusht.STATE_KEY: np.asarray(obs["agent_pos"], dtype=np.float32),
+            demo_pusht.ENV_STATE_KEY: demo_pusht.environment_state(env),
             "task": demo_pusht.PUSHT_TASK,
         }
 
     def act(self, env: Any, obs: dict[str, np.ndarray]) -> Float[np.ndarray, "k 2"]:
-        return self.policy.infer(self.frame(obs))[: self.replan]
+        frame = self.frame(env, obs)
+        chunk = self.policy.infer(frame) if self.head == "flow" else self.policy.infer_fast(frame)
+        return chunk[: self.replan]
 
 
 def pusht_image_key(manifest: Manifest) -> str:
@@ -135,10 +156,12 @@ def pusht_image_key(manifest: Manifest) -> str:
     keys = manifest.camera_keys
     if len(keys) != 1:
         raise RolloutError(f"the checkpoint was trained on cameras {sorted(keys)}; gym-pusht renders one")
-    if manifest.state_dim != 2 or manifest.action_dim != 2:
+    known = (demo_pusht.STATE_KEY, demo_pusht.ENV_STATE_KEY)
+    unknown = [k for k in manifest.state_keys if k not in known]
+    if unknown or manifest.action_dim != 2:
         raise RolloutError(
-            f"the checkpoint has state_dim {manifest.state_dim} and action_dim {manifest.action_dim}; gym-pusht's "
-            "state and action are the agent's x, y (2 each)"
+            f"the checkpoint's state is {' + '.join(manifest.state_keys)} and its action_dim {manifest.action_dim}; "
+            f"gym-pusht provides {' and '.join(known)} and takes the agent's x, y as the action"
         )
     return next(iter(keys.values()))
 
@@ -153,7 +176,7 @@ def run_episode(
 ) -> EpisodeResult:
     """One episode from env.reset(seed=reset_seed); on_frame(image, coverage) sees the first and every later frame."""
     obs, _ = env.reset(seed=reset_seed)
-    cov0 = float(env.unwrapped._get_coverage())
+    cov0, dist0 = demo_pusht.coverage(env), demo_pusht.block_goal_distance(env)
     controller.reset(episode)
     if on_frame is not None:
         on_frame(obs["pixels"], cov0)
@@ -176,6 +199,8 @@ def run_episode(
         max_coverage=max([cov0, *coverage]),
         final_coverage=coverage[-1],
         success=success,
+        initial_distance=dist0,
+        final_distance=demo_pusht.block_goal_distance(env),
         coverage=coverage,
     )
 
@@ -184,7 +209,10 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
     mx = np.array([r.max_coverage for r in results])
     fin = np.array([r.final_coverage for r in results])
     ok = np.array([r.success for r in results], float)
+    closed = np.array([r.distance_closed for r in results])
     return {
+        "mean_distance_closed": float(closed.mean()),
+        "std_distance_closed": float(closed.std()),
         "mean_max_coverage": float(mx.mean()),
         "std_max_coverage": float(mx.std()),
         "mean_final_coverage": float(fin.mean()),
@@ -243,7 +271,7 @@ def source_image_size(manifest: Manifest, recording: dict[str, Any] | None) -> i
         shape = json.loads(info.read_text())["features"].get(key, {}).get("shape")
         if shape:
             return int(shape[0])
-    return demo_pusht.DemoConfig.image_size
+    return DemoConfig.image_size
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -270,7 +298,7 @@ def run_rollout(
     replan = cfg.replan or max(1, horizon // 2)
     if replan > horizon:
         raise RolloutError(f"replan {replan} exceeds the policy's horizon {horizon}")
-    max_steps = cfg.max_steps or (recording or {}).get("max_steps") or demo_pusht.DemoConfig.max_steps
+    max_steps = cfg.max_steps or (recording or {}).get("max_steps") or DemoConfig.max_steps
     image_size = source_image_size(manifest, recording)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,8 +307,8 @@ def run_rollout(
     seeds = [demo_pusht.evaluation_reset_seed(cfg.seed, i) for i in range(cfg.episodes)]
     disjoint = check_disjoint(env, seeds, recording)
     controllers: dict[str, Controller] = {
-        "policy": PolicyController(policy, replan),
-        "expert": Expert(cfg.seed),
+        "policy": PolicyController(policy, replan, cfg.head),
+        "expert": Expert(cfg.seed, (recording or {}).get("expert", "planner")),
         "hold_still": HoldStill(),
     }
     results: dict[str, list[EpisodeResult]] = {name: [] for name in cfg.controllers}
@@ -303,8 +331,11 @@ def run_rollout(
 
     report: dict[str, Any] = {name: summarize(results[name]) for name in cfg.controllers}
     expert = report.get("expert", {}).get("mean_max_coverage")
+    closed = report.get("expert", {}).get("mean_distance_closed")
     for name in cfg.controllers:
         report[name]["max_coverage_vs_expert"] = report[name]["mean_max_coverage"] / expert if expert else None
+        report[name]["distance_closed_vs_expert"] = (report[name]["mean_distance_closed"] / closed
+                                                     if closed else None)
     report["setup"] = {
         "checkpoint": str(checkpoint_dir),
         "episodes": cfg.episodes,
@@ -313,6 +344,8 @@ def run_rollout(
         "horizon": horizon,
         "max_steps": max_steps,
         "image_size": image_size,
+        "head": cfg.head,
+        "expert": (recording or {}).get("expert", "planner"),
         "num_flow_steps": policy.num_steps,
         "success_coverage": SUCCESS_COVERAGE,
         "reset_seeds": seeds,
@@ -330,15 +363,20 @@ def run_rollout(
 
 
 def format_table(report: dict[str, Any], controllers: tuple[str, ...] = CONTROLLERS) -> str:
-    """The summary as a fixed-width table (mean ± std over episodes)."""
-    lines = [f"{'controller':<12}{'max coverage':>16}{'final coverage':>18}{'success':>10}{'max vs expert':>15}"]
+    """The summary as a fixed-width table (mean ± std over episodes); the policy's row names its head."""
+    head = report.get("setup", {}).get("head", "flow")
+    lines = [f"{'controller':<18}{'distance closed':>18}{'vs expert':>11}{'max coverage':>16}{'final coverage':>18}"
+             f"{'success':>9}"]
     for name in controllers:
         r = report[name]
-        vs = r.get("max_coverage_vs_expert")
+        vs = r.get("distance_closed_vs_expert")
+        label = f"policy ({head} head)" if name == "policy" else name
         lines.append(
-            f"{name:<12}{r['mean_max_coverage']:>9.3f} ± {r['std_max_coverage']:.3f}"
+            f"{label:<18}{r['mean_distance_closed']:>11.0%} ± {r['std_distance_closed']:.0%}"
+            f"{'' if vs is None else f'{vs:>11.0%}'}"
+            f"{r['mean_max_coverage']:>9.3f} ± {r['std_max_coverage']:.3f}"
             f"{r['mean_final_coverage']:>11.3f} ± {r['std_final_coverage']:.3f}"
-            f"{r['success_rate']:>10.0%}{'' if vs is None else f'{vs:>15.0%}'}"
+            f"{r['success_rate']:>9.0%}"
         )
     return "\n".join(lines)
 
