@@ -13,8 +13,8 @@ py=.venv/bin/python
 repo_id=ki/pusht_line
 out=runs/demo
 seed="${DEMO_SEED:-0}"
-stage1="${DEMO_STAGE1_STEPS:-1500}"
-stage2="${DEMO_STEPS:-2500}"
+stage1="${DEMO_STAGE1_STEPS:-1000}"
+stage2="${DEMO_STEPS:-2000}"
 mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 

@@ -11,8 +11,8 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cac
 py=.venv/bin/python
 demo=runs/demo
 out=runs/compare
-stage1="${DEMO_STAGE1_STEPS:-1500}"
-stage2="${DEMO_STEPS:-2500}"
+stage1="${DEMO_STAGE1_STEPS:-1000}"
+stage2="${DEMO_STEPS:-2000}"
 total=$((stage1 + stage2))
 seeds="${COMPARE_SEEDS:-1 2}"
 mkdir -p "$out/logs"
