@@ -47,8 +47,11 @@ class CheckpointError(ValueError):
 
 
 def _ocp():
+    import absl.logging
     import orbax.checkpoint as ocp
 
+    # orbax warns through absl on every read-only restore (no save interval, no metadata file): noise for our users.
+    absl.logging.set_verbosity(absl.logging.ERROR)
     return ocp
 
 

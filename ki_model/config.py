@@ -211,9 +211,9 @@ class Pi05KIConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_text_len > self.max_token_len:
             raise ConfigError(f"max_text_len {self.max_text_len} > max_token_len {self.max_token_len}")
-        if self.fast_loss_weight < 0 or self.flow_loss_weight < 0:
-            raise ConfigError(f"loss weights must be >= 0, got fast {self.fast_loss_weight}, flow "
-                              f"{self.flow_loss_weight}")
+        for name in ("fast_loss_weight", "flow_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.fast_loss_weight == 0 and self.flow_loss_weight == 0:
             raise ConfigError("fast_loss_weight and flow_loss_weight are both 0: nothing to train")
         for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps",

@@ -424,11 +424,15 @@ def _format(m: dict[str, float]) -> str:
 
 
 def _format_val(m: dict[str, float]) -> str:
-    hold = f" (hold still {m['val_hold_still_mse']:.4g})" if "val_hold_still_mse" in m else ""
-    return (
-        f"\n  val: flow {m['val_flow_loss']:.4f} (another row's observation {m['val_flow_loss_shuffled']:.4f})  "
-        f"fast {m['val_fast_loss']:.4f}  acc {m['val_fast_accuracy']:.3f}  flow-sample MSE {m['val_flow_mse']:.4g}{hold}"
-    )
+    """The validation line; a head that is not trained (NaN: FAST-only or flow-only training) is left out."""
+    parts = []
+    if m["val_flow_loss"] == m["val_flow_loss"]:
+        hold = f" (hold still {m['val_hold_still_mse']:.4g})" if "val_hold_still_mse" in m else ""
+        parts.append(f"flow {m['val_flow_loss']:.4f} (another row's observation {m['val_flow_loss_shuffled']:.4f})  "
+                     f"flow-sample MSE {m['val_flow_mse']:.4g}{hold}")
+    if m["val_fast_loss"] == m["val_fast_loss"]:
+        parts.append(f"fast {m['val_fast_loss']:.4f}  acc {m['val_fast_accuracy']:.3f}")
+    return "\n  val: " + "  ".join(parts)
 
 
 def _with_number_embeddings(state: TrainState, shardings: TrainState, shards: str) -> TrainState:
@@ -440,7 +444,7 @@ def _with_number_embeddings(state: TrainState, shardings: TrainState, shards: st
     text = TextTokenizer.load(Path(shards) / TEXT_TOKENIZER_FILE)
     path = ("backbone", "embedder", "input_embedding")
 
-    def replace(params: Params) -> Params:
+    def replace(params: Params) -> tuple[Params, int]:
         table, changed = apply_number_embeddings(np.asarray(jax.device_get(params[path[0]][path[1]][path[2]])), text)
         sharding = shardings.params[path[0]][path[1]][path[2]]
         new = jax.tree.map(lambda x: x, params)  # a copy of the nesting; leaves shared
@@ -496,6 +500,9 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
     out = Path(cfg.checkpoint_dir)
     _check_dir(cfg)
     opt_cfg = cfg.optimizer_config()
+    if opt_cfg.decay_steps <= opt_cfg.warmup_steps:
+        raise TrainError(f"--decay-steps {opt_cfg.decay_steps} must exceed the {opt_cfg.warmup_steps} warm-up steps "
+                         f"(--warmup-steps)")
     ema = cfg.ema_decay is not None
     tx = make_optimizer(opt_cfg)
     if cfg.resume:

@@ -49,7 +49,8 @@ class Validator:
             process_index=0,
             process_count=1,
         )
-        self.batches: list[tuple[Observation, Observation, np.ndarray, ...]] = []
+        # (obs, shuffled obs, model actions, pad, real steps, true absolute chunk, raw state) per batch
+        self.batches: list[tuple[Observation, Observation, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         dim = data.manifest.action_dim
         fixed = {"mean_action": ErrorSum(dim)}
         hold_still, _ = data.manifest.hold_still()

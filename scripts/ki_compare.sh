@@ -27,7 +27,7 @@ closed_loop() {  # evaluation and both heads' rollouts of one run
   $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --output "$1/rollout" --head flow --video-episodes 0
   $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --output "$1/rollout_fast" --head fast --video-episodes 0
 }
-train() { $py -m pipelines.train "${common[@]}" "$@" | grep -v "^step " || true; }
+train() { $py -m pipelines.train "${common[@]}" "$@" | sed '/^step /d'; }  # the validation lines stay
 
 # (a) is the demo's run; its stage 1 also starts (b).
 [ -d "$demo/checkpoint/rollout_fast" ] || closed_loop "$demo/checkpoint"
@@ -63,7 +63,7 @@ if [ "${HARDER:-1}" = 1 ]; then
     --max-token-len 64 --max-text-len 40 --prompt-layout fast --image-format png --workers 2 --overwrite --no-progress
   $py -m pipelines.train --shards "$hard/shards" --config tiny --batch-size 32 --log-every 100 --eval-every 500 \
     --vision-variant siglip_tiny_p8 --overwrite --checkpoint-dir "$hard/checkpoint" --steps "$total" \
-    --decay-steps "$total" --save-every "$total" --insulation off --number-embeddings --seed 0 | grep -v "^step " || true
+    --decay-steps "$total" --save-every "$total" --insulation off --number-embeddings --seed 0 | sed '/^step /d'
   $py -m pipelines.evaluate --checkpoint "$hard/checkpoint" --shards "$hard/shards" --output "$hard/checkpoint/eval" \
     --batches 10 --batch-size 32 --shuffle --flow-samples 8 > "$hard/evaluate.txt"
   $py -m pipelines.rollout --checkpoint "$hard/checkpoint" --episodes 20 --output "$hard/checkpoint/rollout" \

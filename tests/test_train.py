@@ -282,3 +282,14 @@ def test_the_model_may_have_more_action_dimensions_than_the_data(demo_shards):
     assert T.model_config("tiny", manifest, action_dim=manifest.action_dim + 3).action_dim == manifest.action_dim + 3
     with pytest.raises(TrainError, match="smaller than the shards"):
         T.model_config("tiny", manifest, action_dim=manifest.action_dim - 1)
+
+
+def test_a_decay_shorter_than_the_warm_up_is_refused_with_one_line(demo_shards, tmp_path, capsys):
+    from pipelines.train import main
+
+    out = tmp_path / "never"
+    assert main(["--shards", str(demo_shards), "--checkpoint-dir", str(out), "--steps", "20", "--decay-steps", "20",
+                 "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --decay-steps 20 must exceed the 100 warm-up steps (--warmup-steps)"
+    assert not out.exists()

@@ -128,6 +128,7 @@ def _gemma_kv(kv_heads: int, head_dim: int) -> Callable[[Array, Array], Array]:
 
 
 def _gemma_out(heads: int, head_dim: int) -> Callable[[Array], Array]:
+    """An attention output projection [width, heads*head_dim] (HF) -> [heads, head_dim, width] (ours; SigLIP too)."""
     def f(w: Float[jax.Array, "d nh"]) -> Float[jax.Array, "n h d"]:
         return w.T.reshape(heads, head_dim, -1)
 
@@ -152,13 +153,6 @@ def _heads_in(heads: int, head_dim: int) -> Callable[[Array], Array]:
 def _heads_bias(heads: int, head_dim: int) -> Callable[[Array], Array]:
     def f(b: Float[jax.Array, " nh"]) -> Float[jax.Array, "n h"]:
         return b.reshape(heads, head_dim)
-
-    return f
-
-
-def _heads_out(heads: int, head_dim: int) -> Callable[[Array], Array]:
-    def f(w: Float[jax.Array, "d nh"]) -> Float[jax.Array, "n h d"]:
-        return w.T.reshape(heads, head_dim, -1)
 
     return f
 
@@ -272,7 +266,7 @@ def _siglip_rules(cfg: SiglipConfig, num_patches: int, out_width: int) -> list[_
                       _heads_bias(n, h)),
             ]
         rules += [
-            _Rule((*ours, "attn", "out", "kernel"), (hf + "self_attn.out_proj.weight",), ((d, d),), _heads_out(n, h)),
+            _Rule((*ours, "attn", "out", "kernel"), (hf + "self_attn.out_proj.weight",), ((d, d),), _gemma_out(n, h)),
             _Rule((*ours, "attn", "out", "bias"), (hf + "self_attn.out_proj.bias",), ((d,),), _same),
             _Rule((*ours, "mlp", "fc1", "kernel"), (hf + "mlp.fc1.weight",), ((m, d),), _linear),
             _Rule((*ours, "mlp", "fc1", "bias"), (hf + "mlp.fc1.bias",), ((m,),), _same),
