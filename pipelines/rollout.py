@@ -7,7 +7,16 @@ import argparse
 import sys
 
 from ki_model.checkpoint import CheckpointError
+from ki_model.learning_curves import RunError, load_run
 from ki_sim.rollout import RolloutConfig, RolloutError, format_table, run_rollout
+
+
+def describe_training(checkpoint: str) -> str:
+    """Which training produced the policy (insulation, loss weights, steps, where it started), for the table."""
+    try:
+        return load_run(checkpoint).describe()
+    except RunError:
+        return "no metrics.jsonl: training not recorded"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     s = r["setup"]
     print(f"{s['episodes']} episodes from unseen initial states, at most {s['max_steps']} steps, the policy replanning "
           f"every {s['replan']} of its {s['horizon']} actions ({s['seconds']:.0f} s)")
+    print(f"policy: {a.checkpoint} ({describe_training(a.checkpoint)})")
     print(format_table(r))
     print(f"report: {r['report_path']}")
     print(f"plot:   {r['plot_path']}")

@@ -50,6 +50,7 @@ def test_rollout_writes_report_plot_and_video(rollout):
     for name in CONTROLLERS:
         assert name in printed
     assert "rollout_report.json" in printed
+    assert "policy (flow head)" in printed and "insulation on" in printed  # which head and which training
 
 
 def test_the_expert_is_the_yardstick(rollout):
