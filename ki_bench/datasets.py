@@ -160,7 +160,11 @@ def record_aloha_like(repo_id: str, root: str | Path, cfg: AlohaLikeConfig, prog
     features["observation.state"] = {"dtype": "float32", "shape": (14,), "names": names}
     features["action"] = {"dtype": "float32", "shape": (14,), "names": names}
     ds = LeRobotDataset.create(repo_id, fps=cfg.fps, features=features, root=root, robot_type="aloha-like",
-                               use_videos=True, video_backend="pyav", streaming_encoding=True)
+                               use_videos=True, video_backend="pyav",
+                               # After each episode, not streamed: lerobot's streaming encoder drops frames when the
+                               # CPU is busy (seen: 17 of 250 on a loaded 2-core machine), and the videos then end
+                               # before the data does.
+                               streaming_encoding=False)
     rng = np.random.default_rng(cfg.seed)
     try:
         for e in tqdm(range(cfg.episodes), desc="recording ALOHA-like", unit="episode", disable=not progress):
