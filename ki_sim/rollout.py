@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ki_data.manifest import Manifest
 from ki_model.policy import Policy
-from ki_sim import pusht as demo_pusht
+from ki_sim import pusht
 from ki_sim.experts import EXPERTS
 from ki_sim.record import DemoConfig
 
@@ -65,7 +65,7 @@ class RolloutConfig:
         unknown = sorted(set(self.controllers) - set(CONTROLLERS))
         if unknown:
             raise RolloutError(f"unknown controllers {unknown}; known: {list(CONTROLLERS)}")
-        demo_pusht.check_seed_range(self.seed, self.episodes)
+        pusht.check_seed_range(self.seed, self.episodes)
 
 
 @dataclasses.dataclass
@@ -140,9 +140,9 @@ class PolicyController:
         """Exactly what `ki_sim.record.record_demo_dataset` hands to `add_frame` for an observation."""
         return {
             self.image_key: obs["pixels"],
-            demo_pusht.STATE_KEY: np.asarray(obs["agent_pos"], dtype=np.float32),
-            demo_pusht.ENV_STATE_KEY: demo_pusht.environment_state(env),
-            "task": demo_pusht.PUSHT_TASK,
+            pusht.STATE_KEY: np.asarray(obs["agent_pos"], dtype=np.float32),
+            pusht.ENV_STATE_KEY: pusht.environment_state(env),
+            "task": pusht.PUSHT_TASK,
         }
 
     def act(self, env: Any, obs: dict[str, np.ndarray]) -> Float[np.ndarray, "k 2"]:
@@ -156,7 +156,7 @@ def pusht_image_key(manifest: Manifest) -> str:
     keys = manifest.camera_keys
     if len(keys) != 1:
         raise RolloutError(f"the checkpoint was trained on cameras {sorted(keys)}; gym-pusht renders one")
-    known = (demo_pusht.STATE_KEY, demo_pusht.ENV_STATE_KEY)
+    known = (pusht.STATE_KEY, pusht.ENV_STATE_KEY)
     unknown = [k for k in manifest.state_keys if k not in known]
     if unknown or manifest.action_dim != 2:
         raise RolloutError(
@@ -176,7 +176,7 @@ def run_episode(
 ) -> EpisodeResult:
     """One episode from env.reset(seed=reset_seed); on_frame(image, coverage) sees the first and every later frame."""
     obs, _ = env.reset(seed=reset_seed)
-    cov0, dist0 = demo_pusht.coverage(env), demo_pusht.block_goal_distance(env)
+    cov0, dist0 = pusht.coverage(env), pusht.block_goal_distance(env)
     controller.reset(episode)
     if on_frame is not None:
         on_frame(obs["pixels"], cov0)
@@ -200,7 +200,7 @@ def run_episode(
         final_coverage=coverage[-1],
         success=success,
         initial_distance=dist0,
-        final_distance=demo_pusht.block_goal_distance(env),
+        final_distance=pusht.block_goal_distance(env),
         coverage=coverage,
     )
 
@@ -234,9 +234,9 @@ def initial_state(env: Any, reset_seed: int) -> tuple[float, ...]:
 def check_disjoint(env: Any, eval_seeds: list[int], recording: dict[str, Any] | None) -> str:
     """How the evaluation initial states are known to be unseen; raises when a recorded one comes back."""
     note = (
-        f"by construction: recording reset seeds are seed * {demo_pusht.SEED_STRIDE} + episode < "
-        f"{demo_pusht.EVAL_SEED_BASE}, evaluation seeds are {demo_pusht.EVAL_SEED_BASE} + seed * "
-        f"{demo_pusht.SEED_STRIDE} + episode"
+        f"by construction: recording reset seeds are seed * {pusht.SEED_STRIDE} + episode < "
+        f"{pusht.EVAL_SEED_BASE}, evaluation seeds are {pusht.EVAL_SEED_BASE} + seed * "
+        f"{pusht.SEED_STRIDE} + episode"
     )
     if recording is None:
         return note + " (the recording's seed file was not found, so not checked against it)"
@@ -254,7 +254,7 @@ def check_disjoint(env: Any, eval_seeds: list[int], recording: dict[str, Any] | 
 def recording_info(manifest: Manifest) -> dict[str, Any] | None:
     """The demo recording's sidecar (reset seeds, episode limit, image size) next to the checkpoint's source dataset."""
     root = manifest.source.get("root")
-    path = Path(root) / demo_pusht.RECORDING_FILE if root else None
+    path = Path(root) / pusht.RECORDING_FILE if root else None
     if path is None or not path.is_file():
         return None
     return json.loads(path.read_text())
@@ -303,8 +303,8 @@ def run_rollout(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    env = demo_pusht.make_env(image_size, max_steps=max_steps)
-    seeds = [demo_pusht.evaluation_reset_seed(cfg.seed, i) for i in range(cfg.episodes)]
+    env = pusht.make_env(image_size, max_steps=max_steps)
+    seeds = [pusht.evaluation_reset_seed(cfg.seed, i) for i in range(cfg.episodes)]
     disjoint = check_disjoint(env, seeds, recording)
     controllers: dict[str, Controller] = {
         "policy": PolicyController(policy, replan, cfg.head),
