@@ -88,41 +88,28 @@ def parse_delta_actions(
     return tuple(spec)
 
 
-def _split(spec: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _shift(
+    chunks: Float[np.ndarray, "*b h d"], state: Float[np.ndarray, "*b s"], spec: Sequence[int] | None, sign: float
+) -> Float[np.ndarray, "*b h d"]:
+    """chunks + sign * (each relative dimension's state dimension), every step of a chunk with its own frame's state."""
+    if spec is None:
+        return chunks
     idx = np.asarray(spec, np.int64)
     rel = np.flatnonzero(idx != ABSOLUTE)
-    return rel, idx[rel]
+    out = np.array(chunks, dtype=np.float32, copy=True)
+    out[..., rel] += sign * np.asarray(state, np.float32)[..., None, idx[rel]]
+    return out
 
 
 def to_relative(
     chunks: Float[np.ndarray, "*b h d"], state: Float[np.ndarray, "*b s"], spec: Sequence[int] | None
 ) -> Float[np.ndarray, "*b h d"]:
-    """Absolute chunks -> stored chunks: relative dimensions minus their state dimension (every step of a chunk
-    against the state of its own frame)."""
-    if spec is None:
-        return chunks
-    out = np.array(chunks, dtype=np.float32, copy=True)
-    rel, ref = _split(spec)
-    out[..., rel] -= np.asarray(state, np.float32)[..., None, ref]
-    return out
+    """Absolute chunks -> stored chunks: relative dimensions minus their state dimension."""
+    return _shift(chunks, state, spec, -1.0)
 
 
 def to_absolute(
     chunks: Float[np.ndarray, "*b h d"], state: Float[np.ndarray, "*b s"], spec: Sequence[int] | None
 ) -> Float[np.ndarray, "*b h d"]:
     """Stored (possibly relative) chunks -> absolute: the inverse of `to_relative` with the same state."""
-    if spec is None:
-        return chunks
-    out = np.array(chunks, dtype=np.float32, copy=True)
-    rel, ref = _split(spec)
-    out[..., rel] += np.asarray(state, np.float32)[..., None, ref]
-    return out
-
-
-def describe(spec: Sequence[int] | None, action_names: Sequence[str] | None = None) -> str:
-    if spec is None:
-        return "absolute actions"
-    names = action_names or [str(i) for i in range(len(spec))]
-    rel = [n for n, s in zip(names, spec, strict=True) if s != ABSOLUTE]
-    return f"relative to the state: {', '.join(rel) or 'none'}; absolute: the others" if len(rel) < len(spec) else (
-        f"all {len(spec)} dimensions relative to the state")
+    return _shift(chunks, state, spec, 1.0)

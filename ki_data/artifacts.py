@@ -58,6 +58,12 @@ class DataArtifacts:
         units, with the raw state of each chunk's frame: what people and robots see."""
         return to_absolute(self.unnormalize_actions(chunks), state, self.manifest.delta_actions)
 
+    def mean_action_chunks(self, state: Float[np.ndarray, "b s"], horizon: int) -> Float[np.ndarray, "b h d"]:
+        """The mean-action baseline in absolute units: the mean stored chunk step, turned back with each state."""
+        mean = self.norm_stats["actions"].mean
+        stored = self.normalize_actions(np.broadcast_to(mean, (len(state), horizon, len(mean))))
+        return self.absolute_actions(stored, state)
+
     def hold_still_chunks(self, state: Float[np.ndarray, "b s"], horizon: int) -> Float[np.ndarray, "b h d"]:
         """The hold-still baseline in absolute units: the state dimensions named as the action's, repeated."""
         dims = self.manifest.action_state_dims()

@@ -115,7 +115,6 @@ def evaluate(
 
     spec = policy.fast_decode_spec()
     graphdef, params = nnx.split(policy.model, nnx.Param)
-    actions_stats = policy.data.norm_stats["actions"]
     horizon = policy.config.action_horizon
 
     @functools.partial(jax.jit, static_argnums=(3,), compiler_options=policy.compiler_options)
@@ -164,8 +163,7 @@ def evaluate(
             errors["flow"].add(flow, true, real)
             if flow_samples > 1:
                 errors["flow_sample_mean"].add(absolute(np.mean(flow_n, axis=0)), true, real)
-            mean = policy.data.normalize_actions(np.broadcast_to(actions_stats.mean, true.shape))
-            errors["mean_action_baseline"].add(absolute(mean), true, real)
+            errors["mean_action_baseline"].add(policy.data.mean_action_chunks(state, true.shape[1]), true, real)
             if hold_still:
                 errors["hold_still_baseline"].add(policy.data.hold_still_chunks(state, true.shape[1]), true, real)
             fast_pred = {}

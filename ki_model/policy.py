@@ -184,8 +184,9 @@ class Policy:
         """The backbone alone as the policy (π0-FAST style): greedy FAST tokens decoded to an absolute chunk.
         Raises FrameError when unconstrained decoding breaks the grammar."""
         obs = self.prepare(frame)
-        spec = self.fast_decode_spec()
         if constrained not in self._decode_fast:
+            spec = self.fast_decode_spec()
+
             def decode(params: Any, rng: jax.Array, obs: Observation) -> jax.Array:
                 model = nnx.merge(self._graphdef, params)
                 return model.sample_fast_tokens(rng, obs, spec.max_decode_steps, 0.0, constrained, spec=spec).tokens

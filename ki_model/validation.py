@@ -70,8 +70,7 @@ class Validator:
                 obs = Observation.from_batch(batch)
                 shuffled = Observation.from_batch(shuffle_observation(batch, n))
                 self.batches.append((obs, shuffled, actions, batch["action_is_pad"].astype(bool), real, true, state))
-                mean = data.normalize_actions(np.broadcast_to(data.norm_stats["actions"].mean, true.shape))
-                preds = {"mean_action": data.absolute_actions(mean, state)}
+                preds = {"mean_action": data.mean_action_chunks(state, true.shape[1])}
                 if hold_still:
                     preds["hold_still"] = data.hold_still_chunks(state, true.shape[1])
                 for k, pred in preds.items():
