@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Float
 
 from ki_data import schema
-from ki_data.actions import to_absolute
+from ki_data.actions import to_absolute, to_relative
 from ki_data.manifest import MANIFEST_FILE, Manifest, ManifestError
 from ki_data.normalize import NormStats, load_norm_stats, normalize, unnormalize
 from ki_data.prompt import PromptBuilder
@@ -57,6 +57,13 @@ class DataArtifacts:
         """Normalized chunks as stored (relative where `--delta-actions` said) -> absolute chunks in the dataset's
         units, with the raw state of each chunk's frame: what people and robots see."""
         return to_absolute(self.unnormalize_actions(chunks), state, self.manifest.delta_actions)
+
+    def stored_actions(
+        self, chunks: Float[np.ndarray, "*b h d"], state: Float[np.ndarray, "*b s"]
+    ) -> Float[np.ndarray, "*b h d"]:
+        """The inverse of `absolute_actions`: absolute chunks in the dataset's units -> as stored (relative against
+        `state` where `--delta-actions` said, normalized): what the model reads and writes."""
+        return self.normalize_actions(to_relative(chunks, state, self.manifest.delta_actions))
 
     def mean_action_chunks(self, state: Float[np.ndarray, "b s"], horizon: int) -> Float[np.ndarray, "b h d"]:
         """The mean-action baseline in absolute units: the mean stored chunk step, turned back with each state."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ki_model import attention, decoding, gemma, lora, losses
+from ki_model import attention, decoding, gemma, lora, losses, rtc
 from ki_model.config import Pi05KIConfig
 from ki_model.nn import Dense, compute_dtype
 from ki_model.observation import Observation
@@ -323,18 +323,29 @@ class Pi05KI(nnx.Module):
         num_steps: int | None = None,
         *,
         noise: Float[Array, "b h d"] | None = None,
+        prefix: rtc.Prefix | None = None,
+        max_guidance_weight: float = rtc.MAX_GUIDANCE_WEIGHT,
     ) -> Float[Array, "b h d"]:
         """Normalized actions: Euler integration of the flow from noise (t = 1) to data (t = 0), reading the prefix
-        cache filled once. num_steps defaults to config.num_flow_steps."""
+        cache filled once. num_steps defaults to config.num_flow_steps.
+
+        prefix: guided real-time chunking (ki_model.rtc) toward the previous chunk's remainder, clipped at
+        `max_guidance_weight` (static). Without a prefix, or with weight 0, the plain flow: the same program, so
+        the same samples bit for bit."""
         c = self.config
         steps = num_steps or c.num_flow_steps
         b = obs.batch_size
         if noise is None:
             noise = jax.random.normal(rng, (b, c.action_horizon, c.action_dim), jnp.float32)
         cache = self.prefix_cache(obs)
+        guided = prefix is not None and max_guidance_weight != 0
 
         def step(i: Int[Array, ""], x: Float[Array, "b h d"]) -> Float[Array, "b h d"]:
             t = 1.0 - i.astype(jnp.float32) / steps
+            if guided:
+                v = rtc.guided_velocity(lambda z: self.velocity(cache, z, jnp.full((b,), t)), x, t, prefix,
+                                        max_guidance_weight)
+                return x - v / steps
             return x - self.velocity(cache, x, jnp.full((b,), t)) / steps
 
         return jax.lax.fori_loop(0, steps, step, noise)

@@ -3,7 +3,8 @@
 `Policy.prepare(frame)` turns one observation into the model's input with the very code preprocessing used (the
 checkpoint's `ki_data.DataArtifacts`: normalization and the prompt builder without actions; `ki_data.images.shard_image`
 and its decode round trip), so the tensors are bit-identical to that frame's shard row; `Policy.infer(frame)` runs the
-action expert's flow and returns the chunk in the dataset's own units.
+action expert's flow and returns the chunk in the dataset's own units. Given the part of the previous chunk not yet
+executed, `infer` guides the flow to continue it (real-time chunking, ki_model.rtc).
 
 Importing this module loads no training code (optax, grain, orbax's checkpoint manager): serving stays light.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Float, UInt8
@@ -25,6 +27,7 @@ from ki_data.manifest import ManifestError
 from ki_data import schema
 from ki_data.schema import camera_name
 from ki_model import checkpoint as ckpt
+from ki_model import rtc
 from ki_model.compile import compiler_options
 from ki_model.config import Pi05KIConfig
 from ki_model.decoding import FastDecodeSpec
@@ -62,6 +65,15 @@ def to_uint8_hwc(img: Any, *, where: str) -> UInt8[np.ndarray, "h w 3"]:
     raise FrameError(f"{where}: image must be HxWx3 uint8 or 3xHxW float in [0, 1], got {arr.dtype} {arr.shape}")
 
 
+def _count(value: Any, name: str, low: int, high: int, what: str) -> int:
+    """An integer in [low, high]; FrameError naming `name` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise FrameError(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= int(value) <= high:
+        raise FrameError(f"{name} must be in [{low}, {high}] ({what}), got {int(value)}")
+    return int(value)
+
+
 class Policy:
     def __init__(
         self,
@@ -72,17 +84,23 @@ class Policy:
         seed: int = 0,
         num_steps: int | None = None,
         fast_compile: bool = False,
+        max_guidance_weight: float = rtc.MAX_GUIDANCE_WEIGHT,
     ):
+        """max_guidance_weight: real-time chunking's β (ki_model.rtc); 0 samples as if no previous chunk were given."""
         self.config = config
         self.data = data
         self.manifest = data.manifest
         self.cameras = data.manifest.cameras
         self.num_steps = num_steps or config.num_flow_steps
+        self.max_guidance_weight = max_guidance_weight
         self._graphdef, self._params = nnx.split(model, nnx.Param)
         self._key = jax.random.key(seed)
         self._calls = 0
         self.compiler_options = compiler_options(fast_compile)
         self._sample = jax.jit(self._sample_fn, static_argnums=(3,), compiler_options=self.compiler_options)
+        # Delay and execution horizon reach it as the mask's values: one program whatever they are.
+        self._sample_guided = jax.jit(self._sample_guided_fn, static_argnums=(3, 5),
+                                      compiler_options=self.compiler_options)
         self._decode_fast: dict[bool, Any] = {}  # compiled on the first infer_fast, per `constrained`
 
     # ------------------------------------------------------------------ loading
@@ -96,10 +114,12 @@ class Policy:
         use_ema: bool = True,
         seed: int = 0,
         fast_compile: bool = False,
+        max_guidance_weight: float = rtc.MAX_GUIDANCE_WEIGHT,
     ) -> Policy:
         """The latest (or given) step of a training run; its EMA weights when it kept them and `use_ema`.
 
-        fast_compile: see ki_model.compile.compiler_options (CPU: quicker first call, slower calls)."""
+        fast_compile: see ki_model.compile.compiler_options (CPU: quicker first call, slower calls).
+        max_guidance_weight: real-time chunking's β (ki_model.rtc)."""
         root = Path(checkpoint_dir)
         config = ckpt.load_model_config(root)
         try:
@@ -118,7 +138,8 @@ class Policy:
 
             params, config = merge_lora(params, config)
             graphdef = nnx.split(nnx.eval_shape(lambda: config.create(nnx.Rngs(0))), nnx.Param)[0]
-        return cls(nnx.merge(graphdef, params), config, data, seed=seed, fast_compile=fast_compile)
+        return cls(nnx.merge(graphdef, params), config, data, seed=seed, fast_compile=fast_compile,
+                   max_guidance_weight=max_guidance_weight)
 
     # ------------------------------------------------------------------ frame -> model input
 
@@ -163,22 +184,79 @@ class Policy:
     def _sample_fn(self, params: Any, rng: jax.Array, obs: Observation, num_steps: int) -> jax.Array:
         return nnx.merge(self._graphdef, params).sample_actions(rng, obs, num_steps)
 
-    def sample_normalized(self, obs: Observation, rng: jax.Array | None = None) -> Float[np.ndarray, "b h d"]:
-        """Normalized chunks over the dataset's action dimensions (a model with more, as openpi's 32, is cut back)."""
+    def _sample_guided_fn(self, params: Any, rng: jax.Array, obs: Observation, num_steps: int, prefix: rtc.Prefix,
+                          max_guidance_weight: float) -> jax.Array:
+        model = nnx.merge(self._graphdef, params)
+        return model.sample_actions(rng, obs, num_steps, prefix=prefix, max_guidance_weight=max_guidance_weight)
+
+    def sample_normalized(
+        self, obs: Observation, rng: jax.Array | None = None, prefix: rtc.Prefix | None = None
+    ) -> Float[np.ndarray, "b h d"]:
+        """Normalized chunks over the dataset's action dimensions (a model with more, as openpi's 32, is cut back);
+        guided toward `prefix` (`rtc_prefix`) when given and the guidance weight is not 0."""
         if rng is None:
             rng = jax.random.fold_in(self._key, self._calls)
             self._calls += 1
-        actions = np.asarray(self._sample(self._params, rng, obs, self.num_steps))
-        return actions[..., : self.manifest.action_dim]
+        if prefix is None or self.max_guidance_weight == 0:
+            actions = self._sample(self._params, rng, obs, self.num_steps)
+        else:
+            actions = self._sample_guided(self._params, rng, obs, self.num_steps, prefix, self.max_guidance_weight)
+        return np.asarray(actions)[..., : self.manifest.action_dim]
 
     def unnormalize_actions(self, actions: Float[np.ndarray, "*b h d"]) -> Float[np.ndarray, "*b h d"]:
         return self.data.unnormalize_actions(actions)
 
-    def infer(self, frame: Mapping[str, Any]) -> Float[np.ndarray, "h d"]:
+    def rtc_prefix(
+        self,
+        previous_chunk: Float[np.ndarray, "k d"],
+        state: Float[np.ndarray, " s"],
+        delay: int = 0,
+        execution_horizon: int | None = None,
+    ) -> rtc.Prefix:
+        """The guidance target of real-time chunking for one frame of raw `state`.
+
+        previous_chunk: the previous chunk's actions not executed yet when the frame was observed, absolute, in the
+        dataset's units as `infer` returned them; row 0 is the action that executes next (1 <= k <= horizon rows).
+        delay: the actions the robot executes from it while the new chunk is computed (0 <= delay <= k): the new
+        chunk's first `delay` actions are held to them. execution_horizon (s): the mask reaches 0 at index H - s;
+        None: H - k, where the previous chunk ends (as when every chunk is executed for s = H - k actions).
+
+        With delta actions the chunk is re-expressed against the new frame's state (its rows are relative to an older
+        one), then normalized; it is padded to the horizon (its last row repeated, mask 0) and to the model's action
+        dimensions (zeros, as training pads them)."""
+        c, dim = self.config, self.manifest.action_dim
+        prev = np.asarray(previous_chunk)
+        if prev.ndim != 2 or prev.shape[1] != dim or not 1 <= prev.shape[0] <= c.action_horizon:
+            raise FrameError(f"previous_chunk must be [k, {dim}] actions with 1 <= k <= {c.action_horizon} (the "
+                             f"horizon), got shape {list(prev.shape)}")
+        if prev.dtype.kind not in "iuf" or not np.isfinite(prev).all():
+            raise FrameError(f"previous_chunk must be finite numbers, got dtype {prev.dtype}")
+        k = prev.shape[0]
+        delay = _count(delay, "delay", 0, k, f"the previous chunk's {k} actions")
+        s = c.action_horizon - k if execution_horizon is None else _count(
+            execution_horizon, "execution_horizon", 0, c.action_horizon, "the horizon")
+        stored = self.data.stored_actions(prev.astype(np.float32), np.asarray(state, np.float32))
+        target = np.zeros((c.action_horizon, c.action_dim), np.float32)
+        target[:, :dim] = np.concatenate([stored, np.repeat(stored[-1:], c.action_horizon - k, axis=0)])
+        weights = rtc.soft_mask(delay, min(c.action_horizon - s, k), c.action_horizon)
+        return rtc.Prefix(jnp.asarray(target[None]), weights[None])
+
+    def infer(
+        self,
+        frame: Mapping[str, Any],
+        previous_chunk: Float[np.ndarray, "k d"] | None = None,
+        delay: int = 0,
+        execution_horizon: int | None = None,
+    ) -> Float[np.ndarray, "h d"]:
         """The action chunk [horizon, action_dim] in the dataset's units for one observation, absolute (delta
-        dimensions turned back with the frame's state)."""
-        chunk = self.sample_normalized(self.prepare(frame))[0]
-        return self.data.absolute_actions(chunk, self.frame_state(frame))
+        dimensions turned back with the frame's state). With `previous_chunk` (the previous chunk's actions not
+        yet executed, from the next one on; see `rtc_prefix`) the chunk is sampled with real-time chunking: its first
+        `delay` actions match them and the rest joins them smoothly; without, plain sampling."""
+        obs = self.prepare(frame)
+        state = self.frame_state(frame)
+        prefix = None if previous_chunk is None else self.rtc_prefix(previous_chunk, state, delay, execution_horizon)
+        chunk = self.sample_normalized(obs, prefix=prefix)[0]
+        return self.data.absolute_actions(chunk, state)
 
     def infer_fast(self, frame: Mapping[str, Any], *, constrained: bool = True) -> Float[np.ndarray, "h d"]:
         """The backbone alone as the policy (π0-FAST style): greedy FAST tokens decoded to an absolute chunk.
