@@ -26,6 +26,12 @@ Observations are LeRobot frames as `ki_model.Policy.infer` takes them: the datas
 (`observation.images.<cam>`, HxWx3 uint8 or 3xHxW float in [0, 1]), `observation.state`, and `task` (openpi's clients
 send `prompt`; it is read when `task` is absent). Inference runs on one worker thread, so a slow model call never
 stalls the event loop: other connections are accepted and refused messages answered meanwhile.
+
+Real-time chunking (ki_model.rtc), keys openpi's clients never send, so without them the answer is plain sampling:
+`previous_chunk` ([k, action_dim] numbers: the previous answer's actions not executed yet when the observation was
+taken, the next one first, absolute as the server sent them), `delay` (int: the actions the robot executes from it
+while this request is answered; default 0) and optionally `execution_horizon` (int; default horizon - k). See
+`Policy.rtc_prefix`.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ _NDARRAY, _NPGENERIC = "__ndarray__", "__npgeneric__"
 _SAFE_DTYPE = re.compile(r"[<>|=]?[biuf][1248]")
 _MAX_NDIM = 32
 
+
+# Optional request keys of real-time chunking (ki_model.rtc).
+RTC_KEYS = ("previous_chunk", "delay", "execution_horizon")
 
 # openpi-client sends `Authorization: Api-Key <key>` (websocket_client_policy.py); HTTP auth schemes are
 # case-insensitive (RFC 9110 §11.1).
@@ -260,6 +269,7 @@ def policy_metadata(policy: Policy) -> dict[str, Any]:
         "image_size": int(m.image_size),
         "fps": float(m.fps),
         "source": m.source.get("repo_id"),
+        "rtc_keys": list(RTC_KEYS),  # optional request keys: real-time chunking (module docstring)
     }
 
 
@@ -293,6 +303,38 @@ def frame_from_request(obs: Mapping[str, Any], metadata: Mapping[str, Any]) -> d
     return frame
 
 
+def _request_int(obs: Mapping[str, Any], key: str) -> int | None:
+    value = obs.get(key)
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise RequestError(f"{key!r} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def rtc_from_request(obs: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """`Policy.infer`'s real-time chunking arguments from a request's optional keys ({} without `previous_chunk`);
+    RequestError names the key at fault."""
+    delay, horizon = _request_int(obs, "delay"), _request_int(obs, "execution_horizon")
+    if "previous_chunk" not in obs:
+        return {}
+    chunk = obs["previous_chunk"]
+    dim, h = metadata["action_dim"], metadata["action_horizon"]
+    if not isinstance(chunk, np.ndarray) or chunk.dtype.kind not in "iuf":
+        raise RequestError(f"'previous_chunk' must be an array of numbers, got "
+                           f"{getattr(chunk, 'dtype', type(chunk).__name__)}")
+    if chunk.ndim != 2 or chunk.shape[1] != dim or not 1 <= chunk.shape[0] <= h:
+        raise RequestError(f"'previous_chunk' must be [k, {dim}] with 1 <= k <= {h} (the actions not executed yet), "
+                           f"got shape {list(chunk.shape)}")
+    if delay is not None and not 0 <= delay <= chunk.shape[0]:
+        raise RequestError(f"'delay' must be in [0, {chunk.shape[0]}] (the rows of 'previous_chunk'), got {delay}")
+    if horizon is not None and not 0 <= horizon <= h:
+        raise RequestError(f"'execution_horizon' must be in [0, {h}], got {horizon}")
+    return {"previous_chunk": chunk.astype(np.float32), "delay": delay or 0, "execution_horizon": horizon}
+
+
 class PolicyServer:
     """Serves one `Policy` over openpi's websocket protocol (see the module docstring)."""
 
@@ -321,8 +363,9 @@ class PolicyServer:
         """One message -> the binary answer, or the text of an error (openpi's clients raise it)."""
         start = time.monotonic()
         try:
-            frame = frame_from_request(unpack_request(message), self.metadata)
-            actions = np.asarray(self.policy.infer(frame), dtype=np.float32)
+            obs = unpack_request(message)
+            frame, rtc = frame_from_request(obs, self.metadata), rtc_from_request(obs, self.metadata)
+            actions = np.asarray(self.policy.infer(frame, **rtc), dtype=np.float32)
         except (RequestError, FrameError) as e:
             logger.warning("refused a request: %s", e)
             return f"error: {e}"
@@ -383,8 +426,9 @@ class PolicyServer:
 
 
 def warm_up(policy: Policy, metadata: Mapping[str, Any]) -> float:
-    """Compile the policy's sampling program on a blank frame (seconds taken). It draws with its own key, so the
-    policy's sequence of draws (and thus `--seed`'s answers) is unchanged."""
+    """Compile the policy's sampling programs, plain and real-time chunking's, on a blank frame (seconds taken), so
+    that no robot waits for a compilation. It draws with its own key, so the policy's sequence of draws (and thus
+    `--seed`'s answers) is unchanged."""
     import jax
 
     size = metadata["image_size"]
@@ -393,5 +437,9 @@ def warm_up(policy: Policy, metadata: Mapping[str, Any]) -> float:
     frame[keys[0]] = np.zeros(metadata["state_dim"], np.float32)  # warm-up only: the sizes add up
     frame |= {k: np.zeros((size, size, 3), np.uint8) for k in metadata["camera_keys"]}
     start = time.monotonic()
-    policy.sample_normalized(policy.prepare(frame), rng=jax.random.key(0))
+    obs = policy.prepare(frame)
+    policy.sample_normalized(obs, rng=jax.random.key(0))
+    previous = np.zeros((metadata["action_horizon"], metadata["action_dim"]), np.float32)
+    prefix = policy.rtc_prefix(previous, policy.frame_state(frame))
+    policy.sample_normalized(obs, rng=jax.random.key(0), prefix=prefix)
     return time.monotonic() - start

@@ -41,6 +41,7 @@ from ki_model.serving import (
     exposure_warning,
     pack,
     read_api_key_file,
+    rtc_from_request,
     unpack_request,
 )
 from pipelines import serve as serve_cli
@@ -162,6 +163,46 @@ def test_serves_policy_infer_refuses_bad_requests_and_keeps_serving(server, trai
     second = client.infer(as_openpi(good))
     np.testing.assert_array_equal(second["actions"], local.infer(good).astype(np.float32))
     assert second["server_timing"]["prev_total_ms"] > 0
+
+
+def test_real_time_chunking_keys_guide_the_answer_and_bad_ones_are_named(server, frames):
+    """openpi's request dict with `previous_chunk` and `delay`: the answer begins on the previous chunk (within 30 px,
+    a tenth of the pusht action range; test_rtc.py explains the tolerance), a plain answer does not; absent keys are
+    plain sampling (the test above), bad ones an error naming the key, and the connection goes on."""
+    client = server.client()
+    assert client.get_server_metadata()["rtc_keys"] == ["previous_chunk", "delay", "execution_horizon"]
+    first = client.infer(frames[0])["actions"]
+    previous = first[4:]  # the first chunk executed for 4 steps: 6 actions left, the next one first
+    guided = client.infer({**frames[1], "previous_chunk": previous, "delay": 2})["actions"]
+    plain = client.infer(frames[1])["actions"]
+    miss = lambda a: float(np.abs(a[:2] - previous[:2]).mean())  # noqa: E731 - pixels
+    assert guided.shape == (10, 2) and miss(guided) < 30.0 and miss(guided) < miss(plain) / 3, (miss(guided),
+                                                                                                 miss(plain))
+    bad = {
+        "'previous_chunk' must be [k, 2]": {**frames[1], "previous_chunk": np.zeros((4, 3), np.float32)},
+        "'previous_chunk' must be an array of numbers": {**frames[1], "previous_chunk": "left"},
+        "'delay' must be an integer": {**frames[1], "previous_chunk": previous, "delay": 1.5},
+        "'delay' must be in [0, 6]": {**frames[1], "previous_chunk": previous, "delay": 7},
+        "'execution_horizon' must be in [0, 10]": {**frames[1], "previous_chunk": previous, "execution_horizon": -1},
+        "previous_chunk must be finite": {**frames[1], "previous_chunk": np.full((3, 2), np.inf, np.float32)},
+    }
+    for error, request in bad.items():
+        with pytest.raises(RuntimeError, match=re.escape(error)):
+            client.infer(request)
+    assert client.infer({**frames[2], "previous_chunk": previous})["actions"].shape == (10, 2)
+
+
+def test_rtc_from_request_reads_the_optional_keys():
+    meta = {"action_dim": 2, "action_horizon": 10}
+    chunk = np.ones((3, 2), np.float64)
+    assert rtc_from_request({"delay": 2}, meta) == {}  # no previous chunk: plain sampling
+    got = rtc_from_request({"previous_chunk": chunk, "delay": np.int64(2), "execution_horizon": 5}, meta)
+    assert got["delay"] == 2 and got["execution_horizon"] == 5 and got["previous_chunk"].dtype == np.float32
+    assert rtc_from_request({"previous_chunk": chunk}, meta)["delay"] == 0
+    with pytest.raises(RequestError, match="'previous_chunk' must be"):
+        rtc_from_request({"previous_chunk": np.ones((11, 2))}, meta)
+    with pytest.raises(RequestError, match="'delay' must be an integer, got bool"):
+        rtc_from_request({"previous_chunk": chunk, "delay": True}, meta)
 
 
 def test_malicious_messages_are_refused_unread_and_the_server_goes_on(server, frames):
