@@ -4,11 +4,21 @@ From initial states the demo dataset never used (see `ki_sim.pusht.evaluation_re
 plays an episode: the policy observes, infers a chunk, executes its first `replan` actions and observes again, up to
 the episode limit. The policy acts with its flow head (the action expert) or its FAST head (the backbone alone,
 greedy constrained decoding: π0-FAST style). Two baselines play the same initial states: the scripted expert that
-recorded the demo data (the yardstick) and hold-still (the agent's current position as every action).
+recorded the demo data (the yardstick) and hold-still (the agent's current position as every action); both act on
+every step without latency, whatever `delay` says.
+
+Latency (`delay` d, in control steps), as on a robot: a chunk is computed from the observation at request time while
+the robot goes on executing the previous chunk's next d actions; the new chunk's first d actions stand for time that
+has passed and are skipped, so each cycle of `replan` steps executes d old actions, then the new chunk from index d.
+The first chunk of an episode is waited for at rest and executed from index 0 (no time passes before the episode
+starts). With `rtc` the policy is given the old chunk's remainder and the delay (real-time chunking, ki_model.rtc).
+d = 0 is the rollout without latency, step for step.
 
 Per episode: the T's coverage of the target at the start, its maximum and its final value, success (coverage above
-gym-pusht's 0.95, which ends the episode), and the share of the initial distance between the block's center of mass
-and the goal's that the episode closed (negative: pushed away). `run_rollout` writes `rollout_report.json`, a plot
+gym-pusht's 0.95, which ends the episode), the share of the initial distance between the block's center of mass
+and the goal's that the episode closed (negative: pushed away), and for the policy the jump at each chunk boundary
+(the new chunk's first executed action against the one the old chunk would have executed then, mean over x and y,
+in arena pixels). `run_rollout` writes `rollout_report.json`, a plot
 and a GIF of the first episodes (policy beside the expert, the coverage drawn on every frame).
 """
 
@@ -52,10 +62,16 @@ class RolloutConfig:
     video_episodes: int = 3  # episodes shown in the GIF
     controllers: tuple[str, ...] = CONTROLLERS
     head: str = "flow"  # the policy's: "flow" (action expert) or "fast" (the backbone's FAST tokens)
+    delay: int = 0  # the policy's latency in control steps (module docstring); at most replan
+    rtc: bool = False  # real-time chunking: the flow continues the chunk being executed (flow head only)
 
     def validate(self) -> None:
         if self.episodes < 1:
             raise RolloutError(f"episodes must be at least 1, got {self.episodes}")
+        if self.delay < 0:
+            raise RolloutError(f"delay must be at least 0, got {self.delay}")
+        if self.rtc and self.head != "flow":
+            raise RolloutError(f"real-time chunking guides the flow head; the {self.head} head has none")
         if self.replan is not None and self.replan < 1:
             raise RolloutError(f"replan must be at least 1, got {self.replan}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -79,6 +95,7 @@ class EpisodeResult:
     initial_distance: float  # the block's center of mass to the goal's, arena pixels
     final_distance: float
     coverage: list[float]  # after every step
+    chunk_jumps: list[float] | None = None  # per chunk boundary, arena pixels; None: the controller has no chunks
 
     @property
     def distance_closed(self) -> float:
@@ -90,6 +107,8 @@ class EpisodeResult:
 
 
 class Controller(Protocol):
+    chunk_jumps: list[float] | None  # this episode's jumps at chunk boundaries; None: no chunks
+
     def reset(self, episode: int) -> None: ...
 
     def act(self, env: Any, obs: dict[str, np.ndarray]) -> Float[np.ndarray, "k 2"]:
@@ -98,6 +117,8 @@ class Controller(Protocol):
 
 class HoldStill:
     """Every action is the agent's current position: the PD controller holds it; the block never moves."""
+
+    chunk_jumps = None
 
     def reset(self, episode: int) -> None:
         pass
@@ -108,6 +129,8 @@ class HoldStill:
 
 class Expert:
     """The scripted expert that recorded the demo data (ki_sim.experts; its noise seeded per evaluation episode)."""
+
+    chunk_jumps = None
 
     def __init__(self, seed: int, kind: str = "line"):
         self.seed = seed
@@ -124,17 +147,27 @@ class Expert:
 
 
 class PolicyController:
-    """Observation -> the frame a recorded demo row came from -> the policy's head -> the chunk's first `replan`
-    actions."""
+    """Observation -> the frame a recorded demo row came from -> the policy's head -> `replan` actions: with a latency
+    of `delay` steps, the old chunk's next `delay` actions, then the new chunk's from index `delay` (module
+    docstring). A chunk's index i is the step i after the observation it came from."""
 
-    def __init__(self, policy: Policy, replan: int, head: str = "flow"):
+    def __init__(self, policy: Policy, replan: int, head: str = "flow", delay: int = 0, rtc: bool = False):
+        horizon = policy.config.action_horizon
+        if not 0 <= delay <= replan or replan + delay > horizon:
+            raise RolloutError(f"delay {delay} must be in [0, replan {replan}], and replan + delay within the "
+                               f"policy's horizon {horizon} (the old chunk covers the delay)")
         self.policy = policy
         self.replan = replan
         self.head = head
+        self.delay = delay
+        self.rtc = rtc
         self.image_key = pusht_image_key(policy.manifest)
+        self._chunk: Float[np.ndarray, "h 2"] | None = None  # the chunk being executed
+        self.chunk_jumps: list[float] = []
 
     def reset(self, episode: int) -> None:
-        pass
+        self._chunk = None
+        self.chunk_jumps = []
 
     def frame(self, env: Any, obs: dict[str, np.ndarray]) -> dict[str, Any]:
         """Exactly what `ki_sim.record.record_demo_dataset` hands to `add_frame` for an observation."""
@@ -145,10 +178,23 @@ class PolicyController:
             "task": pusht.PUSHT_TASK,
         }
 
+    def infer(self, frame: dict[str, Any], remainder: Float[np.ndarray, "k 2"] | None) -> Float[np.ndarray, "h 2"]:
+        if self.head == "fast":
+            return self.policy.infer_fast(frame)
+        if self.rtc and remainder is not None and len(remainder):
+            return self.policy.infer(frame, previous_chunk=remainder, delay=self.delay)
+        return self.policy.infer(frame)
+
     def act(self, env: Any, obs: dict[str, np.ndarray]) -> Float[np.ndarray, "k 2"]:
-        frame = self.frame(env, obs)
-        chunk = self.policy.infer(frame) if self.head == "flow" else self.policy.infer_fast(frame)
-        return chunk[: self.replan]
+        old, d = self._chunk, self.delay
+        remainder = None if old is None else old[self.replan:]  # not executed yet; row 0 executes next
+        chunk = self.infer(self.frame(env, obs), remainder)
+        self._chunk = chunk
+        if old is None:
+            return chunk[: self.replan]
+        # At step d after the observation the new chunk takes over from the old one (its last action once it ran out).
+        self.chunk_jumps.append(float(np.abs(chunk[d] - old[min(self.replan + d, len(old) - 1)]).mean()))
+        return np.concatenate([old[self.replan : self.replan + d], chunk[d : self.replan]])
 
 
 def pusht_image_key(manifest: Manifest) -> str:
@@ -202,6 +248,7 @@ def run_episode(
         initial_distance=dist0,
         final_distance=pusht.block_goal_distance(env),
         coverage=coverage,
+        chunk_jumps=None if controller.chunk_jumps is None else list(controller.chunk_jumps),
     )
 
 
@@ -210,7 +257,11 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
     fin = np.array([r.final_coverage for r in results])
     ok = np.array([r.success for r in results], float)
     closed = np.array([r.distance_closed for r in results])
+    jumps = [j for r in results for j in (r.chunk_jumps or [])]
     return {
+        # Over every boundary of every episode; None: no chunks, or none replaced before the episodes ended.
+        "mean_chunk_jump": float(np.mean(jumps)) if jumps else None,
+        "chunk_boundaries": len(jumps),
         "mean_distance_closed": float(closed.mean()),
         "std_distance_closed": float(closed.std()),
         "mean_max_coverage": float(mx.mean()),
@@ -298,6 +349,7 @@ def run_rollout(
     replan = cfg.replan or max(1, horizon // 2)
     if replan > horizon:
         raise RolloutError(f"replan {replan} exceeds the policy's horizon {horizon}")
+    policy_controller = PolicyController(policy, replan, cfg.head, cfg.delay, cfg.rtc)
     max_steps = cfg.max_steps or (recording or {}).get("max_steps") or DemoConfig.max_steps
     image_size = source_image_size(manifest, recording)
     out = Path(output_dir)
@@ -307,7 +359,7 @@ def run_rollout(
     seeds = [pusht.evaluation_reset_seed(cfg.seed, i) for i in range(cfg.episodes)]
     disjoint = check_disjoint(env, seeds, recording)
     controllers: dict[str, Controller] = {
-        "policy": PolicyController(policy, replan, cfg.head),
+        "policy": policy_controller,
         "expert": Expert(cfg.seed, (recording or {}).get("expert", "planner")),
         "hold_still": HoldStill(),
     }
@@ -345,6 +397,9 @@ def run_rollout(
         "max_steps": max_steps,
         "image_size": image_size,
         "head": cfg.head,
+        "delay": cfg.delay,
+        "rtc": cfg.rtc,
+        "max_guidance_weight": policy.max_guidance_weight if cfg.rtc else None,
         "expert": (recording or {}).get("expert", "planner"),
         "num_flow_steps": policy.num_steps,
         "success_coverage": SUCCESS_COVERAGE,
@@ -363,13 +418,15 @@ def run_rollout(
 
 
 def format_table(report: dict[str, Any], controllers: tuple[str, ...] = CONTROLLERS) -> str:
-    """The summary as a fixed-width table (mean ± std over episodes); the policy's row names its head."""
+    """The summary as a fixed-width table (mean ± std over episodes); the policy's row names its head. Chunk jump:
+    the mean jump at chunk boundaries in arena pixels ('-': no chunks)."""
     head = report.get("setup", {}).get("head", "flow")
     lines = [f"{'controller':<18}{'distance closed':>18}{'vs expert':>11}{'max coverage':>16}{'final coverage':>18}"
-             f"{'success':>9}"]
+             f"{'success':>9}{'chunk jump':>12}"]
     for name in controllers:
         r = report[name]
         vs = r.get("distance_closed_vs_expert")
+        jump = r.get("mean_chunk_jump")
         label = f"policy ({head} head)" if name == "policy" else name
         lines.append(
             f"{label:<18}{r['mean_distance_closed']:>11.0%} ± {r['std_distance_closed']:.0%}"
@@ -377,6 +434,7 @@ def format_table(report: dict[str, Any], controllers: tuple[str, ...] = CONTROLL
             f"{r['mean_max_coverage']:>9.3f} ± {r['std_max_coverage']:.3f}"
             f"{r['mean_final_coverage']:>11.3f} ± {r['std_final_coverage']:.3f}"
             f"{r['success_rate']:>9.0%}"
+            f"{'-' if jump is None else f'{jump:.1f} px':>12}"
         )
     return "\n".join(lines)
 

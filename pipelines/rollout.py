@@ -1,5 +1,6 @@
 """Closed-loop evaluation of a checkpoint in gym-pusht, beside the scripted expert and hold-still:
-`python -m pipelines.rollout --checkpoint DIR [--head flow|fast] [--episodes 20] [--seed S] [--replan K] [--output DIR]`."""
+`python -m pipelines.rollout --checkpoint DIR [--head flow|fast] [--episodes 20] [--seed S] [--replan K]
+[--delay D] [--rtc on|off] [--output DIR]`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="picks the initial states and the flow noise")
     p.add_argument("--replan", type=int, default=None,
                    help="actions executed from each inferred chunk before observing again (default: half the horizon)")
+    p.add_argument("--delay", type=int, default=0,
+                   help="the policy's latency in control steps: while a chunk is computed the robot executes the old "
+                        "chunk's next D actions, and the new chunk is executed from index D (default: %(default)s)")
+    p.add_argument("--rtc", choices=("on", "off"), default="off",
+                   help="real-time chunking: the flow is guided to continue the chunk being executed (flow head "
+                        "only) (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="episode limit at 10 fps (default: the recording's, else 150)")
     p.add_argument("--video-episodes", type=int, default=3, help="episodes shown in the GIF (default: %(default)s)")
@@ -37,16 +44,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU: compile without XLA backend optimisation (quicker start, slower inference)")
     a = p.parse_args(argv)
     cfg = RolloutConfig(episodes=a.episodes, seed=a.seed, replan=a.replan, max_steps=a.max_steps,
-                        video_episodes=a.video_episodes, head=a.head)
-    output = a.output or f"{a.checkpoint.rstrip('/')}/rollout" + ("" if a.head == "flow" else f"_{a.head}")
+                        video_episodes=a.video_episodes, head=a.head, delay=a.delay, rtc=a.rtc == "on")
+    suffix = ("" if a.head == "flow" else f"_{a.head}") + (f"_delay{a.delay}" if a.delay else "") + (
+        "_rtc" if cfg.rtc else "")
+    output = a.output or f"{a.checkpoint.rstrip('/')}/rollout{suffix}"
     try:
         r = run_rollout(a.checkpoint, output, cfg, fast_compile=a.fast_compile)
     except (RolloutError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = r["setup"]
+    latency = (f", {s['delay']} steps of latency" if s["delay"] else "") + (
+        f", real-time chunking (β {s['max_guidance_weight']:g})" if s["rtc"] else "")
     print(f"{s['episodes']} episodes from unseen initial states, at most {s['max_steps']} steps, the policy replanning "
-          f"every {s['replan']} of its {s['horizon']} actions ({s['seconds']:.0f} s)")
+          f"every {s['replan']} of its {s['horizon']} actions{latency} ({s['seconds']:.0f} s)")
     print(f"policy: {a.checkpoint} ({describe_training(a.checkpoint)})")
     print(format_table(r))
     print(f"report: {r['report_path']}")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ki_sim import pusht as demo_pusht
-from ki_sim.rollout import CONTROLLERS, PolicyController, RolloutError, check_disjoint
+from ki_sim.rollout import CONTROLLERS, PolicyController, RolloutConfig, RolloutError, check_disjoint, run_episode
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,114 @@ def test_rollout_writes_report_plot_and_video(rollout):
         assert name in printed
     assert "rollout_report.json" in printed
     assert "policy (flow head)" in printed and "insulation on" in printed  # which head and which training
+
+
+@pytest.fixture(scope="module")
+def rollout_rtc(trained_checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """pipelines.rollout with 2 steps of latency and real-time chunking: 1 episode of 30 steps."""
+    from pipelines.rollout import main
+
+    out = tmp_path_factory.mktemp("rollout_rtc") / "r"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main(["--checkpoint", str(trained_checkpoint), "--episodes", "1", "--max-steps", "30", "--delay", "2",
+                     "--rtc", "on", "--video-episodes", "0", "--output", str(out), "--fast-compile"])
+    assert code == 0
+    return out, text.getvalue()
+
+
+def test_latency_with_rtc_reports_the_jump_at_chunk_boundaries(rollout, rollout_rtc):
+    out, printed = rollout_rtc
+    report = json.loads((out / "rollout_report.json").read_text())
+    assert report["setup"]["delay"] == 2 and report["setup"]["rtc"] and report["setup"]["max_guidance_weight"] == 5.0
+    policy = report["policy"]
+    # 30 steps replanning every 5: 6 chunks, 5 boundaries (unless the episode succeeded early).
+    assert 1 <= policy["chunk_boundaries"] <= 5 and policy["mean_chunk_jump"] > 0
+    assert len(policy["episodes"][0]["chunk_jumps"]) == policy["chunk_boundaries"]
+    assert policy["mean_chunk_jump"] == pytest.approx(np.mean(policy["episodes"][0]["chunk_jumps"]))
+    for name in ("expert", "hold_still"):  # no chunks, no latency
+        assert report[name]["mean_chunk_jump"] is None and report[name]["episodes"][0]["chunk_jumps"] is None
+    assert "2 steps of latency, real-time chunking (β 5)" in printed and "chunk jump" in printed
+    assert re.search(r"policy \(flow head\).* \d+\.\d px\n", printed) and re.search(r"hold_still.* -\n", printed)
+    # Without latency the report has the metric too (boundaries of plain chunking), and says delay 0.
+    plain = json.loads((rollout[0] / "rollout_report.json").read_text())
+    assert plain["setup"]["delay"] == 0 and not plain["setup"]["rtc"] and plain["policy"]["mean_chunk_jump"] > 0
+
+
+class _PlainChunks:
+    """The rollout's policy controller as it was before latency: infer, execute the first `replan` actions."""
+
+    chunk_jumps = None
+
+    def __init__(self, policy, replan: int):
+        self.frame, self.policy, self.replan = PolicyController(policy, replan).frame, policy, replan
+
+    def reset(self, episode: int) -> None:
+        pass
+
+    def act(self, env, obs):
+        return self.policy.infer(self.frame(env, obs))[: self.replan]
+
+
+def _recorded(controller):
+    """`controller` whose act() also appends what it returns to `.executed`."""
+    act, executed = controller.act, []
+    controller.act = lambda env, obs: executed.append(np.array(act(env, obs))) or executed[-1]
+    controller.executed = executed
+    return controller
+
+
+def test_delay_0_is_the_rollout_without_latency(trained_checkpoint):
+    from ki_model.policy import Policy
+
+    env = demo_pusht.make_env(96, max_steps=30)
+    seed = demo_pusht.evaluation_reset_seed(0, 0)
+    try:
+        plain = _recorded(_PlainChunks(Policy.load(trained_checkpoint, fast_compile=True), 3))
+        ours = _recorded(PolicyController(Policy.load(trained_checkpoint, fast_compile=True), 3, delay=0))
+        a, b = run_episode(env, plain, seed, 0, 30), run_episode(env, ours, seed, 0, 30)
+    finally:
+        env.close()
+    assert len(plain.executed) == len(ours.executed) >= 2
+    for x, y in zip(plain.executed, ours.executed, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a.coverage == b.coverage and a.final_distance == b.final_distance and a.chunk_jumps is None
+    assert len(b.chunk_jumps) == len(ours.executed) - 1
+
+
+def test_with_latency_the_old_chunk_runs_on_then_the_new_one_from_index_delay(trained_checkpoint):
+    from ki_model.policy import Policy
+
+    policy = Policy.load(trained_checkpoint, fast_compile=True)
+    infer, calls = policy.infer, []
+
+    def recording_infer(frame, **kwargs):
+        calls.append((kwargs, infer(frame, **kwargs)))
+        return calls[-1][1]
+
+    policy.infer = recording_infer
+    controller = PolicyController(policy, replan=4, delay=2, rtc=True)
+    env = demo_pusht.make_env(96, max_steps=30)
+    try:
+        obs, _ = env.reset(seed=demo_pusht.evaluation_reset_seed(0, 0))
+        controller.reset(0)
+        first = controller.act(env, obs)
+        for action in first:
+            obs, *_ = env.step(action)
+        second = controller.act(env, obs)
+    finally:
+        env.close()
+    (kw0, c0), (kw1, c1) = calls
+    assert kw0 == {} and kw1["delay"] == 2 and np.array_equal(kw1["previous_chunk"], c0[4:])  # not executed yet
+    np.testing.assert_array_equal(first, c0[:4])  # the first chunk is waited for at rest
+    np.testing.assert_array_equal(second, np.concatenate([c0[4:6], c1[2:4]]))
+    assert controller.chunk_jumps == [pytest.approx(float(np.abs(c1[2] - c0[6]).mean()))]
+    with pytest.raises(RolloutError, match="delay 5 must be in"):
+        PolicyController(policy, replan=4, delay=5)
+    with pytest.raises(RolloutError, match=r"replan \+ delay within"):
+        PolicyController(policy, replan=8, delay=3)
+    with pytest.raises(RolloutError, match="the fast head has none"):
+        RolloutConfig(rtc=True, head="fast").validate()
 
 
 def test_the_expert_is_the_yardstick(rollout):
