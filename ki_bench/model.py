@@ -1,5 +1,6 @@
 """The model's figures: train step of the single pass vs the two-pass reference, `sample_actions` vs
-`sample_fast_tokens` latency, cached vs uncached sampling, the trainer's step throughput and XLA FLOP counts.
+`sample_fast_tokens` latency, real-time-chunking-guided vs plain sampling, cached vs uncached sampling, the trainer's
+step throughput and XLA FLOP counts.
 
 Each pair runs in one process on the same model and batch, interleaved after compilation (ki_bench.timing): each
 ratio is the median of the per-round ratios, with its spread, repeated as the RepeatPolicy says. Batches are synthetic but in shard format (ki_bench.synthetic).
@@ -19,7 +20,7 @@ from flax import nnx
 
 from ki_bench.synthetic import SyntheticTokenizers, synthetic_batch, synthetic_tokenizers
 from ki_bench.timing import Pair, RepeatPolicy, paired_rounds, wall_cost
-from ki_model import reference
+from ki_model import reference, rtc
 from ki_model.config import Pi05KIConfig
 from ki_model.decoding import FastDecodeSpec
 
@@ -127,6 +128,43 @@ def time_sampling(
         "fast_valid": [bool(v) for v in res.valid],
         "compile_s": run.first,
         "repeats": len(run.costs["sample_actions"]),
+    }
+
+
+def time_rtc_sampling(
+    setup: ReportSetup, *, repeats: int = 5, delay: int = 2, seed: int = 0, policy: RepeatPolicy | None = None,
+    goal: float | None = None,
+) -> dict[str, Any]:
+    """Latency of `sample_actions` guided by real-time chunking (ki_model.rtc: a VJP through the action expert at
+    every flow step) vs plain, same model, batch 1 and flow steps, interleaved after compilation. The guidance target
+    is a plainly sampled chunk, executed for half the horizon, with `delay` actions of latency."""
+    cfg = setup.config
+    batch = _batch(setup, 1, seed)
+    model = cfg.create(nnx.Rngs(seed))
+    steps, h = cfg.num_flow_steps, cfg.action_horizon
+    plain = nnx.jit(lambda m, rng, obs: m.sample_actions(rng, obs, num_steps=steps))
+    guided = nnx.jit(lambda m, rng, obs, prefix: m.sample_actions(rng, obs, num_steps=steps, prefix=prefix))
+    previous = plain(model, jax.random.key(2), batch.obs)
+    prefix = rtc.Prefix(previous, rtc.soft_mask(delay, h - h // 2, h)[None])
+    rng = jax.random.key(1)
+    run = paired_rounds(
+        {"plain": wall_cost(lambda: plain(model, rng, batch.obs)),
+         "rtc": wall_cost(lambda: guided(model, rng, batch.obs, prefix))},
+        {"rtc_over_plain": Pair("rtc", "plain", goal)},
+        _policy(repeats, policy),
+        desc="RTC sampling",
+    )
+    med = run.medians()
+    return {
+        "flow_steps": steps,
+        "delay": delay,
+        "max_guidance_weight": rtc.MAX_GUIDANCE_WEIGHT,
+        "plain_s": med["plain"],
+        "rtc_s": med["rtc"],
+        "rtc_over_plain": run.spreads["rtc_over_plain"].median,
+        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
+        "compile_s": run.first,
+        "repeats": len(run.costs["rtc"]),
     }
 
 
@@ -268,9 +306,9 @@ def flops_phase(shards: str, preset: str, batch_size: int) -> dict:
 
 
 def model_phase(shards: str, preset: str, batch_size: int, policy: RepeatPolicy, compile_cache: str | None,
-                fast_goal: float | None = None) -> dict:
-    """At the shards' config: single vs two-pass train step on one batch, sample_actions vs sample_fast_tokens; then
-    cached vs uncached sampling and the prefix pass; the FLOP counts."""
+                fast_goal: float | None = None, rtc_goal: float | None = None) -> dict:
+    """At the shards' config: single vs two-pass train step on one batch, sample_actions vs sample_fast_tokens, RTC
+    vs plain sampling; then cached vs uncached sampling and the prefix pass; the FLOP counts."""
     use_compile_cache(compile_cache)
     setup = shards_setup(shards, preset)
     cfg = setup.config
@@ -280,6 +318,7 @@ def model_phase(shards: str, preset: str, batch_size: int, policy: RepeatPolicy,
         "image_tokens": cfg.tokens_per_image * len(setup.cameras),
         "train_step": time_train_step(setup, batch_size=batch_size, policy=policy),
         "sampling": time_sampling(setup, batch_size=1, policy=policy, fast_goal=fast_goal),
+        "rtc": time_rtc_sampling(setup, policy=policy, goal=rtc_goal),
         "cache": time_prefix_and_cache(setup, repeats=policy.min_repeats, policy=policy),
         "flops": train_step_flops(setup, batch_size=batch_size),
     } | _device()

@@ -172,7 +172,7 @@ def notes(doc: dict[str, Any]) -> str:
                      f"after compilation: {t['step_s']:.2f} s/step")
     for label in s["model_sizes"]:
         mm = raw[f"model_{label}"]
-        c, ts, sa, ca, fl = mm["config"], mm["train_step"], mm["sampling"], mm["cache"], mm["flops"]
+        c, ts, sa, ca, fl, rt = mm["config"], mm["train_step"], mm["sampling"], mm["cache"], mm["flops"], mm["rtc"]
         k = max(sa["fast_tokens_decoded"])
         lines += [
             f"model {label}: {c['backbone_variant']} + {c['expert_variant']} + {c['vision_variant']}, "
@@ -185,6 +185,10 @@ def notes(doc: dict[str, Any]) -> str:
             f"steps ({(sa['sample_actions_s'] - ca['prefix_s']) * 1e3 / sa['flow_steps']:.1f} ms each); "
             f"sample_fast_tokens = prefix + {k} tokens ({(sa['sample_fast_tokens_s'] - ca['prefix_s']) * 1e3 / k:.1f} "
             f"ms each)",
+            f"  real-time chunking: {rt['flow_steps']} guided flow steps "
+            f"{(rt['rtc_s'] - ca['prefix_s']) * 1e3 / rt['flow_steps']:.1f} ms each vs plain "
+            f"{(rt['plain_s'] - ca['prefix_s']) * 1e3 / rt['flow_steps']:.1f} (a VJP through the action expert per "
+            f"step; the prefix pass runs once either way)",
         ]
     for preset in s["flops_presets"]:
         fl = raw[f"flops_{preset}"]

@@ -109,7 +109,8 @@ def _phases(opts: BenchOptions, cache: Path, compile_cache: str | None, raw: dic
     for label in s.model_sizes:
         phases.append((f"model_{label}", f"model timings ({label})", lambda z=s.size(label): run_isolated(
             "ki_bench.model:model_phase", shards, z.preset, s.model_batch, s.policy, compile_cache,
-            goals.get("fast_over_flow_latency") if z.label == s.headline_model else None)))
+            goals.get("fast_over_flow_latency") if z.label == s.headline_model else None,
+            goals.get("rtc_over_plain_latency") if z.label == s.headline_model else None)))
     phases.append(("flow_cost", f"KI cost ({s.flow_cost_preset})", lambda: run_isolated(
         "ki_bench.model:flow_cost_phase", s.flow_cost_preset, s.flow_cost_batch, s.policy, compile_cache)))
     for preset in s.flops_presets:

@@ -8,7 +8,8 @@ phase: on the ALOHA-like data, preprocess vs a LeRobotDataset[i] loop vs decodin
 our loader vs LeRobotDataset + DataLoader with the same augmentation (one core each), 1 vs 2 workers and parallel
 camera decoding, the image steps (OpenCV vs PIL resize, JPEG vs PNG); XLA memory at π0.5 size; on pusht, the same
 preprocessing figures, the loader vs the train step (tiny and mid configs), the single-pass vs the two-pass train
-step, sample_actions vs sample_fast_tokens, cached vs uncached sampling, and peak host memory. `--gpu` measures the
+step, sample_actions vs sample_fast_tokens, RTC-guided vs plain sample_actions, cached vs uncached sampling, and peak
+host memory. `--gpu` measures the
 π0.5-size figures on an accelerator instead. Prints a table (figure, the two measurements, ratio, target, met) and writes JSON.
 The measuring code is the ki_bench package; its figure records (ki_bench.figures) make the JSON and the table.
 """
