@@ -36,7 +36,7 @@ def _abstract_batch(cfg, batch: int):
 
 def train_step_memory(preset: str = "pi05", batch_size: int = 32, *, cameras: tuple[str, ...] = PI05_CAMERAS,
                       remat: str = "nothing_saveable", lora: str = "", grad_accum: int = 1, ema: bool = False,
-                      dtype: str | None = None) -> dict[str, Any]:
+                      dtype: str | None = None, layer_chunks: int = 1) -> dict[str, Any]:
     """GiB of the compiled train step (state donated, as the trainer does): `state` = parameters + optimizer state
     (+ EMA), `temp` = XLA temporaries (activations kept for the backward pass, gradients, the update), `total` =
     everything the device holds during the step (arguments + outputs not aliased to them + temporaries)."""
@@ -47,7 +47,7 @@ def train_step_memory(preset: str = "pi05", batch_size: int = 32, *, cameras: tu
     from ki_model.optimizer import OptimizerConfig, make_optimizer, make_schedule
     from ki_model.train import _init_fn, _train_step, step_key
 
-    fields = dict(cameras=cameras, remat=remat, lora=lora) | ({"dtype": dtype} if dtype else {})
+    fields = dict(cameras=cameras, remat=remat, lora=lora, layer_chunks=layer_chunks) | ({"dtype": dtype} if dtype else {})
     cfg = Pi05KIConfig.preset(preset, **fields)
     opt = OptimizerConfig()
     tx = make_optimizer(opt)
@@ -62,7 +62,7 @@ def train_step_memory(preset: str = "pi05", batch_size: int = 32, *, cameras: tu
     total = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
     return {
         "preset": preset, "batch_size": batch_size, "grad_accum": grad_accum, "lora": [list(p) for p in cfg.lora],
-        "remat": cfg.remat, "dtype": cfg.dtype, "ema": ema, "cameras": len(cameras),
+        "remat": cfg.remat, "layer_chunks": cfg.layer_chunks, "dtype": cfg.dtype, "ema": ema, "cameras": len(cameras),
         "params_gib": nbytes(state.params) / GiB, "opt_state_gib": nbytes(state.opt_state) / GiB,
         "temp_gib": ma.temp_size_in_bytes / GiB, "total_gib": total / GiB,
         "compile_s": time.perf_counter() - t0, "jax_backend": jax.default_backend(),
@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--remat", default="nothing_saveable")
     p.add_argument("--ema", action="store_true")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--layer-chunks", type=int, default=1)
     a = p.parse_args(argv)
     m = train_step_memory(a.preset, a.batch_size, remat=a.remat, lora=a.lora, grad_accum=a.grad_accum, ema=a.ema,
-                          dtype=a.dtype)
+                          dtype=a.dtype, layer_chunks=a.layer_chunks)
     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
 
 
