@@ -1,8 +1,10 @@
 """Device memory of the whole train step (model, optimizer, EMA, LoRA, gradient accumulation) by XLA's own accounting:
 the trainer's `_train_step` compiled on abstract inputs (`jax.eval_shape` of the train state), so nothing of model
-size is allocated and no accelerator is needed. ki_bench can call `train_step_memory` for its figure records.
+size is allocated and no accelerator is needed. The benchmark's fine-tuning figures (ki_bench.memory) are
+`train_step_memory` of the README's runs (`ki_bench.settings.FINE_TUNE_RUNS`).
 
-    python -m ki_model.memory --preset pi05 --batch-size 32 [--lora backbone=16,expert=32] [--grad-accum 4]
+    python -m ki_model.memory --preset pi05 --batch-size 32 [--layer-chunks 8] [--lora backbone=16,expert=32]
+        [--grad-accum 4]
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 
 GiB = 2**30
 PI05_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-
+# CPU code generation unoptimised: buffer assignment (what memory_analysis reports) comes from the HLO passes, which
+# still run; only LLVM's work is skipped (the π0.5 LoRA step: 5.333 GiB of temporaries either way, 14 s vs 23 s).
+ANALYSIS_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 def _abstract_batch(cfg, batch: int):
     import jax
@@ -56,7 +60,8 @@ def train_step_memory(preset: str = "pi05", batch_size: int = 32, *, cameras: tu
     fn = functools.partial(_train_step, graphdef, tx, make_schedule(opt), 0.999 if ema else None, step_key(0),
                            grad_accum=grad_accum)
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, *_abstract_batch(cfg, batch_size)).compile()
+    lowered = jax.jit(fn, donate_argnums=(0,)).lower(state, *_abstract_batch(cfg, batch_size))
+    compiled = lowered.compile(ANALYSIS_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)
     ma = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     total = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
