@@ -161,7 +161,8 @@ def notes(doc: dict[str, Any]) -> str:
         f"{mem['remat']}, {mem['dtype']}, vocabulary {mem['vocab_size']}): KI loss + grad temporaries "
         f"{mem['train_step']['temp_gib']:.2f} GiB (arguments {mem['train_step']['argument_gib']:.2f}, outputs "
         f"{mem['train_step']['output_gib']:.2f}) with each layer in {mem['layer_chunks']} chunks of the batch, "
-        f"{mem['train_step_unchunked']['temp_gib']:.2f} GiB unchunked; FAST loss part {mem['fast_ce']['temp_gib']:.2f} GiB")
+        f"{mem['train_step_unchunked']['temp_gib']:.2f} GiB unchunked; FAST loss part "
+        f"{mem['fast_ce']['temp_gib']:.2f} GiB")
     for name, ft in mem["fine_tune"].items():
         lines.append(
             f"  {name} train step (batch {ft['batch_size']}, grad-accum {ft['grad_accum']}, layer chunks "

@@ -20,6 +20,7 @@ PI05_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 # still run; only LLVM's work is skipped (the π0.5 LoRA step: 5.333 GiB of temporaries either way, 14 s vs 23 s).
 ANALYSIS_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
+
 def _abstract_batch(cfg, batch: int):
     import jax
     import jax.numpy as jnp
@@ -51,7 +52,8 @@ def train_step_memory(preset: str = "pi05", batch_size: int = 32, *, cameras: tu
     from ki_model.optimizer import OptimizerConfig, make_optimizer, make_schedule
     from ki_model.train import _init_fn, _train_step, step_key
 
-    fields = dict(cameras=cameras, remat=remat, lora=lora, layer_chunks=layer_chunks) | ({"dtype": dtype} if dtype else {})
+    fields = dict(cameras=cameras, remat=remat, lora=lora, layer_chunks=layer_chunks)
+    fields |= {"dtype": dtype} if dtype else {}
     cfg = Pi05KIConfig.preset(preset, **fields)
     opt = OptimizerConfig()
     tx = make_optimizer(opt)

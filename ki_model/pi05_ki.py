@@ -108,7 +108,9 @@ class Pi05KI(nnx.Module):
             raise ObservationShapeError(f"cameras {missing} missing from the observation (has {sorted(obs.images)})")
         return cams
 
-    def embed_images(self, obs: Observation, *, batch_chunks: int = 1) -> tuple[Float[Array, "b i w"], Bool[Array, "b i"]]:
+    def embed_images(
+        self, obs: Observation, *, batch_chunks: int = 1
+    ) -> tuple[Float[Array, "b i w"], Bool[Array, "b i"]]:
         """All cameras through SigLIP in one batch (each block in `batch_chunks` chunks of it, in turn); camera c's
         tokens are valid where image_masks[c]."""
         cams = self.camera_order(obs)
