@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ki_bench.settings import SETTINGS, BenchSettings
+from ki_bench.settings import FINE_TUNE_RUNS, SETTINGS, BenchSettings, run_flags
 
 Raw = dict[str, Any]  # phase name -> that phase's measurements (the JSON's "raw")
 
@@ -95,6 +95,24 @@ def _preprocess_figures(phase: str, loop: str, suffix: str, targets: bool) -> li
     ]
 
 
+# The fine-tuning totals: (run in ki_bench.settings.FINE_TUNE_RUNS, label, target GiB). Full fine-tuning on one 80 GB
+# card with room; LoRA on a 24 GB card.
+_FINE_TUNE_TARGETS = (("full", "full fine-tune", 60.0), ("full_accum", "full fine-tune, accumulated", 60.0),
+                      ("lora", "LoRA fine-tune", 20.0), ("lora_accum", "LoRA fine-tune, accumulated", 20.0))
+
+
+def _fine_tune_figures() -> list[Figure]:
+    """Everything the device holds during a train step (weights, optimizer state, gradients, temporaries; EMA off)
+    for each README fine-tuning run at the memory phase's preset and batch (XLA memory analysis)."""
+    return [
+        Figure(f"{name}_total_gib_pi05",
+               Quantity(f"{label}, all on device", "GiB",
+                        lambda r, name=name: r["memory"]["fine_tune"][name]["total_gib"]),
+               target=target, direction="<=", context=f"(remat, {run_flags(FINE_TUNE_RUNS[name])}, EMA off)")
+        for name, label, target in _FINE_TUNE_TARGETS
+    ]
+
+
 def figures_for(s: BenchSettings) -> list[Figure]:
     """Every figure of a CPU run with settings `s`, in table order (`gpu_figures` for the GPU mode)."""
     img = lambda k: lambda r: r["preprocess"]["image_cost_ms"][k]  # noqa: E731
@@ -136,7 +154,8 @@ def figures_for(s: BenchSettings) -> list[Figure]:
                target=1.5, direction="<="),
         Figure("train_step_temp_gib_pi05", Quantity("XLA temporaries, KI loss + grad", "GiB",
                                                     lambda r: r["memory"]["train_step"]["temp_gib"]),
-               target=8.0, direction="<="),
+               target=8.0, direction="<=", context=f"(remat, {run_flags(FINE_TUNE_RUNS['full'])})"),
+        *_fine_tune_figures(),
         Figure("resize_pil_over_opencv", Quantity("PIL bilinear", "ms", img("resize_pil_ms")),
                Quantity("OpenCV area", "ms", img("resize_ms")), context="(per camera-frame)",
                spread=_spread("preprocess", "image_cost_ms", "resize_pil_over_opencv")),
@@ -216,8 +235,9 @@ def gpu_figures(s: BenchSettings) -> list[Figure]:
         Figure(f"gpu_inference_ms_{p}", Quantity("sample_actions, 3 cameras, batch 1", "ms",
                                                  lambda r: g("sampling", "sample_actions_s")(r) * 1e3),
                target=40.0, direction="<="),
-        Figure(f"gpu_train_samples_per_s_{p}", Quantity("KI train step (AdamW, remat)", "samples/s",
-                                                        g("samples_per_s_per_device")), target=25.0),
+        Figure(f"gpu_train_samples_per_s_{p}",
+               Quantity(f"KI train step (AdamW, remat, {run_flags(FINE_TUNE_RUNS['full'])})", "samples/s",
+                        g("samples_per_s_per_device")), target=25.0),
         Figure(f"gpu_fast_over_flow_latency_{p}",
                Quantity("sample_fast_tokens", "ms", lambda r: g("sampling", "sample_fast_tokens_s")(r) * 1e3),
                Quantity("sample_actions", "ms", lambda r: g("sampling", "sample_actions_s")(r) * 1e3), target=5.0,

@@ -2,7 +2,8 @@
 
 Random weights at π0.5 size (PaliGemma Gemma 2B + SigLIP So400m/14, Gemma-300M action expert, bfloat16), three
 224-pixel cameras, horizon 50: inference latency of `sample_actions` (10 flow steps, batch 1), the FAST decoding
-latency against it, and KI training samples/s of the trainer's own jitted step (AdamW, remat) per device. Compilation
+latency against it, and KI training samples/s of the trainer's own jitted step (AdamW, remat, the README's
+`--layer-chunks`) per device. Compilation
 is never timed. On a CPU it runs too (the smoke test shrinks it to the tiny preset), but only a GPU gives the figures
 meaning.
 """
@@ -19,6 +20,7 @@ def gpu_phase(preset: str, train_batch: int, train_steps: int, repeats: int, com
     import jax
 
     from ki_bench.model import ReportSetup, step_throughput, time_sampling, use_compile_cache
+    from ki_bench.settings import FINE_TUNE_RUNS
     from ki_bench.synthetic import synthetic_columns, synthetic_tokenizers
     from ki_model.config import Pi05KIConfig
 
@@ -30,8 +32,9 @@ def gpu_phase(preset: str, train_batch: int, train_steps: int, repeats: int, com
     assert toks.vocab_size <= cfg.vocab_size
     setup = ReportSetup(cfg, toks, PI05_CAMERAS, state_dim=action_dim)
     sampling = time_sampling(setup, batch_size=1, repeats=repeats)
+    # The README's full fine-tune (remat, each layer on chunks of the batch in the backward pass).
     train_cfg = Pi05KIConfig.preset(preset, action_horizon=action_horizon, action_dim=action_dim,
-                                    cameras=PI05_CAMERAS, remat=True)
+                                    cameras=PI05_CAMERAS, remat=True, **FINE_TUNE_RUNS["full"])
     batch = synthetic_columns(train_cfg, toks, train_batch, cameras=PI05_CAMERAS, state_dim=action_dim)
     train = step_throughput(train_cfg, preset, batch, steps=train_steps)
     devices = jax.devices()

@@ -160,7 +160,14 @@ def notes(doc: dict[str, Any]) -> str:
         f"XLA memory at {mem['preset']} (batch {mem['batch_size']}, {len(mem['cameras'])} cameras, remat "
         f"{mem['remat']}, {mem['dtype']}, vocabulary {mem['vocab_size']}): KI loss + grad temporaries "
         f"{mem['train_step']['temp_gib']:.2f} GiB (arguments {mem['train_step']['argument_gib']:.2f}, outputs "
-        f"{mem['train_step']['output_gib']:.2f}); FAST loss part {mem['fast_ce']['temp_gib']:.2f} GiB")
+        f"{mem['train_step']['output_gib']:.2f}) with each layer in {mem['layer_chunks']} chunks of the batch, "
+        f"{mem['train_step_unchunked']['temp_gib']:.2f} GiB unchunked; FAST loss part "
+        f"{mem['fast_ce']['temp_gib']:.2f} GiB")
+    for name, ft in mem["fine_tune"].items():
+        lines.append(
+            f"  {name} train step (batch {ft['batch_size']}, grad-accum {ft['grad_accum']}, layer chunks "
+            f"{ft['layer_chunks']}, LoRA {ft['lora'] or 'off'}, EMA off): params {ft['params_gib']:.2f} + optimizer "
+            f"state {ft['opt_state_gib']:.2f} + temporaries {ft['temp_gib']:.2f} = {ft['total_gib']:.2f} GiB")
     for key, why in doc["not_measured"].items():
         lines.append(f"{key}: not measured ({why})")
     loader = raw["loader"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ki_bench.datasets import AlohaLikeConfig
 from ki_bench.timing import RepeatPolicy
@@ -63,6 +64,22 @@ class BenchSettings:
     def headline_model(self) -> str:
         """The size whose model timings fill the unsuffixed keys."""
         return self.headline if self.headline in self.model_sizes else self.model_sizes[0]
+
+
+# The README's fine-tuning runs at batch 32 (`pipelines.train --remat` plus these options; EMA off): in the backward
+# pass each layer runs on 1/8 of the (micro-)batch at a time. ki_bench.memory measures each one's total
+# (ki_model.memory.train_step_memory); ki_bench.figures holds their targets.
+FINE_TUNE_RUNS: dict[str, dict[str, Any]] = {
+    "full": {"layer_chunks": 8},
+    "full_accum": {"grad_accum": 4, "layer_chunks": 8},
+    "lora": {"lora": "backbone,expert", "layer_chunks": 8},
+    "lora_accum": {"lora": "backbone,expert", "grad_accum": 4, "layer_chunks": 8},
+}
+
+
+def run_flags(run: dict[str, Any]) -> str:
+    """The `pipelines.train` / `python -m ki_model.memory` options of a FINE_TUNE_RUNS entry."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in run.items())
 
 
 _TINY_SHARDS = {"image_size": 32, "action_horizon": 10, "max_token_len": 64, "max_text_len": 32}

@@ -182,6 +182,10 @@ class Pi05KIConfig:
     # "none", "nothing_saveable" (keep only each layer's input) or "dots" (also the weight matmuls' outputs).
     # A boolean (configs written before the policies) reads as True -> "nothing_saveable", False -> "none".
     remat: bool | str = "none"
+    # Training runs each layer (Gemma and SigLIP) on this many strided chunks of the batch in turn (the largest
+    # divisor of the batch not above it): with remat, the backward pass holds one chunk's layer activations at a
+    # time; the result is the same (rows never interact inside a layer). 1 = the whole batch at once.
+    layer_chunks: int = 1
     # LoRA on the attention/MLP weights of these parts, ((part, rank), ...) with part "backbone" or "expert"
     # (ki_model.lora; also given as "backbone=16,expert=32"); a part with LoRA has its other weights frozen.
     lora: tuple[tuple[str, int], ...] | str = ()
@@ -217,7 +221,7 @@ class Pi05KIConfig:
         if self.fast_loss_weight == 0 and self.flow_loss_weight == 0:
             raise ConfigError("fast_loss_weight and flow_loss_weight are both 0: nothing to train")
         for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps",
-                     "flow_samples"):
+                     "flow_samples", "layer_chunks"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

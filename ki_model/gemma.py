@@ -243,13 +243,15 @@ def forward(
     cache: KVCache | None = None,
     insulated: Sequence[bool] | None = None,
     remat: bool | str = "none",
+    batch_chunks: int = 1,
 ) -> tuple[list[Float[Array, "b l d"] | None], KVCache]:
     """Run the experts jointly over their (already embedded) tokens.
 
     xs[e] is expert e's token block or None when it has no tokens in this call; the new tokens are ordered by expert
     (n = sum of lengths). `mask[:, i, j]`: new token i may read key j, keys ordered [cache (c) | new tokens (n)].
     Returns each expert's final-normed outputs (None where it had no tokens) and the K/V of the new tokens, stacked
-    over layers (callers append them to a cache). `remat`: the per-layer policy (ki_model.nn.REMAT_POLICIES).
+    over layers (callers append them to a cache). `remat`: the per-layer policy (ki_model.nn.REMAT_POLICIES);
+    `batch_chunks`: each layer runs on that many chunks of the batch in turn (`ki_model.nn.scan_layers`).
     """
     conds = list(conds) if conds is not None else [None] * len(experts)
     insulated = list(insulated) if insulated is not None else [False] * len(experts)
@@ -269,11 +271,11 @@ def forward(
     active_insulated = [insulated[e] for e in active]
     act_conds = [conds[e] for e in active]
 
-    def layer_fn(blocks, h, layer_cache):
+    def layer_fn(blocks, h, layer_cache, positions, mask, act_conds):
         return _layer(blocks, h, act_conds, positions, mask, layer_cache, insulated=active_insulated)
 
     h, (ks, vs) = scan_layers([experts[e].layers for e in active], layer_fn, [xs[e] for e in active], cache,
-                              remat=remat)
+                              remat=remat, per_example=(positions, mask, act_conds), batch_chunks=batch_chunks)
     outs: list[Float[Array, "b l d"] | None] = [None] * len(experts)
     for j, e in enumerate(active):
         outs[e], _ = experts[e].final_norm(h[j], conds[e])

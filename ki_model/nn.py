@@ -98,23 +98,60 @@ def stack_layers(make: Callable[[], nnx.Module], depth: int) -> nnx.Module:
     return stacked
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+def _chunked(fn: Callable, chunks: int, remat: bool | str) -> Callable:
+    """`fn(*args)` (every array in args and in the result batch-leading) run as `chunks` strided chunks of the batch
+    (chunk j: rows j, j + chunks, j + 2 chunks, ... so that each device of a data-sharded batch holds its share of
+    every chunk), one after another in a `lax.map`, each rematerialised under `remat`: the backward pass then holds
+    one chunk's intermediates at a time, and the gradients of the weights `fn` closes over are summed over the chunks
+    by the scan's transpose (one weight-sized buffer). Exact: rows never interact inside a layer."""
+    split = lambda x: x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+    join = lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:])  # noqa: E731
+    step = remat_layer(lambda args: fn(*args), remat)
+
+    def run(*args: Any) -> Any:
+        return jax.tree.map(join, jax.lax.map(step, jax.tree.map(split, args)))
+
+    return run
+
+
 def scan_layers(
     stacks: Sequence[nnx.Module],
-    layer: Callable[[Sequence[nnx.Module], Any, Any], tuple[Any, Any]],
+    layer: Callable[..., tuple[Any, Any]],
     carry: Any,
     xs: Any = None,
     *,
     remat: bool | str = "none",
+    per_example: tuple = (),
+    batch_chunks: int = 1,
 ) -> tuple[Any, Any]:
     """Run layer i of every stacked module in `stacks` (built by `stack_layers`, same depth) jointly, for i = 0, 1,
-    ...: `carry, y_i = layer(blocks_i, carry, xs_i)` with `jax.lax.scan`; returns the final carry and the y_i
-    stacked on a leading layer axis. Each layer is rematerialised under `remat`."""
+    ...: `carry, y_i = layer(blocks_i, carry, xs_i, *per_example)` with `jax.lax.scan`; returns the final carry and
+    the y_i stacked on a leading layer axis. Each layer is rematerialised under `remat`.
+
+    `batch_chunks` > 1 runs each layer on that many strided chunks of the batch one after another (`_chunked`; the
+    largest divisor of the batch not above it): every array of `carry`, `xs_i`, `per_example` (arrays every layer
+    reads, e.g. positions and the attention mask) and `y_i` must then lead with the batch axis. Under remat this
+    divides the per-layer working set of the backward pass (the recomputed layer's activations and their gradients)
+    by the chunk count; the saved layer inputs stay whole."""
     graphdefs, states = zip(*(nnx.split(s) for s in stacks), strict=True)
+    batch = jax.tree.leaves(carry)[0].shape[0]
+    chunks = largest_divisor(batch, batch_chunks)
 
     def body(carry: Any, per_layer: tuple[Any, Any]) -> tuple[Any, Any]:
         layer_states, x = per_layer
-        blocks = [nnx.merge(g, s) for g, s in zip(graphdefs, layer_states, strict=True)]
-        return layer(blocks, carry, x)
+
+        def run(c: Any, x: Any, *args: Any) -> tuple[Any, Any]:
+            blocks = [nnx.merge(g, s) for g, s in zip(graphdefs, layer_states, strict=True)]
+            return layer(blocks, c, x, *args)
+
+        if chunks == 1:
+            return run(carry, x, *per_example)
+        return _chunked(run, chunks, remat)(carry, x, *per_example)
 
     return jax.lax.scan(remat_layer(body, remat), carry, (tuple(states), xs))
 

@@ -108,12 +108,15 @@ class Pi05KI(nnx.Module):
             raise ObservationShapeError(f"cameras {missing} missing from the observation (has {sorted(obs.images)})")
         return cams
 
-    def embed_images(self, obs: Observation) -> tuple[Float[Array, "b i w"], Bool[Array, "b i"]]:
-        """All cameras through SigLIP in one batch; camera c's tokens are valid where image_masks[c]."""
+    def embed_images(
+        self, obs: Observation, *, batch_chunks: int = 1
+    ) -> tuple[Float[Array, "b i w"], Bool[Array, "b i"]]:
+        """All cameras through SigLIP in one batch (each block in `batch_chunks` chunks of it, in turn); camera c's
+        tokens are valid where image_masks[c]."""
         cams = self.camera_order(obs)
         b = obs.batch_size
         stacked = jnp.concatenate([obs.images[c] for c in cams], axis=0)  # [c*b, S, S, 3]
-        tokens = self.vision(stacked, self.dtype)
+        tokens = self.vision(stacked, self.dtype, batch_chunks=batch_chunks)
         n, w = tokens.shape[1:]
         tokens = tokens.reshape(len(cams), b, n, w).transpose(1, 0, 2, 3).reshape(b, len(cams) * n, w)
         valid = jnp.stack([obs.image_masks[c] for c in cams], axis=1).astype(bool)  # [b, c]
@@ -181,15 +184,15 @@ class Pi05KI(nnx.Module):
         c = self.config
         b, k, h, d = x_t.shape
         if not self.trains_flow:
-            img, img_valid = self.embed_images(obs)
+            img, img_valid = self.embed_images(obs, batch_chunks=c.layer_chunks)
             ids, mask, ar = obs.tokenized_prompt, obs.tokenized_prompt_mask, obs.token_ar_mask
             layout = attention.training_layout(img_valid, mask.astype(bool), ar.astype(bool), h, action_blocks=0)
             (bb_out, _), kv = gemma.forward(
                 [self.backbone, self.action_expert], [jnp.concatenate([img, self.embed_text(ids)], axis=1), None],
-                positions=layout.positions, mask=layout.mask, remat=c.remat,
+                positions=layout.positions, mask=layout.mask, remat=c.remat, batch_chunks=c.layer_chunks,
             )
             return TrainForward(bb_out[:, img.shape[1]:], None, kv, layout, img.shape[1])
-        img, img_valid = self.embed_images(obs)
+        img, img_valid = self.embed_images(obs, batch_chunks=c.layer_chunks)
         if self.trains_fast:
             ids, mask, ar = obs.tokenized_prompt, obs.tokenized_prompt_mask, obs.token_ar_mask
         else:
@@ -205,6 +208,7 @@ class Pi05KI(nnx.Module):
             conds=[None, cond],
             insulated=[False, c.insulation],
             remat=c.remat,
+            batch_chunks=c.layer_chunks,
         )
         n_img = img.shape[1]
         velocity = self.action_out_proj(act_out, jnp.float32).reshape(b, k, h, d)

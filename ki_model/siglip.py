@@ -116,10 +116,13 @@ class Siglip(nnx.Module):
         self.encoder_norm = LayerNorm(cfg.width, rngs=rngs)
         self.head = Dense(cfg.width, out_width, axes=("embed", "embed_out"), rngs=rngs)
 
-    def __call__(self, images: UInt8[Array, "b s s 3"], dtype: jnp.dtype) -> Float[Array, "b n o"]:
+    def __call__(self, images: UInt8[Array, "b s s 3"], dtype: jnp.dtype, *, batch_chunks: int = 1
+                 ) -> Float[Array, "b n o"]:
+        """`batch_chunks`: each block runs on that many chunks of the images in turn (ki_model.nn.scan_layers)."""
         if images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"images must be [b, {self.image_size}, {self.image_size}, 3], got {images.shape}")
         x = self.patch_embed(to_unit_range(images), dtype) + self.pos_embedding[...].astype(dtype)
-        x, _ = scan_layers([self.blocks], lambda blocks, x, _: (blocks[0](x), None), x, remat=self.remat)
+        x, _ = scan_layers([self.blocks], lambda blocks, x, _: (blocks[0](x), None), x, remat=self.remat,
+                           batch_chunks=batch_chunks)
         return self.head(self.encoder_norm(x), dtype)
 

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
     p.add_argument("--remat-policy", choices=REMAT_POLICIES, default=None,
                    help="per-layer remat policy (overrides --remat, which is nothing_saveable)")
+    p.add_argument("--layer-chunks", type=int, default=1, metavar="N",
+                   help="run each layer on N chunks of the batch in turn: with --remat, the backward pass holds one "
+                        "chunk's layer activations (same result; the memory of a full π0.5 fine-tune at batch 32)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="average the gradients of N micro-batches of each batch (memory of batch/N, update of batch)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -126,7 +129,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 
 def model_overrides(a: argparse.Namespace) -> dict:
-    out = {"remat": a.remat_policy or a.remat, "flow_samples": a.flow_samples, "insulation": a.insulation == "on",
+    out = {"remat": a.remat_policy or a.remat, "layer_chunks": a.layer_chunks, "flow_samples": a.flow_samples,
+           "insulation": a.insulation == "on",
            "fast_loss_weight": a.fast_loss_weight, "flow_loss_weight": a.flow_loss_weight}
     if a.vision_variant is not None:
         out["vision_variant"] = a.vision_variant

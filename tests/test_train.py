@@ -231,9 +231,11 @@ def test_init_from_a_missing_paligemma_checkpoint_is_refused_before_writing(demo
     assert not out.exists()
 
 
-def test_a_whole_update_is_insulated_through_the_optimizer(demo_shards, jax_cache):
+@pytest.mark.parametrize("overrides", [{}, {"remat": "nothing_saveable", "layer_chunks": 4}], ids=["plain", "chunked"])
+def test_a_whole_update_is_insulated_through_the_optimizer(demo_shards, jax_cache, overrides):
     """docs/DESIGN.md §5 property 1 for the whole step: with clipping active, two steps from one state and one batch that
-    differ only in the flow noise/time draw (the step seed) leave every backbone weight bit-identical."""
+    differ only in the flow noise/time draw (the step seed) leave every backbone weight bit-identical (also with each
+    layer run on chunks of the batch under remat)."""
     import jax
 
     from ki_data.loader import LoaderConfig, ShardLoader
@@ -241,7 +243,7 @@ def test_a_whole_update_is_insulated_through_the_optimizer(demo_shards, jax_cach
     from ki_model import train as T
     from ki_model.pi05_ki import param_group
 
-    cfg = T.model_config("tiny", Manifest.load(demo_shards))
+    cfg = T.model_config("tiny", Manifest.load(demo_shards), **overrides)
     opt = dataclasses.replace(TEST_OPTIMIZER, clip_norm=1e-3)  # far below both sides' gradient norms: always clips
     mesh = T.make_mesh(1, jax.devices()[:1])
     state, shardings, graphdef = T.init_train_state(cfg, T.make_optimizer(opt), mesh, seed=0, ema=False)

@@ -35,6 +35,7 @@ from ki_model.weights.common import (
     write_into_model,
     write_into_params,
 )
+from ki_model.lora import is_lora_param
 from ki_model.weights.paligemma import PALIGEMMA_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,8 @@ def _check_openpi_rules_against_model(rules: Sequence[_OpenpiRule], config: Pi05
     problems += [f"{p}: model {shapes[p]}, converted {s}" for p, s in targets if p in shapes and shapes[p] != s]
     written = [p for p, _ in targets]
     problems += [f"{p} is written twice" for p in sorted(set(written), key=written.index) if written.count(p) > 1]
-    problems += [f"{p} has no checkpoint array" for p in shapes if p not in set(written)]
+    # LoRA factors (a LoRA fine-tune) keep their initialisation: B = 0, so the model starts as the checkpoint's.
+    problems += [f"{p} has no checkpoint array" for p in shapes if p not in set(written) and not is_lora_param(p)]
     if problems:  # a change in ki_model's layouts that this module does not follow yet
         raise RuntimeError("ki_model.weights is out of date with the model's parameters: " + "; ".join(problems))
     return len(written)

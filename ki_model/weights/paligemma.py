@@ -51,6 +51,7 @@ from ki_model.config import (
     Pi05KIConfig,
     SiglipConfig,
 )
+from ki_model.lora import is_lora_param
 from ki_model.weights.common import (
     ParamPath,
     architecture,
@@ -545,7 +546,7 @@ def _check_rules_against_model(rules: Sequence[_Rule], config: Pi05KIConfig, exp
         elif shapes[r.target] != dummy.shape:
             problems.append(f"{r.target}: model {shapes[r.target]}, converted {dummy.shape}")
     covered = {r.target for r in rules}
-    must = [p for p in shapes if p[0] in ("vision", "backbone")]
+    must = [p for p in shapes if p[0] in ("vision", "backbone") and not is_lora_param(p)]  # LoRA keeps its init
     if expert_init == "backbone":  # the adaRMS modulation kernels keep their (zero) init
         must += [p for p in shapes if p[0] == "action_expert" and p[-2:] != ("modulation", "kernel")]
     problems += [f"{p} has no checkpoint tensor" for p in must if p not in covered]
