@@ -47,6 +47,9 @@ GEMMA_VARIANTS: dict[str, GemmaConfig] = {
     "gemma_small_expert": GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=64),
     "gemma_tiny": GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
     "gemma_tiny_expert": GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=1, head_dim=32),
+    # The CPU demo: tiny widths with 8 heads, so the first layer can read each state number at its own position.
+    "gemma_demo": GemmaConfig(width=64, depth=2, mlp_dim=256, num_heads=8, num_kv_heads=1, head_dim=16),
+    "gemma_demo_expert": GemmaConfig(width=64, depth=2, mlp_dim=256, num_heads=8, num_kv_heads=1, head_dim=16),
 }
 
 SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
@@ -106,9 +109,12 @@ def remat_policy_name(value: bool | str) -> str:
 
 # Architectures by name: `Pi05KIConfig.preset(name, **fields)`, `pipelines.train --config NAME`.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tests (32-pixel images) and the CPU demo (64-pixel images, scripts/demo.sh): a few hundred thousand parameters.
+    # Tests (32-pixel images): a few hundred thousand parameters.
     "tiny": dict(max_token_len=64, max_text_len=32, image_size=32, backbone_variant="gemma_tiny",
                  expert_variant="gemma_tiny_expert", vision_variant="siglip_tiny", dtype="float32"),
+    # The CPU demo (scripts/demo.sh): tiny, with 8 attention heads and 8-pixel patches.
+    "demo": dict(max_token_len=64, max_text_len=40, image_size=32, backbone_variant="gemma_demo",
+                 expert_variant="gemma_demo_expert", vision_variant="siglip_tiny_p8", dtype="float32"),
     # Small but real: width 256, depth 4, 224-pixel images (reports and benchmarks on a CPU).
     "small": dict(max_token_len=96, max_text_len=48, image_size=224, backbone_variant="gemma_small",
                   expert_variant="gemma_small_expert", vision_variant="siglip_small", dtype="float32"),

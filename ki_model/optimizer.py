@@ -32,7 +32,7 @@ class OptimizerConfig:
     def for_preset(cls, preset: str) -> OptimizerConfig:
         # openpi's schedule barely moves a from-scratch tiny model in a few minutes; the CPU demo runs a faster one
         # (on the pusht demo, 3e-3 starts reading the state tokens within ~600 steps, 1e-3 not within 1000).
-        if preset == "tiny":
+        if preset in ("tiny", "demo"):
             return cls(peak_lr=3e-3, warmup_steps=100, decay_steps=1_500, decay_lr=3e-4)
         return cls()
 
