@@ -49,3 +49,8 @@ def test_number_embeddings_code_the_value_and_keep_the_rest(text):
     np.testing.assert_array_equal(new[a], new[b])
     assert np.sqrt(np.mean(new[ids] ** 2)) == pytest.approx(np.sqrt(np.mean(table**2)), rel=1e-3)
     assert number_code(values[:3], 64).shape == (3, 14)
+    # Every number row shares one direction (a value-independent part of its attention key), as strong as the code.
+    rows = new[ids]
+    common = rows.mean(axis=0)
+    assert np.linalg.norm(common) ** 2 == pytest.approx(np.mean(np.sum((rows - common) ** 2, axis=1)), rel=0.3)
+    assert np.min(rows @ common) > 0
