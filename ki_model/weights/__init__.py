@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ki_data.prompt import PALIGEMMA_VOCAB_SIZE
 from ki_model.checkpoint import CheckpointError
 from ki_model.config import Pi05KIConfig
 from ki_model.weights.common import write_into_params
@@ -31,7 +32,6 @@ from ki_model.weights.openpi import (
 from ki_model.weights.paligemma import (
     EXPERT_INITS,
     INIT_PREFIX,
-    PALIGEMMA_VOCAB_SIZE,
     LoadReport,
     PaliGemmaCheckpoint,
     canonical_name,

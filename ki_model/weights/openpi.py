@@ -18,6 +18,7 @@ from flax import nnx
 from jaxtyping import Float
 from tqdm import tqdm
 
+from ki_data.prompt import PALIGEMMA_SKIP_TOKENS, PALIGEMMA_VOCAB_SIZE
 from ki_model.checkpoint import CheckpointError
 from ki_model.config import (
     ConfigError,
@@ -36,7 +37,6 @@ from ki_model.weights.common import (
     write_into_params,
 )
 from ki_model.lora import is_lora_param
-from ki_model.weights.paligemma import PALIGEMMA_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def _config_from_found(found: dict[str, _StoredArray], where: Path, fields: dict
         raise CheckpointError(
             f"the model's vocab_size is {fields['vocab_size']} but the openpi checkpoint {where} embeds "
             f"{arch['vocab_size']} tokens: initialising from openpi needs shards made with PaliGemma's text tokenizer "
-            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens 128)"
+            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens {PALIGEMMA_SKIP_TOKENS})"
         )
     for key, value in fields.items():
         if key not in arch or value is None:

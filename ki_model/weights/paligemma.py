@@ -44,6 +44,7 @@ from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from ki_data.prompt import PALIGEMMA_SKIP_TOKENS, PALIGEMMA_VOCAB_SIZE
 from ki_model.checkpoint import CheckpointError
 from ki_model.config import (
     ConfigError,
@@ -67,9 +68,9 @@ logger = logging.getLogger(__name__)
 EXPERT_INITS = ("fresh", "backbone")
 INIT_PREFIX = "paligemma:"
 
-# The PaliGemma tokenizer's vocabulary; some copies pad the embedding table to 257216 rows (64 unused rows). Rows past
-# the model's vocabulary are dropped when there are at most this many of them; any other mismatch is an error.
-PALIGEMMA_VOCAB_SIZE = 257152
+# Some copies pad the embedding table past the PaliGemma tokenizer's vocabulary (ki_data.prompt.PALIGEMMA_VOCAB_SIZE) to
+# 257216 rows (64 unused rows). Rows past the model's vocabulary are dropped when there are at most this many of them;
+# any other mismatch is an error.
 MAX_VOCAB_PADDING = 64
 
 CONFIG_FILE = "config.json"
@@ -431,7 +432,7 @@ def _vocab_rows_checked(tensors: dict[str, _Tensor], config: Pi05KIConfig) -> in
         raise CheckpointError(
             f"the model's vocab_size is {config.vocab_size} but the checkpoint's embedding {embed.name} has {rows} "
             f"rows: initialising from PaliGemma needs shards made with PaliGemma's text tokenizer "
-            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens 128)"
+            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens {PALIGEMMA_SKIP_TOKENS})"
         )
     return rows
 
