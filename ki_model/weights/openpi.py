@@ -6,15 +6,13 @@ only) and returns a checkpoint with the same `apply_to` / `apply_to_params` as P
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
-from flax import nnx
 from jaxtyping import Float
 from tqdm import tqdm
 
@@ -30,15 +28,12 @@ from ki_model.config import (
 )
 from ki_model.weights.common import (
     ParamPath,
+    PretrainedCheckpoint,
     architecture,
     listing,
     model_param_shapes,
-    write_into_model,
-    write_into_params,
 )
 from ki_model.lora import is_lora_param
-
-logger = logging.getLogger(__name__)
 
 # openpi π0.5 checkpoints: an orbax PyTree `params/` directory holding {"params": P}
 #
@@ -383,19 +378,19 @@ class OpenpiLoadReport:
 
 
 @dataclasses.dataclass(frozen=True)
-class OpenpiCheckpoint:
+class OpenpiCheckpoint(PretrainedCheckpoint):
     """A checked openpi π0.5 checkpoint: `tensors()` reads one stored array at a time; `apply_to`/`apply_to_params`
-    write the whole model (vision, backbone, action expert) from it."""
+    write the whole model (vision, backbone, action expert) from it. Names and shapes were checked when the
+    checkpoint was opened; a data file that turns out unreadable part-way raises CheckpointError with the model
+    part-written."""
+
+    KIND: ClassVar[str] = "openpi"
 
     path: Path  # the orbax params directory
     config: Pi05KIConfig
     report: OpenpiLoadReport
     _arrays: dict[str, _StoredArray]
     _rules: tuple[_OpenpiRule, ...]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
 
     def _read(self, name: str) -> np.ndarray:
         """One stored array, as stored (bfloat16 stays bfloat16 until it is cut into layers)."""
@@ -430,36 +425,8 @@ class OpenpiCheckpoint:
                 yield target, value
             del stored
 
-    def apply_to(self, model: nnx.Module, progress: bool = False) -> OpenpiLoadReport:
-        """Write every parameter of a `Pi05KI` in place. Names and shapes were checked when the checkpoint was
-        opened; a data file that turns out unreadable part-way raises CheckpointError with the model part-written."""
-        write_into_model(model, self.config, _openpi_fields, self.tensors(progress))
-        logger.info(self.report.summary())
-        return self.report
-
-    def apply_to_params(self, params: dict, progress: bool = False) -> dict:
-        """Replace the leaves of a `nnx.to_pure_dict` parameter tree IN PLACE; returns the same dict."""
-        write_into_params(params, self.tensors(progress))
-        logger.info(self.report.summary())
-        return params
-
-    def check_text_tokenizer(self, text_model: str | os.PathLike) -> None:
-        """The shards' text tokenizer must have the checkpoint's vocabulary (PaliGemma's, for openpi's models)."""
-        from ki_data import TextTokenizer
-
-        try:
-            tok = TextTokenizer.load(Path(text_model))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot check the text tokenizer against {self.path}: {e}") from e
-        if tok.vocab_size != self.vocab_size:
-            raise CheckpointError(
-                f"text tokenizer {text_model} has {tok.vocab_size} pieces but the openpi checkpoint {self.path} embeds "
-                f"{self.vocab_size}: preprocess with PaliGemma's tokenizer.model"
-            )
-
-
-def _openpi_fields(config: Pi05KIConfig) -> tuple:
-    return (*architecture(config), config.action_dim)
+    def architecture_fields(self, config: Pi05KIConfig) -> tuple:
+        return (*architecture(config), config.action_dim)  # the whole model: the action projections too
 
 
 def load_openpi(params_dir: str | os.PathLike, config: Pi05KIConfig) -> OpenpiCheckpoint:
