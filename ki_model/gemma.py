@@ -97,7 +97,11 @@ class AdaptiveRMSNorm(nnx.Module):
         return y.astype(x.dtype), gate.astype(x.dtype)
 
 
-def _gated_residual(x: Float[Array, "b l d"], y: Float[Array, "b l d"], gate: Float[Array, "b 1 d"] | None):
+def _gated_residual(
+    x: Float[Array, "b l d"], y: Float[Array, "b l d"], gate: Float[Array, "b _ d"] | None
+) -> Float[Array, "b l d"]:
+    """gate: AdaptiveRMSNorm's, [b, 1, d] with one conditioning vector per sequence, [b, l, d] when several flow
+    samples share a pass (their groups' gates repeated over their tokens); None after a plain RMSNorm."""
     return x + y if gate is None else x + y * gate
 
 

@@ -38,7 +38,7 @@ from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, m
 from ki_model.pi05_ki import param_group
 from ki_model.sharding import MeshError, batch_sharding, make_mesh, param_shardings
 from ki_model.warm_start import KiCheckpoint, is_ki_init
-from ki_model.weights import OpenpiCheckpoint, PaliGemmaCheckpoint, init_model_config, load_init
+from ki_model.weights import PretrainedCheckpoint, init_model_config, load_init
 
 
 class TrainError(ValueError):
@@ -358,7 +358,7 @@ def _init_model_config(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> Pi05KIConfi
         raise TrainError(f"--init {cfg.init}: {e}") from e
 
 
-def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PaliGemmaCheckpoint | OpenpiCheckpoint | KiCheckpoint:
+def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PretrainedCheckpoint | KiCheckpoint:
     """The checked `--init` checkpoint (nothing read yet); its tokenizer must be the shards' text tokenizer."""
     try:
         if is_ki_init(cfg.init):
@@ -388,7 +388,7 @@ def _fresh_dir(out: Path) -> None:
 
 def _fresh_state(
     cfg: TrainConfig, model_cfg: Pi05KIConfig, tx: optax.GradientTransformation, mesh: Mesh,
-    pretrained: PaliGemmaCheckpoint | OpenpiCheckpoint | KiCheckpoint | None,
+    pretrained: PretrainedCheckpoint | KiCheckpoint | None,
 ) -> tuple[TrainState, TrainState, nnx.GraphDef]:
     """The initial state of a new run, with the `--init` weights in place."""
     state, shardings, graphdef = init_train_state(model_cfg, tx, mesh, seed=cfg.seed, ema=cfg.ema_decay is not None)

@@ -294,6 +294,15 @@ def test_foreign_and_damaged_checkpoints_are_refused(reference_tree, tmp_path):
     with pytest.raises(CheckpointError, match="differs from the one this checkpoint was checked against"):
         load_openpi(reference() / "checkpoint", config).apply_to(
             Pi05KIConfig.tiny(action_horizon=5, action_dim=8, vocab_size=1024).create(nnx.Rngs(0)))
+    # A parameter tree of another architecture is refused the same way, before anything is written.
+    other = nnx.to_pure_dict(nnx.state(
+        Pi05KIConfig.tiny(action_horizon=5, action_dim=8, vocab_size=1024).create(nnx.Rngs(0)), nnx.Param))
+    before = jax.tree.map(np.asarray, other)
+    with pytest.raises(CheckpointError, match=r"parameters differ from those of the model this checkpoint was "
+                                              r"checked against: \('action_expert', 'layers', 'attn', "):
+        load_openpi(reference() / "checkpoint", config).apply_to_params(other)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(other),
+                                                                 strict=True))
 
     # Truncated data files: the metadata still reads, the first array read names itself.
     damaged = tmp_path / "truncated"

@@ -1,6 +1,8 @@
 """Pretrained weights into the π0.5-KI model: a Hugging Face PaliGemma directory (`paligemma.py`), or an openpi π0.5
 checkpoint (`openpi.py`). Both check every name, shape and architecture field before any weight is written, so a
-wrong checkpoint fails with `CheckpointError` and leaves the model untouched, and both write one tensor at a time:
+wrong checkpoint fails with `CheckpointError` and leaves the model untouched. Both are `PretrainedCheckpoint`s
+(`common.py`): one writer, which first checks that the model (or parameter tree) has the architecture the checkpoint
+was checked against, then writes one tensor at a time:
 
     ckpt = load_paligemma(path, config)     # or load_openpi(path, config): reads metadata only, checks everything
     ckpt.apply_to(model)                    # nnx model, in place
@@ -14,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ki_data.prompt import PALIGEMMA_VOCAB_SIZE
 from ki_model.checkpoint import CheckpointError
 from ki_model.config import Pi05KIConfig
-from ki_model.weights.common import write_into_params
+from ki_model.weights.common import PretrainedCheckpoint
 from ki_model.weights.openpi import (
     OPENPI_PREFIX,
     OpenpiCheckpoint,
@@ -31,7 +34,6 @@ from ki_model.weights.openpi import (
 from ki_model.weights.paligemma import (
     EXPERT_INITS,
     INIT_PREFIX,
-    PALIGEMMA_VOCAB_SIZE,
     LoadReport,
     PaliGemmaCheckpoint,
     canonical_name,
@@ -50,6 +52,7 @@ __all__ = [
     "OpenpiLoadReport",
     "OpenpiMapping",
     "PaliGemmaCheckpoint",
+    "PretrainedCheckpoint",
     "canonical_name",
     "init_from_paligemma",
     "init_model_config",
@@ -61,7 +64,6 @@ __all__ = [
     "openpi_config_from_shapes",
     "openpi_shapes",
     "parse_init",
-    "write_into_params",
 ]
 
 # `--init` of pipelines.train
@@ -95,7 +97,7 @@ def init_model_config(spec: str, config: Pi05KIConfig) -> Pi05KIConfig:
     return out
 
 
-def load_init(spec: str, config: Pi05KIConfig) -> PaliGemmaCheckpoint | OpenpiCheckpoint:
+def load_init(spec: str, config: Pi05KIConfig) -> PretrainedCheckpoint:
     """The checked `--init` checkpoint for `config` (nothing read yet)."""
     path = parse_init(spec)
     return load_openpi(path, config) if spec.startswith(OPENPI_PREFIX) else load_paligemma(path, config)

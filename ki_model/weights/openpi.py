@@ -6,18 +6,17 @@ only) and returns a checkpoint with the same `apply_to` / `apply_to_params` as P
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
-from flax import nnx
 from jaxtyping import Float
 from tqdm import tqdm
 
+from ki_data.prompt import PALIGEMMA_SKIP_TOKENS, PALIGEMMA_VOCAB_SIZE
 from ki_model.checkpoint import CheckpointError
 from ki_model.config import (
     ConfigError,
@@ -29,16 +28,12 @@ from ki_model.config import (
 )
 from ki_model.weights.common import (
     ParamPath,
+    PretrainedCheckpoint,
     architecture,
     listing,
     model_param_shapes,
-    write_into_model,
-    write_into_params,
 )
 from ki_model.lora import is_lora_param
-from ki_model.weights.paligemma import PALIGEMMA_VOCAB_SIZE
-
-logger = logging.getLogger(__name__)
 
 # openpi π0.5 checkpoints: an orbax PyTree `params/` directory holding {"params": P}
 #
@@ -310,7 +305,7 @@ def _config_from_found(found: dict[str, _StoredArray], where: Path, fields: dict
         raise CheckpointError(
             f"the model's vocab_size is {fields['vocab_size']} but the openpi checkpoint {where} embeds "
             f"{arch['vocab_size']} tokens: initialising from openpi needs shards made with PaliGemma's text tokenizer "
-            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens 128)"
+            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens {PALIGEMMA_SKIP_TOKENS})"
         )
     for key, value in fields.items():
         if key not in arch or value is None:
@@ -383,19 +378,19 @@ class OpenpiLoadReport:
 
 
 @dataclasses.dataclass(frozen=True)
-class OpenpiCheckpoint:
+class OpenpiCheckpoint(PretrainedCheckpoint):
     """A checked openpi π0.5 checkpoint: `tensors()` reads one stored array at a time; `apply_to`/`apply_to_params`
-    write the whole model (vision, backbone, action expert) from it."""
+    write the whole model (vision, backbone, action expert) from it. Names and shapes were checked when the
+    checkpoint was opened; a data file that turns out unreadable part-way raises CheckpointError with the model
+    part-written."""
+
+    KIND: ClassVar[str] = "openpi"
 
     path: Path  # the orbax params directory
     config: Pi05KIConfig
     report: OpenpiLoadReport
     _arrays: dict[str, _StoredArray]
     _rules: tuple[_OpenpiRule, ...]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
 
     def _read(self, name: str) -> np.ndarray:
         """One stored array, as stored (bfloat16 stays bfloat16 until it is cut into layers)."""
@@ -430,36 +425,8 @@ class OpenpiCheckpoint:
                 yield target, value
             del stored
 
-    def apply_to(self, model: nnx.Module, progress: bool = False) -> OpenpiLoadReport:
-        """Write every parameter of a `Pi05KI` in place. Names and shapes were checked when the checkpoint was
-        opened; a data file that turns out unreadable part-way raises CheckpointError with the model part-written."""
-        write_into_model(model, self.config, _openpi_fields, self.tensors(progress))
-        logger.info(self.report.summary())
-        return self.report
-
-    def apply_to_params(self, params: dict, progress: bool = False) -> dict:
-        """Replace the leaves of a `nnx.to_pure_dict` parameter tree IN PLACE; returns the same dict."""
-        write_into_params(params, self.tensors(progress))
-        logger.info(self.report.summary())
-        return params
-
-    def check_text_tokenizer(self, text_model: str | os.PathLike) -> None:
-        """The shards' text tokenizer must have the checkpoint's vocabulary (PaliGemma's, for openpi's models)."""
-        from ki_data import TextTokenizer
-
-        try:
-            tok = TextTokenizer.load(Path(text_model))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot check the text tokenizer against {self.path}: {e}") from e
-        if tok.vocab_size != self.vocab_size:
-            raise CheckpointError(
-                f"text tokenizer {text_model} has {tok.vocab_size} pieces but the openpi checkpoint {self.path} embeds "
-                f"{self.vocab_size}: preprocess with PaliGemma's tokenizer.model"
-            )
-
-
-def _openpi_fields(config: Pi05KIConfig) -> tuple:
-    return (*architecture(config), config.action_dim)
+    def architecture_fields(self, config: Pi05KIConfig) -> tuple:
+        return (*architecture(config), config.action_dim)  # the whole model: the action projections too
 
 
 def load_openpi(params_dir: str | os.PathLike, config: Pi05KIConfig) -> OpenpiCheckpoint:

@@ -34,7 +34,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from ki_data.prompt import PALIGEMMA_SKIP_TOKENS, PALIGEMMA_VOCAB_SIZE
 from ki_model.checkpoint import CheckpointError
 from ki_model.config import (
     ConfigError,
@@ -54,12 +55,10 @@ from ki_model.config import (
 from ki_model.lora import is_lora_param
 from ki_model.weights.common import (
     ParamPath,
-    architecture,
+    PretrainedCheckpoint,
     host_device,
     listing,
     model_param_shapes,
-    write_into_model,
-    write_into_params,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,9 +66,9 @@ logger = logging.getLogger(__name__)
 EXPERT_INITS = ("fresh", "backbone")
 INIT_PREFIX = "paligemma:"
 
-# The PaliGemma tokenizer's vocabulary; some copies pad the embedding table to 257216 rows (64 unused rows). Rows past
-# the model's vocabulary are dropped when there are at most this many of them; any other mismatch is an error.
-PALIGEMMA_VOCAB_SIZE = 257152
+# Some copies pad the embedding table past the PaliGemma tokenizer's vocabulary (ki_data.prompt.PALIGEMMA_VOCAB_SIZE) to
+# 257216 rows (64 unused rows). Rows past the model's vocabulary are dropped when there are at most this many of them;
+# any other mismatch is an error.
 MAX_VOCAB_PADDING = 64
 
 CONFIG_FILE = "config.json"
@@ -431,7 +430,7 @@ def _vocab_rows_checked(tensors: dict[str, _Tensor], config: Pi05KIConfig) -> in
         raise CheckpointError(
             f"the model's vocab_size is {config.vocab_size} but the checkpoint's embedding {embed.name} has {rows} "
             f"rows: initialising from PaliGemma needs shards made with PaliGemma's text tokenizer "
-            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens 128)"
+            f"(vocab_size {PALIGEMMA_VOCAB_SIZE}, skip_tokens {PALIGEMMA_SKIP_TOKENS})"
         )
     return rows
 
@@ -465,8 +464,11 @@ class LoadReport:
 
 
 @dataclasses.dataclass(frozen=True)
-class PaliGemmaCheckpoint:
-    """A checked checkpoint: `tensors()` converts lazily, `apply_to`/`apply_to_params` write one tensor at a time."""
+class PaliGemmaCheckpoint(PretrainedCheckpoint):
+    """A checked checkpoint: `tensors()` converts lazily, `apply_to`/`apply_to_params` write one tensor at a time
+    (vision encoder, backbone, and with expert_init='backbone' the action expert's layers)."""
+
+    KIND: ClassVar[str] = "PaliGemma"
 
     path: Path
     config: Pi05KIConfig
@@ -474,11 +476,6 @@ class PaliGemmaCheckpoint:
     report: LoadReport
     _tensors: dict[str, _Tensor]
     _rules: tuple[_Rule, ...]
-
-    @property
-    def vocab_size(self) -> int:
-        """The vocabulary the loaded embedding covers (the model's vocab_size)."""
-        return self.config.vocab_size
 
     def tensors(self, progress: bool = False) -> Iterator[tuple[ParamPath, Float[jax.Array, ...]]]:
         """(our parameter path, float32 array on the CPU) one at a time; each source tensor is read from disk when
@@ -499,38 +496,8 @@ class PaliGemmaCheckpoint:
                 value = rule.convert(*(read(s, rule.rows) for s in rule.sources))
             yield rule.target, value
 
-    def apply_to(self, model: nnx.Module, progress: bool = False) -> LoadReport:
-        """Write the weights into a `Pi05KI` in place (its other parameters are left as they are)."""
-        write_into_model(model, self.config, architecture, self.tensors(progress))
-        logger.info(self.report.summary())
-        return self.report
-
-    def apply_to_params(self, params: dict, progress: bool = False) -> dict:
-        """Replace the leaves of a `nnx.to_pure_dict` parameter tree IN PLACE; returns the same dict."""
-        write_into_params(params, self.tensors(progress))
-        logger.info(self.report.summary())
-        return params
-
-    def check_text_tokenizer(self, text_model: str | os.PathLike) -> None:
-        """The shards' text tokenizer must be the checkpoint's: same vocabulary size, and the very same file when
-        the checkpoint directory ships its `tokenizer.model`."""
-        from ki_data import TextTokenizer
-
-        text_model = Path(text_model)
-        try:
-            tok = TextTokenizer.load(text_model)
-        except (OSError, ValueError) as e:  # ValueError: not a SentencePiece model
-            raise CheckpointError(f"cannot check the text tokenizer against {self.path}: {e}") from e
-        if tok.vocab_size != self.vocab_size:
-            raise CheckpointError(
-                f"text tokenizer {text_model} has {tok.vocab_size} pieces but the PaliGemma checkpoint {self.path} "
-                f"embeds {self.vocab_size}: preprocess with PaliGemma's tokenizer.model"
-            )
-        ref = self.path / TOKENIZER_FILE
-        if ref.is_file() and ref.read_bytes() != text_model.read_bytes():
-            raise CheckpointError(f"text tokenizer {text_model} differs from the checkpoint's {ref}")
-
-
+    def shipped_tokenizer(self) -> Path:
+        return self.path / TOKENIZER_FILE
 
 
 def _check_rules_against_model(rules: Sequence[_Rule], config: Pi05KIConfig, expert_init: str) -> None:
