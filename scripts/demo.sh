@@ -13,8 +13,8 @@ py=.venv/bin/python
 repo_id=ki/pusht_line
 out=runs/demo
 seed="${DEMO_SEED:-0}"
-stage1="${DEMO_STAGE1_STEPS:-1000}"
-stage2="${DEMO_STEPS:-2000}"
+stage1="${DEMO_STAGE1_STEPS:-500}"
+stage2="${DEMO_STEPS:-1000}"
 mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 
@@ -23,12 +23,13 @@ export KI_LOG_DIR="$PWD/$out/logs"
 $py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISODES:-100}" --seed 0 --expert line \
   --skip-existing
 # The block's pose joins the state; the agent's x, y actions are stored relative to its position (delta actions).
-# Small images and a 16-step horizon keep the CPU demo to minutes (defaults: 224 px, 50 steps).
-$py -m pipelines.preprocess "$repo_id" --output "$out/shards" --image-size 64 --action-horizon 16 \
+# Small images and a 16-step horizon keep the CPU demo to minutes (defaults: 224 px, 50 steps); the block's pose is
+# in the state, so 32 px (16 image tokens of 8 px) is enough to keep the images in the prompt.
+$py -m pipelines.preprocess "$repo_id" --output "$out/shards" --image-size 32 --action-horizon 16 \
   --max-token-len 64 --max-text-len 40 --prompt-layout fast --image-format png --workers 2 --show-rows 1 --overwrite \
   --state-keys observation.state,observation.environment_state --delta-actions x,y
-common=(--shards "$out/shards" --config tiny --batch-size 32 --log-every 100 --eval-every 500 --seed "$seed"
-        --vision-variant siglip_tiny_p8 --overwrite)
+# The demo preset: tiny widths, 8 attention heads (ki_model/config.py), 8-px patches.
+common=(--shards "$out/shards" --config demo --batch-size 32 --log-every 100 --eval-every 500 --seed "$seed" --overwrite)
 # Stage 1: vision + backbone learn the FAST tokens alone (no action expert runs): a pi0-FAST-style policy.
 $py -m pipelines.train "${common[@]}" --checkpoint-dir "$out/stage1" --steps "$stage1" --decay-steps "$stage1" \
   --save-every "$stage1" --flow-loss-weight 0 --number-embeddings

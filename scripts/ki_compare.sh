@@ -11,15 +11,15 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cac
 py=.venv/bin/python
 demo=runs/demo
 out=runs/compare
-stage1="${DEMO_STAGE1_STEPS:-1000}"
-stage2="${DEMO_STEPS:-2000}"
+stage1="${DEMO_STAGE1_STEPS:-500}"
+stage2="${DEMO_STEPS:-1000}"
 total=$((stage1 + stage2))
 seeds="${COMPARE_SEEDS:-1 2}"
 mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 [ -f "$demo/checkpoint/metrics.jsonl" ] || { echo "error: run ./scripts/demo.sh first" >&2; exit 1; }
-common=(--shards "$demo/shards" --config tiny --batch-size 32 --log-every 100 --eval-every 500
-        --vision-variant siglip_tiny_p8 --overwrite)
+common=(--shards "$demo/shards" --config demo --batch-size 32 --log-every 100 --eval-every 500
+        --overwrite)
 
 closed_loop() {  # evaluation and both heads' rollouts of one run
   $py -m pipelines.evaluate --checkpoint "$1" --shards "$demo/shards" --output "$1/eval" --batches 10 --batch-size 32 \
