@@ -86,7 +86,8 @@ def test_train_command_line_switches():
     from pipelines.train import parse_args
 
     base = ["--shards", "s", "--checkpoint-dir", "c"]
-    defaults = {"remat": False, "flow_samples": 1, "insulation": True, "fast_loss_weight": 1.0, "flow_loss_weight": 1.0}
+    defaults = {"remat": False, "flow_samples": 1, "insulation": True, "fast_loss_weight": 1.0, "flow_loss_weight": 1.0,
+                "layer_chunks": 1}
     assert parse_args(base)[0].model_overrides == defaults
     cfg, _ = parse_args([*base, "--insulation", "off", "--fast-loss-weight", "0", "--flow-samples", "3"])
     assert cfg.model_overrides == defaults | {"insulation": False, "fast_loss_weight": 0.0, "flow_samples": 3}

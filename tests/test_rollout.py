@@ -123,7 +123,10 @@ def test_delay_0_is_the_rollout_without_latency(trained_checkpoint):
     assert len(plain.executed) == len(ours.executed) >= 2
     for x, y in zip(plain.executed, ours.executed, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert a.coverage == b.coverage and a.final_distance == b.final_distance and a.chunk_jumps is None
+    # Same actions, same states; the simulator's floats may differ in the last bit between two episodes on one env
+    # (observed in the full suite: 0.2056203484479212 vs 0.20562034844792124), hence 1e-9, not ==.
+    np.testing.assert_allclose(a.coverage, b.coverage, rtol=0, atol=1e-9)
+    assert a.final_distance == pytest.approx(b.final_distance, abs=1e-6) and a.chunk_jumps is None
     assert len(b.chunk_jumps) == len(ours.executed) - 1
 
 
