@@ -86,9 +86,7 @@ def time_train_step(setup: ReportSetup, *, batch_size: int = 2, repeats: int = 5
         "single_pass_step_s": med["single_pass"],
         "two_pass_step_s": med["two_pass"],
         "two_pass_over_single": run.spreads["two_pass_over_single"].median,
-        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
-        "compile_s": run.first,
-        "repeats": len(run.costs["two_pass"]),
+        **run.record(),
     }
 
 
@@ -123,11 +121,9 @@ def time_sampling(
         "sample_actions_s": med["sample_actions"],
         "sample_fast_tokens_s": med["sample_fast_tokens"],
         "fast_over_flow": run.spreads["fast_over_flow"].median,
-        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
         "fast_tokens_decoded": [int(n) for n in res.num_tokens],
         "fast_valid": [bool(v) for v in res.valid],
-        "compile_s": run.first,
-        "repeats": len(run.costs["sample_actions"]),
+        **run.record(),
     }
 
 
@@ -162,9 +158,7 @@ def time_rtc_sampling(
         "plain_s": med["plain"],
         "rtc_s": med["rtc"],
         "rtc_over_plain": run.spreads["rtc_over_plain"].median,
-        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
-        "compile_s": run.first,
-        "repeats": len(run.costs["rtc"]),
+        **run.record(),
     }
 
 
@@ -246,9 +240,7 @@ def time_prefix_and_cache(setup: ReportSetup, *, repeats: int, seed: int = 0,
         "uncached_s": med["uncached"],
         "prefix_s": med["prefix"],
         "uncached_over_cached": run.spreads["uncached_over_cached"].median,
-        "spread": {k: v.to_dict() for k, v in run.spreads.items()},
-        "compile_s": run.first,
-        "repeats": len(run.costs["cached"]),
+        **run.record(),
     }
 
 

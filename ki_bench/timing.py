@@ -151,6 +151,11 @@ class Paired:
     def medians(self) -> dict[str, float]:
         return {name: median(c) for name, c in self.costs.items()}
 
+    def record(self) -> dict[str, Any]:
+        """The spreads, the first calls and the number of rounds (every function ran in each), for a phase's JSON."""
+        return {"spread": {k: v.to_dict() for k, v in self.spreads.items()}, "compile_s": self.first,
+                "repeats": len(next(iter(self.costs.values())))}
+
 
 def paired_rounds(
     fns: dict[str, Callable[[], float]], pairs: dict[str, Pair], policy: RepeatPolicy, *, desc: str | None = None
