@@ -63,8 +63,8 @@ def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.A
     regression). Returns one output per action token."""
     b, h = bins.shape[0], p["queries"].shape[0]
     freqs = np.exp(np.linspace(0, np.log(100), 8))
-    time = jnp.concatenate([jnp.sin(t[:, None] * freqs), jnp.cos(t[:, None] * freqs)], -1) @ p["time_in"]
-    x = jnp.concatenate([table[bins], p["queries"][None] + x_t @ p["action_in"] + time[:, None]], 1)
+    t_emb = jnp.concatenate([jnp.sin(t[:, None] * freqs), jnp.cos(t[:, None] * freqs)], -1) @ p["time_in"]
+    x = jnp.concatenate([table[bins], p["queries"][None] + x_t @ p["action_in"] + t_emb[:, None]], 1)
     pos = jnp.arange(x.shape[1], dtype=jnp.float32)
     for layer in p["layers"]:
         y = rms(x)
