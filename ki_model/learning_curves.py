@@ -20,6 +20,10 @@ from ki_model import checkpoint as ckpt
 TRAIN_PANELS = (("flow_loss", "training flow loss", True), ("fast_loss", "training FAST loss", True),
                 ("fast_accuracy", "training FAST token accuracy", False))
 
+# Validation figures under the names older runs logged, before they took evaluation's (ki_model.scoring).
+_OLD_NAMES = {"val_flow_loss_shuffled": "val_flow_loss_shuffled_observation",
+              "val_mean_action_mse": "val_mean_action_baseline_mse", "val_hold_still_mse": "val_hold_still_baseline_mse"}
+
 
 class RunError(ValueError):
     """A directory that is not a training run (no metrics.jsonl)."""
@@ -76,7 +80,8 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     path = root / ckpt.METRICS
     if not path.is_file():
         raise RunError(f"{root}: no {ckpt.METRICS}; not a training run directory (pipelines.train --checkpoint-dir)")
-    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = [{_OLD_NAMES.get(k, k): v for k, v in m.items()} for m in rows]
     read = lambda name: json.loads((root / name).read_text()) if (root / name).is_file() else {}  # noqa: E731
     return Run(
         path=root,
@@ -114,12 +119,9 @@ def final_figures(run: Run) -> dict[str, float | None]:
     last = run.metrics[-1] if run.metrics else {}
     out: dict[str, float | None] = {k: last.get(k) for k in ("step", "flow_loss", "fast_loss", "fast_accuracy")}
     e = run.eval_report
-    if e is not None:
-        out["val_flow_mse"] = e["flow"]["mse"]
-        out["val_flow_mean_mse"] = (e.get("flow_sample_mean") or {}).get("mse")
-        out["val_fast_mse"] = e["fast_constrained"]["mse"]
-        out["val_hold_still_mse"] = (e.get("hold_still_baseline") or {}).get("mse")
-        out["val_mean_action_mse"] = e["mean_action_baseline"]["mse"]
+    if e is not None:  # the validation split's evaluation, under validation's names (`val_<head>_mse`)
+        for head in ("flow", "flow_sample_mean", "fast_constrained", "hold_still_baseline", "mean_action_baseline"):
+            out[f"val_{head}_mse"] = (e.get(head) or {}).get("mse")
     for head, r in (("flow", run.rollout_report), ("fast", run.rollout_fast_report)):
         if r is None:
             continue
@@ -140,8 +142,8 @@ def final_figures(run: Run) -> dict[str, float | None]:
 
 def summary_table(runs: list[Run]) -> str:
     cols = [("step", "steps", "{:.0f}"), ("flow_loss", "flow", "{:.3f}"), ("fast_accuracy", "FAST acc", "{:.3f}"),
-            ("val_flow_mse", "val flow", "{:.0f}"), ("val_flow_mean_mse", "flow mean", "{:.0f}"),
-            ("val_fast_mse", "val FAST", "{:.0f}"), ("val_hold_still_mse", "hold still", "{:.0f}"),
+            ("val_flow_mse", "val flow", "{:.0f}"), ("val_flow_sample_mean_mse", "flow mean", "{:.0f}"),
+            ("val_fast_constrained_mse", "val FAST", "{:.0f}"), ("val_hold_still_baseline_mse", "hold still", "{:.0f}"),
             ("flow_distance_closed", "flow closed", "{:.0%}"), ("flow_closed_vs_expert", "vs expert", "{:.0%}"),
             ("flow_max_coverage", "flow cov", "{:.3f}"),
             ("fast_distance_closed", "FAST closed", "{:.0%}"), ("fast_closed_vs_expert", "vs expert", "{:.0%}"),
@@ -185,12 +187,12 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
         x, y = run.series("val_flow_loss")
         if len(x):
             axes[1, 0].plot(x, y, color=color, label=run.label)
-            xs, ys = run.series("val_flow_loss_shuffled")
+            xs, ys = run.series("val_flow_loss_shuffled_observation")
             axes[1, 0].plot(xs, ys, color=color, ls="--")
         x, y = run.series("val_flow_mse")
         if len(x):
             axes[1, 1].plot(x, y, color=color, label=run.label)
-            xh, yh = run.series("val_hold_still_mse")
+            xh, yh = run.series("val_hold_still_baseline_mse")
             if len(xh):
                 axes[1, 1].axhline(yh[-1], color="k", ls=":", lw=1)
     axes[1, 0].set_title("validation flow loss (dashed: another row's observation)", fontsize=10)
@@ -215,10 +217,9 @@ def _final_bars(ax: Any, runs: list[Run]) -> None:
     shown = False
     for j, run in enumerate(runs):
         f = final_figures(run)
-        hold = f.get("val_hold_still_mse")
-        flow = f.get("val_flow_mean_mse") or f.get("val_flow_mse")
-        values = [flow / hold if flow and hold else np.nan, f["val_fast_mse"] / hold if hold and f.get("val_fast_mse")
-                  else np.nan]
+        hold, fast = f.get("val_hold_still_baseline_mse"), f.get("val_fast_constrained_mse")
+        flow = f.get("val_flow_sample_mean_mse") or f.get("val_flow_mse")
+        values = [flow / hold if flow and hold else np.nan, fast / hold if fast and hold else np.nan]
         values += [np.nan if f.get(k) is None else f[k] for k in ("flow_closed_vs_expert", "fast_closed_vs_expert")]
         if not np.all(np.isnan(values)):
             shown = True

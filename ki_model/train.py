@@ -427,8 +427,8 @@ def _format_val(m: dict[str, float]) -> str:
     """The validation line; a head that is not trained (NaN: FAST-only or flow-only training) is left out."""
     parts = []
     if m["val_flow_loss"] == m["val_flow_loss"]:
-        hold = f" (hold still {m['val_hold_still_mse']:.4g})" if "val_hold_still_mse" in m else ""
-        parts.append(f"flow {m['val_flow_loss']:.4f} (another row's observation {m['val_flow_loss_shuffled']:.4f})  "
+        hold = f" (hold still {m['val_hold_still_baseline_mse']:.4g})" if "val_hold_still_baseline_mse" in m else ""
+        parts.append(f"flow {m['val_flow_loss']:.4f} (another row's observation {m['val_flow_loss_shuffled_observation']:.4f})  "
                      f"flow-sample MSE {m['val_flow_mse']:.4g}{hold}")
     if m["val_fast_loss"] == m["val_fast_loss"]:
         parts.append(f"fast {m['val_fast_loss']:.4f}  acc {m['val_fast_accuracy']:.3f}")

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<26}{errs}{valid}")
     if not r["hold_still_applies"]:
         print(f"  hold-still baseline: not applicable ({r['hold_still_note']})")
-    print(f"  FAST token accuracy {r['token_accuracy']:.3f}, flow loss {r['flow_loss']:.4f} (another row's observation: "
+    print(f"  FAST token accuracy {r['fast_accuracy']:.3f}, flow loss {r['flow_loss']:.4f} (another row's observation: "
           f"{r['flow_loss_shuffled_observation']:.4f}), FAST loss {r['fast_loss']:.4f}")
     print(f"report: {r['report_path']}")
     print(f"plot:   {r['plot_path']}")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ki_model.learning_curves import RunError, load_run
+from ki_model.scoring import LOSSES
 from ki_model.train import load_metrics
 
 
@@ -14,9 +15,11 @@ def test_validation_figures_are_logged(trained_checkpoint):
     metrics = load_metrics(trained_checkpoint)
     first, last = metrics[0], metrics[-1]
     assert "val_flow_loss" not in first  # step 1: not a multiple of --eval-every 2
-    for key in ("val_flow_loss", "val_flow_loss_shuffled", "val_fast_loss", "val_fast_accuracy", "val_flow_mse",
-                "val_mean_action_mse", "val_hold_still_mse"):
-        assert last[key] is not None and last[key] >= 0, key
+    # Evaluation's names (ki_model.scoring), prefixed: the losses, and the flow head's and the baselines' MSE.
+    names = [*LOSSES, "flow_mse", "mean_action_baseline_mse", "hold_still_baseline_mse"]
+    assert {k for k in last if k.startswith("val_")} == {f"val_{k}" for k in names}
+    for key in names:
+        assert last[f"val_{key}"] >= 0, key  # NaN (a head not scored) fails too
     assert 0.0 <= last["val_fast_accuracy"] <= 1.0
 
 
@@ -43,3 +46,13 @@ def test_compare_runs_refuses_a_directory_without_metrics(tmp_path, capsys):
     assert "metrics.jsonl" in capsys.readouterr().err
     with pytest.raises(RunError):
         load_run(tmp_path)
+
+
+def test_runs_logged_under_the_old_validation_names_still_compare(tmp_path):
+    old = {"step": 2, "val_flow_loss": 0.4, "val_flow_loss_shuffled": 0.5, "val_hold_still_mse": 3.0,
+           "val_mean_action_mse": 4.0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(old) + "\n")
+    run = load_run(tmp_path)
+    for name, value in (("val_flow_loss_shuffled_observation", 0.5), ("val_hold_still_baseline_mse", 3.0),
+                        ("val_mean_action_baseline_mse", 4.0), ("val_flow_loss", 0.4)):
+        assert run.series(name)[1].tolist() == [value], name
