@@ -60,6 +60,7 @@ SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
 }
 
 DTYPES = ("float32", "bfloat16")
+FLOW_TARGETS = ("velocity", "clean")
 
 # Per-layer rematerialisation of a scanned layer stack (ki_model.nn.remat_layer): what the backward pass may keep of
 # a layer's forward. "none": everything (no remat); "nothing_saveable": only the layer inputs (the least memory);
@@ -177,6 +178,10 @@ class Pi05KIConfig:
     # (noise, time) draws per example in one training pass, each its own action block reading the same prefix.
     flow_samples: int = 1
     num_flow_steps: int = 10
+    # What the action expert's output is: "velocity" (π0, π0.5 and openpi's checkpoints: noise - actions) or
+    # "clean" (the clean chunk itself; its velocity for sampling is (x_t - chunk) / t, the same flow). With "clean"
+    # the flow loss is the chunk's squared error, which a small model learns from far fewer rows (the demo, README).
+    flow_target: str = "velocity"
     # A variant is a name from GEMMA_VARIANTS / SIGLIP_VARIANTS or explicit sizes (e.g. read from an openpi
     # checkpoint); explicit sizes are written as a dict by to_dict and read back by from_dict.
     backbone_variant: str | GemmaConfig = "gemma_2b"
@@ -217,6 +222,8 @@ class Pi05KIConfig:
         vision = siglip_config(self.vision_variant)
         if self.image_size % vision.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of the patch size {vision.patch_size}")
+        if self.flow_target not in FLOW_TARGETS:
+            raise ConfigError(f"flow_target must be one of {FLOW_TARGETS}, got {self.flow_target!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_text_len > self.max_token_len:

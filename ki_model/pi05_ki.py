@@ -59,7 +59,7 @@ class PrefixCache(NamedTuple):
 
 class TrainForward(NamedTuple):
     prompt_out: Float[Array, "b l w"]  # backbone outputs on the prompt block
-    velocity: Float[Array, "b k h d"] | None  # the action expert's flow prediction per draw (float32); None: FAST only
+    velocity: Float[Array, "b k h d"] | None  # expert output per draw (float32; config.flow_target); None: FAST only
     kv: gemma.KVCache  # K/V of every token of the pass, [depth, b, N, k, h]
     layout: attention.Layout
     num_image_tokens: int
@@ -262,11 +262,17 @@ class Pi05KI(nnx.Module):
         x_t = t * noise + (1.0 - t) * actions[:, None]
         fwd = self.train_forward(obs, x_t, time)
         nan = jnp.asarray(jnp.nan, jnp.float32)
-        flow = self._flow_loss(fwd.velocity, noise - actions[:, None], action_is_pad) if self.trains_flow else nan
+        flow = self._flow_loss(fwd.velocity, self.flow_target(noise, actions[:, None]), action_is_pad) if self.trains_flow else nan
         if not self.trains_fast:
             return {"flow": flow, "fast": nan, "total": self.config.flow_loss_weight * flow, "fast_accuracy": nan}
         fast, acc = self._fast_loss(fwd.prompt_out, obs)
         return self._losses(flow, fast, acc)
+
+    def flow_target(self, noise: Float[Array, "*b h d"], actions: Float[Array, "*b h d"]) -> Float[Array, "*b h d"]:
+        """What the action expert's output is trained toward (config.flow_target)."""
+        if self.config.flow_target == "clean":
+            return jnp.broadcast_to(actions, noise.shape)
+        return noise - actions
 
     def compute_loss(
         self,
@@ -290,7 +296,7 @@ class Pi05KI(nnx.Module):
         )
         return PrefixCache(kv, valid, out)
 
-    def _velocity_from_cache(
+    def _expert_out(
         self,
         kv: gemma.KVCache,
         prefix_valid: Bool[Array, "b n"],
@@ -317,8 +323,12 @@ class Pi05KI(nnx.Module):
     def velocity(
         self, cache: PrefixCache, x_t: Float[Array, "b h d"], time: Float[Array, " b"]
     ) -> Float[Array, "b h d"]:
-        """The action expert's flow prediction from a filled prefix cache."""
-        return self._velocity_from_cache(cache.kv, cache.valid, x_t, time)
+        """The flow at x_t from a filled prefix cache: the action expert's output, or with flow_target "clean"
+        (the expert gives the clean chunk) (x_t - chunk) / t; t > 0 on the sampling path."""
+        out = self._expert_out(cache.kv, cache.valid, x_t, time)
+        if self.config.flow_target == "clean":
+            return (x_t - out) / time[:, None, None]
+        return out
 
     def sample_actions(
         self,

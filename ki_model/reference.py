@@ -65,8 +65,8 @@ def losses_two_pass(
     t = time[:, None, None]
     x_t = t * noise + (1.0 - t) * actions
     kv = jax.lax.stop_gradient(kv) if model.config.insulation else kv  # insulation off: the ablation
-    velocity = model._velocity_from_cache(kv, prefix_valid, x_t, time, insulated=False, remat=remat)
-    return model._losses(flow_matching_loss(velocity, noise - actions, action_is_pad), fast, acc)
+    out = model._expert_out(kv, prefix_valid, x_t, time, insulated=False, remat=remat)
+    return model._losses(flow_matching_loss(out, model.flow_target(noise, actions), action_is_pad), fast, acc)
 
 
 def velocity_no_cache(

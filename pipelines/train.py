@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--lora", default="", metavar="PART=RANK,...",
                    help="LoRA fine-tuning: e.g. backbone=16,expert=32 (openpi's ranks: backbone,expert); the other "
                         "weights of those parts are frozen in bfloat16")
+    p.add_argument("--flow-target", choices=("velocity", "clean"), default="velocity",
+                   help="the action expert's output: the flow velocity (π0, openpi's checkpoints) or the clean chunk")
     p.add_argument("--flow-samples", type=int, default=1, metavar="K",
                    help="(noise, time) draws per example in one pass: K action blocks share the backbone (default: 1)")
     scratch = p.add_argument_group("training from scratch (README: what a pretrained backbone brings)")
@@ -130,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 def model_overrides(a: argparse.Namespace) -> dict:
     out = {"remat": a.remat_policy or a.remat, "layer_chunks": a.layer_chunks, "flow_samples": a.flow_samples,
+           "flow_target": a.flow_target,
            "insulation": a.insulation == "on",
            "fast_loss_weight": a.fast_loss_weight, "flow_loss_weight": a.flow_loss_weight}
     if a.vision_variant is not None:

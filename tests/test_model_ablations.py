@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ki_model import Pi05KIConfig, param_group, reference
+from ki_model import Pi05KIConfig, losses, param_group, reference
 from ki_model.config import ConfigError
 from ki_bench.synthetic import perturb_params, synthetic_batch, synthetic_tokenizers
 
@@ -87,9 +87,34 @@ def test_train_command_line_switches():
 
     base = ["--shards", "s", "--checkpoint-dir", "c"]
     defaults = {"remat": False, "flow_samples": 1, "insulation": True, "fast_loss_weight": 1.0, "flow_loss_weight": 1.0,
-                "layer_chunks": 1}
+                "layer_chunks": 1, "flow_target": "velocity"}
     assert parse_args(base)[0].model_overrides == defaults
     cfg, _ = parse_args([*base, "--insulation", "off", "--fast-loss-weight", "0", "--flow-samples", "3"])
     assert cfg.model_overrides == defaults | {"insulation": False, "fast_loss_weight": 0.0, "flow_samples": 3}
     cfg, _ = parse_args([*base, "--flow-loss-weight", "0"])  # the KI recipe's stage 1
     assert cfg.model_overrides == defaults | {"flow_loss_weight": 0.0}
+    assert parse_args([*base, "--flow-target", "clean"])[0].model_overrides == defaults | {"flow_target": "clean"}
+
+
+def test_clean_flow_target_is_the_same_flow_read_from_the_chunk(setup):
+    """flow_target "clean": the expert's output is the clean chunk. Its velocity is (x_t - output) / t, its loss the
+    output's squared error against the actions; one Euler step from t = 1 lands on the output itself."""
+    cfg, batch, noise, time = setup
+    clean = dataclasses.replace(cfg, flow_target="clean").create(nnx.Rngs(0))
+    perturb_params(clean, 1)
+    raw = dataclasses.replace(cfg, flow_target="velocity").create(nnx.Rngs(0))  # same weights, output read as is
+    nnx.update(raw, nnx.state(clean, nnx.Param))
+    cache = raw.prefix_cache(batch.obs)
+    t = time[:, None, None]
+    x_t = t * noise + (1 - t) * batch.actions
+    out = raw.velocity(cache, x_t, time)
+    np.testing.assert_allclose(clean.velocity(cache, x_t, time), (x_t - out) / t, rtol=1e-5, atol=1e-5)
+    loss = clean.losses_given_noise(batch.obs, batch.actions, noise, time, batch.action_is_pad)["flow"]
+    np.testing.assert_allclose(float(loss), float(losses.flow_matching_loss(out, batch.actions, batch.action_is_pad)),
+                               rtol=1e-5)
+    two_pass = reference.losses_two_pass(clean, batch.obs, batch.actions, noise, time, batch.action_is_pad)
+    np.testing.assert_allclose(float(loss), float(two_pass["flow"]), rtol=1e-5)
+    one_step = clean.sample_actions(jax.random.key(0), batch.obs, num_steps=1, noise=noise)
+    np.testing.assert_allclose(one_step, raw.velocity(cache, noise, jnp.ones(len(time))), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="flow_target"):
+        dataclasses.replace(cfg, flow_target="noise")
