@@ -371,7 +371,7 @@ def prepare_pass2_phase(repo_id: str, root: str, out: str, options: dict) -> dic
 
     cfg = PreprocessConfig(repo_id, root=root, output=out, workers=1, overwrite=True, progress=False, **options)
     prep = _prepare(cfg)
-    return {"job": str(job_file(prep.job.ctx.out)), "shards": len(prep.job.plan.shards)}
+    return {"job": str(job_file(prep.job.out)), "shards": len(prep.job.shards)}
 
 
 def _own_peak_rss_mb() -> float:
@@ -391,19 +391,19 @@ def pass2_worker_phase(job_path: str, policy: RepeatPolicy, goal: float | None =
     from concurrent.futures import ThreadPoolExecutor
 
     from ki_data.lerobot_source import EpisodeReader
-    from ki_data.preprocess.executors import load_job
+    from ki_data.preprocess.executors import job_artifacts, load_job
     from ki_data.preprocess.pass2 import ShardWorker
 
     rss_start = _own_peak_rss_mb()
     job = load_job(job_path)
-    ctx = job.ctx
-    plans = [p for group in job.groups for p in group]
+    data = job_artifacts(job)
+    plans = list(job.shards)
     episodes = [ep for p in plans for ep in p.episodes]
-    frames = sum(ctx.spec.episode(ep).length for ep in episodes)
+    frames = sum(job.spec.episode(ep).length for ep in episodes)
     stage_cpu: dict[str, float] = {}
 
     def pass2() -> float:
-        worker = ShardWorker(ctx)
+        worker = ShardWorker(data, job.spec)
         try:
             with Clock() as clock:
                 for plan in plans:
@@ -414,11 +414,11 @@ def pass2_worker_phase(job_path: str, policy: RepeatPolicy, goal: float | None =
         stage_cpu.update(worker.clock.cpu_s | {"process": clock.cpu_s})
         return clock.wall_s
 
-    cams = list(ctx.cameras.values())
+    cams = list(data.manifest.camera_keys.values())
     pool = ThreadPoolExecutor(len(cams))
 
     def decode_only() -> float:
-        reader = EpisodeReader(ctx.spec)
+        reader = EpisodeReader(job.spec)
         try:
             with Clock() as clock:
                 for ep in episodes:

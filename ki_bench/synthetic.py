@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from ki_data import FastTokenizer, PromptBuilder, TextTokenizer
+from ki_data import FastTokenizer, PromptBuilder, TextTokenizer, schema
 from ki_data.prompt import DEFAULT_LAYOUT, vocab_layout
 from ki_model.observation import Observation
 
@@ -101,19 +101,19 @@ def synthetic_columns(
     for name in prompts[0]:
         columns[name] = np.stack([p[name] for p in prompts])
     for cam in cameras:
-        columns[f"image.{cam}"] = rng.integers(0, 256, (batch_size, s, s, 3), dtype=np.uint8)
+        columns[schema.image_column(cam)] = rng.integers(0, 256, (batch_size, s, s, 3), dtype=np.uint8)
         mask = (masked_cameras or {}).get(cam)
-        columns[f"image_mask.{cam}"] = np.ones(batch_size, bool) if mask is None else np.asarray(mask, bool)
-    columns["state"] = rng.uniform(-1, 1, (batch_size, state_dim)).astype(np.float32)
-    columns["actions"], columns["action_is_pad"] = actions, is_pad
+        columns[schema.image_mask_column(cam)] = np.ones(batch_size, bool) if mask is None else np.asarray(mask, bool)
+    columns[schema.STATE] = rng.uniform(-1, 1, (batch_size, state_dim)).astype(np.float32)
+    columns[schema.ACTIONS], columns[schema.ACTION_IS_PAD] = actions, is_pad
     return columns
 
 
 def synthetic_batch(config, tokenizers: SyntheticTokenizers, batch_size: int, **kw) -> SyntheticBatch:
     """`synthetic_columns` as model inputs (`Observation.from_batch`), same arguments."""
     columns = synthetic_columns(config, tokenizers, batch_size, **kw)
-    return SyntheticBatch(Observation.from_batch(columns), jnp.asarray(columns["actions"]),
-                          jnp.asarray(columns["action_is_pad"]))
+    return SyntheticBatch(Observation.from_batch(columns), jnp.asarray(columns[schema.ACTIONS]),
+                          jnp.asarray(columns[schema.ACTION_IS_PAD]))
 
 
 def perturb_params(model: nnx.Module, seed: int, scale: float = 0.05) -> None:

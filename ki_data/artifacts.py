@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from jaxtyping import Float
@@ -17,6 +18,10 @@ from ki_data.actions import to_absolute, to_relative
 from ki_data.manifest import MANIFEST_FILE, Manifest, ManifestError
 from ki_data.normalize import NormStats, load_norm_stats, normalize, unnormalize
 from ki_data.prompt import PromptBuilder
+
+if TYPE_CHECKING:
+    from ki_data.fast_tokenizer import FastTokenizer
+    from ki_data.text_tokenizer import TextTokenizer
 
 # Relative paths a checkpoint copies from the shard directory it trains on.
 ARTIFACT_PATHS = (MANIFEST_FILE, schema.NORM_STATS_FILE, "tokenizer")
@@ -30,14 +35,25 @@ class DataArtifacts:
     prompt: PromptBuilder
 
     @classmethod
-    def open(cls, directory: str | Path) -> DataArtifacts:
-        """A shard directory (pipelines.preprocess output) or a checkpoint directory (which carries copies)."""
+    def open(
+        cls,
+        directory: str | Path,
+        manifest: Manifest | None = None,
+        *,
+        tokenizers: tuple[TextTokenizer, FastTokenizer] | None = None,
+    ) -> DataArtifacts:
+        """A shard directory (pipelines.preprocess output) or a checkpoint directory (which carries copies).
+
+        manifest: one not saved in the directory (preprocessing's draft, while the shards are being written).
+        tokenizers: (text, fast) already loaded from the directory's files, so that a process reads them once."""
         root = Path(directory)
-        manifest = Manifest.load(root)
-        for name in ARTIFACT_PATHS:
+        needed = ARTIFACT_PATHS if manifest is None else tuple(p for p in ARTIFACT_PATHS if p != MANIFEST_FILE)
+        manifest = Manifest.load(root) if manifest is None else manifest
+        for name in needed:
             if not (root / name).exists():
                 raise ManifestError(f"{root}: {name} is missing; the directory is incomplete")
-        return cls(root, manifest, load_norm_stats(root / manifest.norm_stats), PromptBuilder.from_manifest(manifest, root))
+        prompt = PromptBuilder.from_manifest(manifest, root, tokenizers=tokenizers)
+        return cls(root, manifest, load_norm_stats(root / manifest.norm_stats), prompt)
 
     def normalize_state(self, state: Float[np.ndarray, "*b s"]) -> Float[np.ndarray, "*b s"]:
         return normalize(state, self.norm_stats["state"], self.manifest.norm_mode)

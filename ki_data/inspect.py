@@ -24,7 +24,6 @@ from ki_data.fast_tokenizer import FastDecodeError
 from ki_data.images import decode_image
 from ki_data.manifest import MANIFEST_FILE, ManifestError
 from ki_data.prompt import ACTION_PREFIX, PromptTokens
-from ki_data.schema import PROMPT_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SHARDS = REPO_ROOT / "runs" / "demo" / "shards"
@@ -41,26 +40,73 @@ class RowInconsistencyError(InspectError):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One frame of a shard, decoded (images still encoded: JPEG by default, PNG if the manifest says so) with its
-    actions reshaped to [horizon, dim]."""
+    """One frame of a shard: its row as `schema.read_rows` decodes it (images still encoded: JPEG by default, PNG if
+    the manifest says so; actions [horizon, dim]), with typed views of its columns."""
 
     shard: Path
     split: str
-    episode_index: int
-    frame_index: int
-    index: int
-    task: str
-    images: dict[str, bytes]
-    image_masks: dict[str, bool]
-    state: Float[np.ndarray, "s"]
-    actions: Float[np.ndarray, "h d"]
-    action_is_pad: Bool[np.ndarray, "h"]
-    tokenized_prompt: Int[np.ndarray, "l"]
-    tokenized_prompt_mask: Bool[np.ndarray, "l"]
-    token_ar_mask: Bool[np.ndarray, "l"]
-    token_loss_mask: Bool[np.ndarray, "l"]
-    text_prompt: Int[np.ndarray, "t"]
-    text_prompt_mask: Bool[np.ndarray, "t"]
+    columns: schema.Row
+
+    def replace(self, **columns: Any) -> Row:
+        """The same row with some columns replaced (to show what a damaged row looks like)."""
+        return dataclasses.replace(self, columns={**self.columns, **columns})
+
+    @property
+    def episode_index(self) -> int:
+        return int(self.columns[schema.EPISODE_INDEX])
+
+    @property
+    def frame_index(self) -> int:
+        return int(self.columns[schema.FRAME_INDEX])
+
+    @property
+    def index(self) -> int:
+        return int(self.columns[schema.INDEX])
+
+    @property
+    def task(self) -> str:
+        return str(self.columns[schema.TASK])
+
+    @property
+    def images(self) -> dict[str, bytes]:
+        """Camera -> encoded image, in image-token order."""
+        return {cam: bytes(v) for name, v in self.columns.items() if (cam := schema.camera_of(name)) is not None}
+
+    @property
+    def state(self) -> Float[np.ndarray, " s"]:
+        return self.columns[schema.STATE]
+
+    @property
+    def actions(self) -> Float[np.ndarray, "h d"]:
+        return self.columns[schema.ACTIONS]
+
+    @property
+    def action_is_pad(self) -> Bool[np.ndarray, " h"]:
+        return self.columns[schema.ACTION_IS_PAD]
+
+    @property
+    def tokenized_prompt(self) -> Int[np.ndarray, " l"]:
+        return self.columns[schema.TOKENIZED_PROMPT]
+
+    @property
+    def tokenized_prompt_mask(self) -> Bool[np.ndarray, " l"]:
+        return self.columns[schema.TOKENIZED_PROMPT_MASK]
+
+    @property
+    def token_ar_mask(self) -> Bool[np.ndarray, " l"]:
+        return self.columns[schema.TOKEN_AR_MASK]
+
+    @property
+    def token_loss_mask(self) -> Bool[np.ndarray, " l"]:
+        return self.columns[schema.TOKEN_LOSS_MASK]
+
+    @property
+    def text_prompt(self) -> Int[np.ndarray, " t"]:
+        return self.columns[schema.TEXT_PROMPT]
+
+    @property
+    def text_prompt_mask(self) -> Bool[np.ndarray, " t"]:
+        return self.columns[schema.TEXT_PROMPT_MASK]
 
     @property
     def where(self) -> str:
@@ -71,20 +117,7 @@ class Row:
 
     def as_batch(self) -> dict[str, np.ndarray]:
         """The row as a batch of one in shard-column layout, images decoded (what `Observation.from_batch` reads)."""
-        batch: dict[str, np.ndarray] = {
-            schema.EPISODE_INDEX: np.array([self.episode_index]),
-            schema.FRAME_INDEX: np.array([self.frame_index]),
-            schema.INDEX: np.array([self.index]),
-            schema.STATE: self.state[None],
-            schema.ACTIONS: self.actions[None],
-            schema.ACTION_IS_PAD: self.action_is_pad[None],
-        }
-        for cam, img in self.decoded_images().items():
-            batch[schema.image_column(cam)] = img[None]
-            batch[schema.image_mask_column(cam)] = np.array([self.image_masks[cam]])
-        for name in PROMPT_COLUMNS:
-            batch[name] = getattr(self, name)[None]
-        return batch
+        return schema.model_batch([self.columns])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,25 +133,6 @@ def open_shards(path: str | os.PathLike) -> DataArtifacts:
         return DataArtifacts.open(root)
     except ManifestError as e:
         raise InspectError(str(e)) from None
-
-
-def _row_from_table(shards: DataArtifacts, shard: Path, split: str, cols: dict[str, np.ndarray], i: int) -> Row:
-    """Row i of `schema.read_rows`' columns (stored dtypes), typed."""
-    m = shards.manifest
-    return Row(
-        shard=shard,
-        split=split,
-        episode_index=int(cols[schema.EPISODE_INDEX][i]),
-        frame_index=int(cols[schema.FRAME_INDEX][i]),
-        index=int(cols[schema.INDEX][i]),
-        task=str(cols[schema.TASK][i]),
-        images={c: bytes(cols[schema.image_column(c)][i]) for c in m.cameras},
-        image_masks={c: bool(cols[schema.image_mask_column(c)][i]) for c in m.cameras},
-        state=cols[schema.STATE][i],
-        actions=cols[schema.ACTIONS][i].reshape(m.action_horizon, m.action_dim),
-        action_is_pad=cols[schema.ACTION_IS_PAD][i],
-        **{name: cols[name][i] for name in PROMPT_COLUMNS},
-    )
 
 
 def load_row(
@@ -159,7 +173,7 @@ def load_row(
         if len(hits):
             wanted = int(keys[schema.INDEX][hits[0]])
             cols = schema.read_rows(path, filters=[(schema.INDEX, "=", wanted)])
-            return _row_from_table(shards, path, entry.split, cols, 0)
+            return Row(path, entry.split, schema.row_at(cols, 0))
     what = f"index {index}" if index is not None else f"episode {episode}" if episode is not None else "any row"
     raise InspectError(f"{shards.root}: no shard holds {what}")
 
@@ -394,8 +408,8 @@ def row_problems(shards: DataArtifacts, row: Row) -> list[str]:
         rebuilt = rebuild_prompt(shards, row)
     except ValueError as err:  # PromptTooLongError, a FAST chunk that cannot be encoded
         return problems + [f"the prompt builder fails on the row's own task/state/actions: {err}"]
-    for name in PROMPT_COLUMNS:
-        if not np.array_equal(np.asarray(getattr(rebuilt, name)), getattr(row, name)):
+    for name, column in rebuilt.columns().items():
+        if not np.array_equal(column, row.columns[name]):
             problems.append(f"{name} differs from the prompt builder on the row's own task/state/actions")
     return problems
 

@@ -230,12 +230,17 @@ class PromptBuilder:
         self._grammar = self._make_grammar()
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, directory: str | Path) -> PromptBuilder:
-        """With the tokenizers a shard directory (or a checkpoint, which carries copies) holds."""
+    def from_manifest(
+        cls, manifest: Manifest, directory: str | Path, *, tokenizers: tuple[TextTokenizer, FastTokenizer] | None = None
+    ) -> PromptBuilder:
+        """With the tokenizers a shard directory (or a checkpoint, which carries copies) holds; `tokenizers`: those
+        two already loaded."""
         directory = Path(directory)
+        text, fast = tokenizers or (TextTokenizer.load(directory / manifest.tokenizers["text"].path),
+                                    FastTokenizer.load(directory / manifest.tokenizers["fast"].path))
         return cls(
-            TextTokenizer.load(directory / manifest.tokenizers["text"].path),
-            FastTokenizer.load(directory / manifest.tokenizers["fast"].path),
+            text,
+            fast,
             layout=manifest.prompt_layout,
             max_token_len=manifest.max_token_len,
             max_text_len=manifest.max_text_len,

@@ -1,24 +1,34 @@
-"""Token shard layout (docs/DESIGN.md §4): file names, column names, the Arrow schema and the one parquet -> numpy
-decoder of shard rows (the manifest: manifest.py).
+"""The shard row (docs/DESIGN.md §4), defined here only: file names, column names, the one frame -> row function,
+the Arrow schema with its encoder, and the one parquet -> numpy decoder (the manifest: manifest.py).
 
-One row per frame. Vector columns are Arrow fixed-size lists; `actions` is the [horizon, action_dim] chunk
-flattened row-major, and the decoder (`decode_table`, `read_rows`) gives it back as [n, horizon, action_dim].
-Every reader of shards (the loader, inspection, verification, the tests) decodes through `decode_column` /
-`decode_table`, and names camera columns through `image_column` / `camera_of`.
+One row per frame, a `Row` (column name -> value). `frame_row` makes it from a frame as the dataset holds it (task,
+raw state, camera images, the absolute action chunk when there is one): pass 2 writes its rows, and the Policy feeds
+its rows to the model (`model_batch`), so training and inference read the same inputs by construction.
+`ShardLayout.table` encodes rows' columns as Arrow (vectors as fixed-size lists; `actions`, [horizon, action_dim],
+flattened row-major), and `decode_column` / `decode_table` / `read_rows` give them back (`actions` reshaped): every
+reader of shards (the loader, inspection, verification, the tests) decodes through them, and names camera columns
+through `image_column` / `camera_of`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from jaxtyping import Bool, Float, UInt8
 
-from ki_data.manifest import SCHEMA_VERSION
+from ki_data.images import decode_image, shard_image
+from ki_data.manifest import SCHEMA_VERSION, Manifest
 from ki_data.shard_writer import READ_OPTIONS
+
+if TYPE_CHECKING:  # both import this module
+    from ki_data.artifacts import DataArtifacts
+    from ki_data.prompt import PromptTokens
 
 NORM_STATS_FILE = "norm_stats.json"
 FAST_TOKENIZER_DIR = "tokenizer/fast"
@@ -53,6 +63,8 @@ IMAGE_MASK_PREFIX = "image_mask."
 _META_VERSION = b"ki.schema_version"
 _META_HORIZON = b"ki.action_horizon"
 _META_ACTION_DIM = b"ki.action_dim"
+
+Row = dict[str, Any]  # one shard row: column name -> value (images encoded, as stored)
 
 
 def image_column(camera: str) -> str:
@@ -97,6 +109,12 @@ class ShardLayout:
     max_token_len: int
     max_text_len: int
 
+    @classmethod
+    def of(cls, manifest: Manifest) -> ShardLayout:
+        return cls(cameras=tuple(manifest.cameras), state_dim=manifest.state_dim, action_dim=manifest.action_dim,
+                   action_horizon=manifest.action_horizon, max_token_len=manifest.max_token_len,
+                   max_text_len=manifest.max_text_len)
+
     def column_names(self) -> list[str]:
         return [f.name for f in self.arrow_schema()]
 
@@ -132,8 +150,9 @@ class ShardLayout:
         }
         return pa.schema(fields, metadata=metadata)
 
-    def table(self, columns: dict[str, Any]) -> pa.Table:
-        """Arrow table from numpy columns (vectors as [n, k] arrays, `actions` as [n, h, d], images as bytes)."""
+    def table(self, columns: Mapping[str, Any]) -> pa.Table:
+        """Arrow table from numpy columns (vectors as [n, k] arrays, `actions` as [n, h, d], images as bytes), e.g.
+        `stack_rows` of `frame_row`s."""
         schema = self.arrow_schema()
         arrays = []
         for field in schema:
@@ -148,6 +167,78 @@ class ShardLayout:
             else:
                 arrays.append(pa.array(value, type=field.type))
         return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def frame_row(
+    data: DataArtifacts,
+    *,
+    task: str,
+    state: Float[np.ndarray, " s"],
+    images: Mapping[str, UInt8[np.ndarray, "img_h img_w 3"] | bytes],
+    actions: Float[np.ndarray, "h d"] | None = None,
+    action_is_pad: Bool[np.ndarray, " h"] | None = None,
+    key: tuple[int, int, int] | None = None,
+) -> tuple[Row, PromptTokens]:
+    """One frame -> its shard row, and the prompt tokens it holds (their counts: FAST tokens, clipped coefficients).
+
+    The frame as the dataset holds it: `state` raw (the manifest's `state_keys` concatenated), `actions` the absolute
+    chunk t..t+H-1 in the dataset's units with `action_is_pad` (None at inference: no action columns, the prompt's
+    text prefix only), `images` per camera HxWx3 uint8, or bytes already made by `shard_image` with the manifest's
+    size and format (pass 2 encodes on its own threads). `key`: (episode_index, frame_index, index), None for a live
+    frame. The row holds the normalized state and the stored chunk (relative where `--delta-actions` said,
+    normalized), as `data` says. Raises PromptTooLongError (never truncates), ValueError naming a missing camera.
+    """
+    m = data.manifest
+    missing = [c for c in m.cameras if c not in images]
+    if missing:
+        raise ValueError(f"no image for camera(s) {missing}; the shards hold {list(m.cameras)}")
+    state_n = data.normalize_state(state)
+    stored = None if actions is None else data.stored_actions(actions, state)
+    tokens = data.prompt.build(task, state_n, stored)
+    row: Row = {} if key is None else dict(zip(KEY_COLUMNS, key, strict=True))
+    row[TASK] = task
+    for cam in m.cameras:
+        image = images[cam]
+        row[image_column(cam)] = image if isinstance(image, bytes) else shard_image(image, m.image_size,
+                                                                                     m.image_format)
+        row[image_mask_column(cam)] = True
+    row[STATE] = state_n
+    if stored is not None:
+        row[ACTIONS] = stored
+        row[ACTION_IS_PAD] = np.zeros(len(stored), bool) if action_is_pad is None else action_is_pad
+    row.update(tokens.columns())
+    return row, tokens
+
+
+def stack_rows(rows: Sequence[Row], names: Sequence[str]) -> dict[str, Any]:
+    """The `names` columns of `rows` (all rows of one kind): arrays stacked, bytes and strings as lists, what
+    `ShardLayout.table` takes; with no rows, empty lists."""
+    out: dict[str, Any] = {}
+    for name in names:
+        values = [r[name] for r in rows]
+        out[name] = np.stack(values) if values and isinstance(values[0], np.ndarray) else values
+    return out
+
+
+def model_batch(rows: Sequence[Row]) -> dict[str, np.ndarray]:
+    """Rows as a batch of decoded columns, what `ki_model.Observation.from_batch` reads: images decoded (uint8
+    [b, s, s, 3]), strings as an object array, everything else stacked."""
+    out: dict[str, np.ndarray] = {}
+    for name in rows[0]:
+        values = [r[name] for r in rows]
+        if camera_of(name) is not None:
+            out[name] = np.stack([decode_image(v) for v in values])
+        elif isinstance(values[0], (str, bytes)):
+            out[name] = np.empty(len(values), dtype=object)
+            out[name][:] = values
+        else:
+            out[name] = np.stack([np.asarray(v) for v in values])
+    return out
+
+
+def row_at(columns: Mapping[str, np.ndarray], i: int) -> Row:
+    """Row i of decoded columns (`decode_table`, `read_rows`)."""
+    return {name: values[i] for name, values in columns.items()}
 
 
 def decode_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -62,7 +62,7 @@ class Observation:
         if missing:
             raise ObservationError(f"token columns {missing} missing (have {sorted(columns)})")
         tokens = {c: np.asarray(columns[c]) for c in PROMPT_COLUMNS}
-        b = tokens["tokenized_prompt"].shape[0]
+        b = tokens[schema.TOKENIZED_PROMPT].shape[0]
         images, masks = {}, {}
         for cam in cams:
             img = np.asarray(columns[schema.image_column(cam)])
@@ -86,11 +86,11 @@ class Observation:
         return cls(
             images=images,
             image_masks=masks,
-            tokenized_prompt=jnp.asarray(tokens["tokenized_prompt"], jnp.int32),
-            tokenized_prompt_mask=jnp.asarray(tokens["tokenized_prompt_mask"], bool),
-            token_ar_mask=jnp.asarray(tokens["token_ar_mask"], bool),
-            token_loss_mask=jnp.asarray(tokens["token_loss_mask"], bool),
-            text_prompt=jnp.asarray(tokens["text_prompt"], jnp.int32),
-            text_prompt_mask=jnp.asarray(tokens["text_prompt_mask"], bool),
+            tokenized_prompt=jnp.asarray(tokens[schema.TOKENIZED_PROMPT], jnp.int32),
+            tokenized_prompt_mask=jnp.asarray(tokens[schema.TOKENIZED_PROMPT_MASK], bool),
+            token_ar_mask=jnp.asarray(tokens[schema.TOKEN_AR_MASK], bool),
+            token_loss_mask=jnp.asarray(tokens[schema.TOKEN_LOSS_MASK], bool),
+            text_prompt=jnp.asarray(tokens[schema.TEXT_PROMPT], jnp.int32),
+            text_prompt_mask=jnp.asarray(tokens[schema.TEXT_PROMPT_MASK], bool),
             state=None if state is None else jnp.asarray(np.asarray(state), jnp.float32),
         )

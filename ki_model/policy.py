@@ -1,9 +1,9 @@
 """Inference: a trained checkpoint as a policy on live LeRobot-layout observations.
 
-`Policy.prepare(frame)` turns one observation into the model's input with the very code preprocessing used (the
-checkpoint's `ki_data.DataArtifacts`: normalization and the prompt builder without actions; `ki_data.images.shard_image`
-and its decode round trip), so the tensors are bit-identical to that frame's shard row; `Policy.infer(frame)` runs the
-action expert's flow and returns the chunk in the dataset's own units. Given the part of the previous chunk not yet
+`Policy.prepare(frame)` turns one observation into the model's input with the very function preprocessing made the
+shard rows with (`ki_data.schema.frame_row` over the checkpoint's `ki_data.DataArtifacts`, without actions; images
+through `shard_image` and decoded back), so the tensors are bit-identical to that frame's shard row;
+`Policy.infer(frame)` runs the action expert's flow and returns the chunk in the dataset's own units. Given the part of the previous chunk not yet
 executed, `infer` guides the flow to continue it (real-time chunking, ki_model.rtc).
 
 Importing this module loads no training code (optax, grain, orbax's checkpoint manager): serving stays light.
@@ -22,7 +22,6 @@ from flax import nnx
 from jaxtyping import Float, UInt8
 
 from ki_data.artifacts import DataArtifacts
-from ki_data.images import decode_image, shard_image
 from ki_data.manifest import ManifestError
 from ki_data import schema
 from ki_data.schema import camera_name
@@ -144,7 +143,8 @@ class Policy:
     # ------------------------------------------------------------------ frame -> model input
 
     def prepare_columns(self, frame: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """One frame as shard-style columns with a batch axis of 1 (`image.<cam>` decoded, tokens with actions=None)."""
+        """One frame as a batch of 1 in shard-column layout, images decoded: the row `schema.frame_row` makes of it
+        (as pass 2 made the training rows, without actions), through `schema.model_batch`."""
         if "task" not in frame:
             raise FrameError("frame has no 'task' string")
         state = self.frame_state(frame)
@@ -152,17 +152,9 @@ class Policy:
         missing = [c for c in self.cameras if c not in images]
         if missing:
             raise FrameError(f"frame lacks cameras {missing} (has {sorted(images)}); expected {list(self.cameras)}")
-        state_n = self.data.normalize_state(state)
-        tokens = self.data.prompt.build(str(frame["task"]), state_n)
-        cols: dict[str, np.ndarray] = {k: v[None] for k, v in tokens.columns().items()}
-        for cam in self.cameras:
-            img = to_uint8_hwc(images[cam], where=f"camera {cam}")
-            # The encode/decode round trip keeps inference on exactly the pixels the shards hold.
-            image = shard_image(img, self.manifest.image_size, self.manifest.image_format)
-            cols[schema.image_column(cam)] = decode_image(image)[None]
-            cols[schema.image_mask_column(cam)] = np.ones((1,), bool)
-        cols["state"] = state_n[None]
-        return cols
+        pixels = {cam: to_uint8_hwc(images[cam], where=f"camera {cam}") for cam in self.cameras}
+        row, _ = schema.frame_row(self.data, task=str(frame["task"]), state=state, images=pixels)
+        return schema.model_batch([row])
 
     def frame_state(self, frame: Mapping[str, Any]) -> Float[np.ndarray, " s"]:
         """The raw state: the manifest's `state_keys` of the frame, concatenated (as preprocessing did)."""

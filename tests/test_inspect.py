@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -123,20 +122,20 @@ def test_row_check_passes_a_real_row_and_names_corruptions(shards, known):
     ar = known.token_ar_mask.copy()
     ar[first_postfix] = False
     with pytest.raises(ki_inspect.RowInconsistencyError, match="text_prompt has .* real tokens but the tokenized_prompt"):
-        ki_inspect.check_row_consistency(shards, dataclasses.replace(known, token_ar_mask=ar))
+        ki_inspect.check_row_consistency(shards, known.replace(token_ar_mask=ar))
 
     # Swap two FAST ids: still decodes, but no longer to the stored chunk / what build_prompt makes.
     tokens = known.tokenized_prompt.copy()
     fast_pos = np.flatnonzero(shards.prompt.is_fast(tokens) & known.token_ar_mask)
     assert len(fast_pos) >= 2
     tokens[fast_pos[0]] = tokens[fast_pos[-1]]
-    problems = ki_inspect.row_problems(shards, dataclasses.replace(known, tokenized_prompt=tokens))
+    problems = ki_inspect.row_problems(shards, known.replace(tokenized_prompt=tokens))
     assert any("tokenized_prompt differs from the prompt builder" in p for p in problems)
 
     # A text id among the FAST ids: the postfix grammar breaks, and the reading (the route evaluation uses) says so.
     tokens = known.tokenized_prompt.copy()
     tokens[fast_pos[1]] = known.tokenized_prompt[0]
-    broken = dataclasses.replace(known, tokenized_prompt=tokens)
+    broken = known.replace(tokenized_prompt=tokens)
     with pytest.raises(FastDecodeError, match="break the postfix grammar"):
         ki_inspect.decode_fast_postfix(shards, broken)
     assert any(p.startswith("FAST postfix does not decode: the tokens break") for p in ki_inspect.row_problems(shards, broken))
@@ -144,7 +143,7 @@ def test_row_check_passes_a_real_row_and_names_corruptions(shards, known):
     text = known.text_prompt.copy()
     text[1] = (text[1] + 1) % shards.prompt.text.vocab_size
     with pytest.raises(ki_inspect.RowInconsistencyError, match="differ at position 1"):
-        ki_inspect.check_row_consistency(shards, dataclasses.replace(known, text_prompt=text))
+        ki_inspect.check_row_consistency(shards, known.replace(text_prompt=text))
 
 
 def test_terminal_view_shows_the_known_row(shards, known, capsys):

@@ -3,6 +3,8 @@ and every bad-input error."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +35,8 @@ from ki_data.preprocess import (
     run_preprocess,
     split_episodes,
 )
+from ki_data.preprocess import resume
+from ki_data.preprocess.executors import job_file, load_job
 from ki_data.text_tokenizer import TextTokenizer
 from pipelines import preprocess as cli
 
@@ -130,6 +134,26 @@ def test_every_column_matches_the_raw_dataset(rich, rich_out):
     assert rows["action_is_pad"][short].any(axis=1).all()  # shorter than the horizon: every chunk padded
 
 
+def test_shard_rows_are_frame_rows_of_the_raw_frames(rich, rich_out):
+    # The one frame -> row function (the Policy's too) on the dataset's raw values gives the stored rows.
+    data = DataArtifacts.open(rich_out.out_dir)
+    rows = _all_rows(rich_out.out_dir)
+    image_names = [schema.image_column(c) for c in data.manifest.cameras]
+    for i in (0, 5, len(rows[schema.INDEX]) - 1):
+        stored = schema.row_at(rows, i)
+        e, t = int(stored[schema.EPISODE_INDEX]), int(stored[schema.FRAME_INDEX])
+        steps = np.minimum(np.arange(t, t + H), rich.lengths[e] - 1)
+        row, tokens = schema.frame_row(
+            data, task=rich.tasks[e][t], state=rich.states[e][t], images=dict(zip(data.manifest.cameras,
+            (stored[n] for n in image_names))), actions=rich.actions[e][steps],
+            action_is_pad=np.arange(t, t + H) >= rich.lengths[e], key=(e, t, int(stored[schema.INDEX])))
+        assert list(row) == list(stored) and tokens.num_fast_tokens > 0
+        for name, value in row.items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(stored[name]), err_msg=name)
+    with pytest.raises(ValueError, match="no image for camera"):
+        schema.frame_row(data, task="x", state=rich.states[0][0], images={})
+
+
 def test_state_is_normalized_with_the_saved_quantile_stats(rich, rich_out):
     rows = _all_rows(rich_out.out_dir)
     stats = load_norm_stats(rich_out.out_dir / "norm_stats.json")
@@ -214,6 +238,10 @@ def test_resume_after_an_interruption_gives_the_same_shards(rich, rich_out, tmp_
     out = tmp_path / "resumed"
     written = interrupt_after_shards(monkeypatch, PreprocessConfig(rich.repo_id, output=str(out), **OPTIONS))
     assert not (out / "manifest.json").exists() and len(list((out / ".ki_progress").glob("*.parquet.json"))) == 2
+    # What the tasks read: the draft manifest (no shards, no summary yet) and a job naming the output directory.
+    draft = resume.load_draft(out)
+    assert draft.shards == () and draft.summary == {}
+    assert load_job(job_file(out)).out == out.resolve()
     # a write cut mid-way and a finished shard damaged afterwards: both must be redone
     (out / "shards" / ".train-00002.parquet.tmp.12345").write_bytes(b"half a shard")
     with open(out / written[1], "ab") as f:
@@ -223,7 +251,23 @@ def test_resume_after_an_interruption_gives_the_same_shards(rich, rich_out, tmp_
     resumed = run_preprocess(PreprocessConfig(rich.repo_id, output=str(out), **OPTIONS))
     assert _shas(out) == _shas(rich_out.out_dir)
     assert resumed.summary["shards_reused"] == 1
+    # The merge only filled in the draft's shards and summary.
+    assert dataclasses.replace(Manifest.load(out), shards=(), summary={}) == draft
     assert not [p for p in out.rglob("*") if ".tmp." in p.name]
+
+
+def test_tokenizers_are_loaded_once_per_process(rich, rich_out, tmp_path, monkeypatch):
+    # One worker: pass 1, the draft, every pass-2 task and the merge run in this process.
+    loads = collections.Counter()
+    for cls in (TextTokenizer, FastTokenizer):
+        def counted(kind, *args, _load=cls.load, **kwargs):
+            loads[kind.__name__] += 1
+            return _load(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "load", classmethod(counted))
+    result = run_preprocess(PreprocessConfig(rich.repo_id, output=str(tmp_path / "once"), **OPTIONS))
+    assert len(result.manifest.shards) > 2 and _shas(result.out_dir) == _shas(rich_out.out_dir)
+    assert loads == {"TextTokenizer": 1, "FastTokenizer": 1}
 
 
 @pytest.mark.slow

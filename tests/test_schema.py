@@ -1,4 +1,5 @@
-"""ki_data.schema: the shard row's column names, the camera column naming and the one parquet -> numpy decoder."""
+"""ki_data.schema: the shard row's column names, the camera column naming, rows stacked for the encoder and batched for
+the model, and the one parquet -> numpy decoder."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ki_data import schema
+from ki_data.images import encode_image
 from ki_data.prompt import PromptTokens
 
 LAYOUT = schema.ShardLayout(cameras=("top", "wrist_left"), state_dim=3, action_dim=2, action_horizon=4,
@@ -91,3 +93,22 @@ def test_decoder_on_an_empty_table_and_an_unreadable_file(tmp_path):
     with pytest.raises(OSError, match=f"{bad}: cannot read the shard"):
         schema.read_rows(bad)
     assert schema.decode_column(pa.array([b"ab", b"cd"])).tolist() == [b"ab", b"cd"]
+
+
+def test_rows_stack_for_the_encoder_and_batch_for_the_model():
+    """Rows (what `frame_row` makes) -> the encoder's columns (`stack_rows`) and the model's batch (`model_batch`)."""
+    cols = _columns(3, np.random.default_rng(3))
+    rows = [{name: values[i] for name, values in cols.items()} for i in range(3)]
+    assert LAYOUT.table(schema.stack_rows(rows, LAYOUT.column_names())).equals(LAYOUT.table(cols))
+    assert LAYOUT.table(schema.stack_rows([], LAYOUT.column_names())).num_rows == 0
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    for row, img in zip(rows, pixels):
+        for cam in LAYOUT.cameras:
+            row[schema.image_column(cam)] = encode_image(img, "png")
+    batch = schema.model_batch(rows)
+    for cam in LAYOUT.cameras:
+        np.testing.assert_array_equal(batch[schema.image_column(cam)], pixels)  # decoded (PNG: exactly)
+        np.testing.assert_array_equal(batch[schema.image_mask_column(cam)], cols[schema.image_mask_column(cam)])
+    assert batch[schema.TASK].dtype == object and list(batch[schema.TASK]) == cols[schema.TASK]
+    np.testing.assert_array_equal(batch[schema.ACTIONS], cols[schema.ACTIONS])
+    np.testing.assert_array_equal(batch[schema.TOKENIZED_PROMPT], cols[schema.TOKENIZED_PROMPT])

@@ -2,10 +2,12 @@
 
 Pass 1 (tabular columns only, every selected episode, one process): row checks, normalization statistics, the
 offline text tokenizer (unless one is given) and the FAST tokenizer (unless one is given) fitted on every row's
-normalized chunk. Pass 2 (DataTrove tasks over groups of whole shards, on this machine, a Ray cluster or Slurm):
-columns read in bulk, each camera decoded once sequentially, chunks cut with numpy, prompts built, images
-resized/padded and encoded, one parquet shard written atomically per planned group of episodes. A final merge
-writes the manifest and a Hugging Face dataset card (`datasets.load_dataset(<out>)` opens the shards).
+normalized chunk; then the draft manifest, which says everything the shards will hold. Pass 2 (DataTrove tasks over
+groups of whole shards, on this machine, a Ray cluster or Slurm), with the draft and the pass-1 artifacts opened as
+`DataArtifacts`: columns read in bulk, each camera decoded once sequentially, images resized/padded and encoded, each
+frame made into its row by `schema.frame_row` (the Policy's function too), one parquet shard written atomically per
+planned group of episodes. A final merge adds the shards and the summary to the draft, writes it as the manifest, and
+a Hugging Face dataset card (`datasets.load_dataset(<out>)` opens the shards).
 
 Determinism: the shard plan (which episodes go to which file) depends only on the inputs and options, never on
 the executor, task or worker count, and each shard is written by one task from the same code, so shards have the
@@ -20,13 +22,13 @@ The modules, in the order a run meets them:
     checks    rows that cannot become training rows, and why
     chunks    action chunks inside an episode
     pass1     statistics and tokenizers from the tabular columns
-    pass2     episodes -> shard columns -> one parquet shard (ShardWorker)
+    pass2     episodes -> shard rows -> one parquet shard (ShardWorker)
     executors pass 2 as DataTrove tasks: local processes or a Ray cluster
     slurm     pass 2 as a Slurm job array and the merge job, written for sbatch
-    resume    fingerprints, sidecars, what an interrupted run left and whether it can be kept
-    merge     the final step: sidecars -> manifest (with the summary) and the dataset card
+    resume    fingerprints, sidecars, the draft manifest, what an interrupted run left and whether it can be kept
+    merge     the final step: the draft + sidecars -> manifest (with the summary) and the dataset card
     card      the dataset card: Hugging Face features and data files from the manifest
-    run       run_preprocess / write_slurm_preprocess: the job from start to merge
+    run       run_preprocess / write_slurm_preprocess: the job from start to merge, the draft manifest
     describe  the end summary and a few decoded rows
 """
 
@@ -42,10 +44,10 @@ from ki_data.preprocess.config import (
     PreprocessError,
 )
 from ki_data.preprocess.describe import describe_rows, summary_text
-from ki_data.preprocess.executors import task_groups
+from ki_data.preprocess.executors import Pass2Job, task_groups
 from ki_data.preprocess.merge import PreprocessResult
 from ki_data.preprocess.pass1 import FitChunkCollector, Pass1Result, run_pass1
-from ki_data.preprocess.pass2 import Pass2Context, ShardResult, ShardWorker
+from ki_data.preprocess.pass2 import ShardResult, ShardWorker
 from ki_data.preprocess.plan import (
     JobPlan,
     ShardPlan,
@@ -67,7 +69,7 @@ __all__ = [
     "JobPlan",
     "OutputExistsError",
     "Pass1Result",
-    "Pass2Context",
+    "Pass2Job",
     "PreprocessConfig",
     "PreprocessError",
     "PreprocessResult",

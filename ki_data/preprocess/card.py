@@ -21,31 +21,13 @@ HF_SPLITS = {"train": "train", "val": "validation"}
 
 
 def hf_features(manifest: Manifest):
-    """The shard columns as `datasets.Features`, in the shards' column order."""
-    from datasets import Features, Image, List, Value
+    """The shard columns as `datasets.Features`, in the shards' column order: the Arrow schema's (`schema.ShardLayout`),
+    with the camera columns as `Image` (decoded on access)."""
+    from datasets import Features, Image
 
-    m = manifest
-
-    def fixed(dtype: str, n: int) -> List:
-        return List(Value(dtype), length=n)
-
-    features = {schema.EPISODE_INDEX: Value("int64"), schema.FRAME_INDEX: Value("int64"),
-                schema.INDEX: Value("int64"), schema.TASK: Value("string")}
-    for cam in m.cameras:
-        features[schema.image_column(cam)] = Image()
-        features[schema.image_mask_column(cam)] = Value("bool")
-    features |= {
-        schema.STATE: fixed("float32", m.state_dim),
-        schema.ACTIONS: fixed("float32", m.action_horizon * m.action_dim),
-        schema.ACTION_IS_PAD: fixed("bool", m.action_horizon),
-        schema.TOKENIZED_PROMPT: fixed("int32", m.max_token_len),
-        schema.TOKENIZED_PROMPT_MASK: fixed("bool", m.max_token_len),
-        schema.TOKEN_AR_MASK: fixed("bool", m.max_token_len),
-        schema.TOKEN_LOSS_MASK: fixed("bool", m.max_token_len),
-        schema.TEXT_PROMPT: fixed("int32", m.max_text_len),
-        schema.TEXT_PROMPT_MASK: fixed("bool", m.max_text_len),
-    }
-    return Features(features)
+    arrow = Features.from_arrow_schema(schema.ShardLayout.of(manifest).arrow_schema())
+    return Features({name: Image() if schema.camera_of(name) is not None else feature
+                     for name, feature in arrow.items()})
 
 
 def _column_table(m: Manifest) -> str:

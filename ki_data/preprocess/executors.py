@@ -3,9 +3,11 @@ each running DataTrove's executor for its rank; see `run_ray` for why not `RayPi
 array is written by `slurm.py`.
 
 Task r of T writes the r-th contiguous group of planned shards (`task_groups`), skipping those whose file already
-hashes to its sidecar; every shard it writes gets its sidecar at once. What a task needs (the Pass2Context and the
-groups) is pickled once into `.ki_progress/pass2/job.pkl` and read by each task, so an executor ships a path, not a
-dataset's worth of episode metadata per task.
+hashes to its sidecar; every shard it writes gets its sidecar at once. A task reads two files of the output
+directory: the draft manifest written after pass 1 (`resume.load_draft`; what the shards hold), opened with the
+pass-1 artifacts as `DataArtifacts` once per process (`job_artifacts`), and `.ki_progress/pass2/job.pkl`
+(`Pass2Job`: the source dataset, the groups, the fingerprint), so an executor ships a path, not a dataset's worth of
+episode metadata per task.
 
 Resuming: DataTrove marks a finished task in its logging directory (`completions/`) and skips it when the same
 command runs again; our hashes overrule it: a task is run again when one of its shards no longer verifies. The
@@ -26,28 +28,36 @@ from pathlib import Path
 
 from datatrove.pipeline.base import PipelineStep
 
+from ki_data.artifacts import DataArtifacts
 from ki_data.console import terminal
+from ki_data.fast_tokenizer import FastTokenizer
+from ki_data.lerobot_source import DatasetSpec
 from ki_data.preprocess import resume
-from ki_data.preprocess.config import ExecutorConfig, PreprocessConfig, PreprocessError
-from ki_data.preprocess.pass2 import Pass2Context, ShardWorker
-from ki_data.preprocess.plan import JobPlan, ShardPlan
+from ki_data.preprocess.config import ExecutorConfig, PreprocessError
+from ki_data.preprocess.pass2 import ShardWorker
+from ki_data.preprocess.plan import ShardPlan
 from ki_data.shard_writer import atomic_write_bytes
+from ki_data.text_tokenizer import TextTokenizer
 
 PASS2_DIR = "pass2"  # under resume.PROGRESS_DIR: the job file and the local/Ray logging directories
 
 
 @dataclasses.dataclass(frozen=True)
 class Pass2Job:
-    """What every pass-2 task and the merge step read (pickled once into the job file)."""
+    """What every pass-2 task and the merge step read besides the draft manifest (pickled once into the job file)."""
 
-    cfg: PreprocessConfig
-    plan: JobPlan
-    ctx: Pass2Context
+    out: Path  # the output directory (absolute): draft manifest, pass-1 artifacts, shards
+    spec: DatasetSpec  # the source the tasks read (the manifest records only its identity)
     groups: tuple[tuple[ShardPlan, ...], ...]  # task rank -> its shards, contiguous in plan order
+    fingerprint: str  # of the inputs, options and pass-1 artifacts: what a finished shard's sidecar must match
 
     @property
     def tasks(self) -> int:
         return len(self.groups)
+
+    @property
+    def shards(self) -> tuple[ShardPlan, ...]:
+        return tuple(p for group in self.groups for p in group)
 
 
 def task_groups(shards: tuple[ShardPlan, ...], tasks: int) -> tuple[tuple[ShardPlan, ...], ...]:
@@ -74,6 +84,21 @@ def job_file(out: Path) -> Path:
     return out / resume.PROGRESS_DIR / PASS2_DIR / "job.pkl"
 
 
+# The last job's artifacts in this process: the driver (which runs the merge, and with one worker the tasks too) and
+# every task process load the tokenizers once. Keyed by the draft's text, which names the tokenizers by sha256, and
+# the fingerprint, which covers the normalization statistics.
+_opened: dict[tuple[str, str, str], DataArtifacts] = {}
+
+
+def job_artifacts(job: Pass2Job, tokenizers: tuple[TextTokenizer, FastTokenizer] | None = None) -> DataArtifacts:
+    """The output directory opened with its draft manifest; `tokenizers`: its two tokenizers already loaded."""
+    key = (str(job.out), job.fingerprint, resume.draft_path(job.out).read_text())
+    if key not in _opened:
+        _opened.clear()
+        _opened[key] = DataArtifacts.open(job.out, resume.load_draft(job.out), tokenizers=tokenizers)
+    return _opened[key]
+
+
 # ------------------------------------------------------------------------------------------------ pipeline steps
 
 
@@ -89,16 +114,15 @@ class WriteShards(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:
         job = load_job(self.job_path)
-        ctx = job.ctx
         worker = None
         try:
             for plan in job.groups[rank]:
-                if resume.reusable_shard(ctx.out, plan, ctx.fingerprint) is not None:
+                if resume.reusable_shard(job.out, plan, job.fingerprint) is not None:
                     self.stat_update("shards_kept")
                     continue
-                worker = worker or ShardWorker(ctx)
+                worker = worker or ShardWorker(job_artifacts(job), job.spec)
                 result = worker.write_shard(plan, lambda n: self.stat_update("frames", value=n))
-                resume.record_shard(ctx.out, result, ctx.fingerprint)
+                resume.record_shard(job.out, result, job.fingerprint)
                 self.stat_update("shards_written")
                 self.stat_update("rows", value=result.rows)
         finally:
@@ -116,7 +140,7 @@ def prepare_tasks(job: Pass2Job, logging_dir: Path, verified: set[str]) -> list[
     for rank, group in enumerate(job.groups):
         stale = [p for p in group if p.path not in verified]
         for plan in stale:
-            resume.sidecar_path(job.ctx.out, plan.path).unlink(missing_ok=True)
+            resume.sidecar_path(job.out, plan.path).unlink(missing_ok=True)
         if stale:
             (logging_dir / "completions" / f"{rank:05d}").unlink(missing_ok=True)
             todo.append(rank)
@@ -273,7 +297,7 @@ def unfinished_error(job: Pass2Job, missing: list[str], logging_dir: Path) -> Pr
     ranks = [r for r, g in enumerate(job.groups) if any(p.path in missing for p in g)]
     said = next((e for r in ranks if (e := task_error(logging_dir, r))), None)
     return PreprocessError(
-        f"pass 2 did not finish: {len(missing)} of {len(job.plan.shards)} shard(s) missing after task(s) "
+        f"pass 2 did not finish: {len(missing)} of {len(job.shards)} shard(s) missing after task(s) "
         f"{ranks[:10]}{'...' if len(ranks) > 10 else ''} ended"
         + (f"; task {ranks[0]} said: {said}" if said else "")
         + f" (task logs in {logging_dir / 'logs'}); run the same command again to resume"

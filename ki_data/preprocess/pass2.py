@@ -1,10 +1,12 @@
 """Pass 2: planned shards written from their episodes. Per episode: the tabular columns read in bulk; each camera
 decoded once sequentially and its frames resized/padded and encoded in a pipeline of threads (ki_data.preprocess.
-pipeline), the cameras side by side, while this thread cuts the chunks with numpy and builds the prompts; per shard,
-the episodes' columns concatenated in plan order and written as one parquet file, atomically.
+pipeline), the cameras side by side, while this thread turns each frame into its row (`schema.frame_row`, the
+function the Policy uses too) as soon as its images are encoded; per shard, the rows stacked in plan order and
+written as one parquet file, atomically.
 
-A shard's bytes depend only on its plan and the pass-1 artifacts in the output directory, never on which process
-or machine writes it.
+Everything a shard holds besides the source frames comes from the output directory's draft manifest and pass-1
+artifacts (`DataArtifacts`): a shard's bytes depend only on its plan and that directory, never on which process or
+machine writes it.
 """
 
 from __future__ import annotations
@@ -13,45 +15,20 @@ import collections
 import dataclasses
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-from jaxtyping import Bool, Float
 
 from ki_data import schema
-from ki_data.fast_tokenizer import FastTokenizer
+from ki_data.artifacts import DataArtifacts
 from ki_data.lerobot_source import DatasetSpec, EpisodeColumns, EpisodeReader
 from ki_data.manifest import ShardEntry
-from ki_data.normalize import load_norm_stats, normalize
 from ki_data.preprocess.checks import PROMPT_TOO_LONG, REASONS, bad_input, find_row_problems, raise_first_problem
-from ki_data.preprocess.chunks import action_chunks
+from ki_data.preprocess.chunks import chunk_indices
 from ki_data.preprocess.config import BadInputError
 from ki_data.preprocess.pipeline import ImagePipeline, StageClock
 from ki_data.preprocess.plan import ShardPlan
-from ki_data.prompt import PromptBuilder, PromptTokens, PromptTooLongError
+from ki_data.prompt import PromptTokens, PromptTooLongError
 from ki_data.shard_writer import write_parquet_atomic
-from ki_data.text_tokenizer import TextTokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class Pass2Context:
-    """Everything a worker needs, picklable (the tokenizers are loaded from the output directory)."""
-
-    spec: DatasetSpec
-    out: Path
-    cameras: dict[str, str]  # name -> feature key
-    layout: schema.ShardLayout
-    image_size: int
-    image_format: str
-    horizon: int
-    norm_mode: str
-    prompt_layout: str
-    vocab_size: int
-    skip_tokens: int
-    skip_bad_rows: bool
-    delta_actions: tuple[int, ...] | None  # ki_data.actions: the action dimensions stored relative to the state
-    fingerprint: str  # of the inputs, options and pass-1 artifacts: what a finished shard's sidecar must match
 
 
 @dataclasses.dataclass
@@ -75,9 +52,9 @@ class ShardResult:
 
 @dataclasses.dataclass
 class EpisodeRows:
-    """One episode's shard columns, its rejected rows by reason, and the prompts of the rows it keeps."""
+    """One episode's shard rows, its rejected rows by reason, and the prompts of the rows it keeps."""
 
-    columns: dict[str, Any]
+    rows: list[schema.Row]
     rejected: collections.Counter
     prompts: list[PromptTokens]
 
@@ -87,118 +64,87 @@ def _sum_max_count(values: list[int]) -> list[int]:
 
 
 class ShardWorker:
-    """Per-process state: readers and tokenizers, built once."""
+    """Per-task state: the episode reader and the camera pipelines, built once, over the output directory's
+    artifacts (`data`: the draft manifest, normalization and tokenizers, opened once per process)."""
 
-    def __init__(self, ctx: Pass2Context):
-        self.ctx = ctx
-        self.reader = EpisodeReader(ctx.spec)
-        self.prompt = PromptBuilder(
-            TextTokenizer.load(ctx.out / schema.TEXT_TOKENIZER_FILE),
-            FastTokenizer.load(ctx.out / schema.FAST_TOKENIZER_DIR),
-            layout=ctx.prompt_layout, max_token_len=ctx.layout.max_token_len, max_text_len=ctx.layout.max_text_len,
-            vocab_size=ctx.vocab_size, skip_tokens=ctx.skip_tokens,
-        )
-        self.stats = load_norm_stats(ctx.out / schema.NORM_STATS_FILE)
+    def __init__(self, data: DataArtifacts, spec: DatasetSpec):
+        self.data, self.spec = data, spec
+        m = data.manifest
+        self.layout = schema.ShardLayout.of(m)
+        self.skip_bad_rows = bool(m.options["skip_bad_rows"])
+        self.reader = EpisodeReader(spec)
         self.clock = StageClock()  # CPU seconds per stage, for the benchmark
-        self._images = ImagePipeline(len(ctx.cameras), ctx.image_size, ctx.image_format, clock=self.clock)
+        self._images = ImagePipeline(len(m.cameras), m.image_size, m.image_format, clock=self.clock)
 
-    def _prompts(self, cols: EpisodeColumns, ok: Bool[np.ndarray, " n"], state: Float[np.ndarray, "n s"],
-                 chunks: Float[np.ndarray, "n h d"]) -> tuple[dict[int, PromptTokens], list[int]]:
-        """(prompt tokens of the usable rows, rows whose prompt is too long): too long is an error unless skipping."""
-        ctx, spec = self.ctx, self.ctx.spec
-        prompts, too_long = {}, []
-        for r in np.flatnonzero(ok):
-            try:
-                prompts[int(r)] = self.prompt.build(spec.tasks[int(cols.task_index[r])], state[r], chunks[r])
-            except PromptTooLongError as e:
-                if not ctx.skip_bad_rows:
-                    raise bad_input(spec, cols.episode_index, int(cols.frame_index[r]),
-                                    f"the {e.field} needs {e.length} tokens but the limit is {e.limit} "
-                                    f"(raise --max-token-len / --max-text-len)") from None
-                too_long.append(int(r))
-        return prompts, too_long
-
-    def _check_frames(self, cols: EpisodeColumns, camera_key: str, frames: int) -> None:
-        if frames != len(cols.timestamp):
-            raise BadInputError(
-                f"LeRobot dataset '{self.ctx.spec.repo_id}', episode {cols.episode_index}: camera {camera_key} "
-                f"has {frames} frames for {len(cols.timestamp)} rows"
-            )
+    def _frames_error(self, cols: EpisodeColumns, camera_key: str, frames: int) -> BadInputError:
+        return BadInputError(
+            f"LeRobot dataset '{self.spec.repo_id}', episode {cols.episode_index}: camera {camera_key} "
+            f"has {frames} frames for {len(cols.timestamp)} rows"
+        )
 
     def episode_rows(self, ep: int) -> EpisodeRows:
-        ctx, spec = self.ctx, self.ctx.spec
+        m, spec = self.data.manifest, self.spec
         t0 = time.thread_time()
         cols = self.reader.read_episode(ep)
-        problems = find_row_problems(cols, spec, ctx.horizon)
-        if not ctx.skip_bad_rows:
+        problems = find_row_problems(cols, spec, m.action_horizon)
+        if not self.skip_bad_rows:
             raise_first_problem(spec, cols, problems)
         # The cameras start now, on their own threads (PyAV, OpenCV and libjpeg-turbo release the GIL); this thread
-        # builds the prompts meanwhile. Every row without a problem is encoded; a row dropped below for a too-long
-        # prompt (only with skip_bad_rows) has its images discarded.
-        images = {key: self._images.submit(self.reader.iter_frames(ep, key, cols.timestamp), problems.ok)
-                  for key in ctx.cameras.values()}
+        # builds each row once its images are encoded. Every row without a problem is encoded; a row dropped below
+        # for a too-long prompt (only with skip_bad_rows) has its images discarded.
+        images = {cam: self._images.submit(self.reader.iter_frames(ep, key, cols.timestamp), problems.ok)
+                  for cam, key in m.camera_keys.items()}
+        rows, prompts, too_long = [], [], []
         try:
-            raw_state = np.nan_to_num(cols.state)
-            state = normalize(raw_state, self.stats["state"], ctx.norm_mode)
-            chunks, is_pad = action_chunks(np.nan_to_num(cols.actions), ctx.horizon, raw_state, ctx.delta_actions)
-            chunks = normalize(chunks, self.stats["actions"], ctx.norm_mode)
+            state, actions = np.nan_to_num(cols.state), np.nan_to_num(cols.actions)
+            steps, is_pad = chunk_indices(len(cols), m.action_horizon)
             self.clock.add("rows", time.thread_time() - t0)
-            t0 = time.thread_time()
-            prompts, too_long = self._prompts(cols, problems.ok, state, chunks)
-            self.clock.add("prompts", time.thread_time() - t0)
+            for k, r in enumerate(np.flatnonzero(problems.ok).tolist()):
+                encoded = {cam: images[cam].image(k) for cam in m.cameras}
+                t0 = time.thread_time()
+                for cam, image in encoded.items():
+                    if image is None:  # the video ended first: its frame count, once the camera is done
+                        raise self._frames_error(cols, m.camera_keys[cam], images[cam].result()[1])
+                try:
+                    row, tokens = schema.frame_row(
+                        self.data, task=spec.tasks[int(cols.task_index[r])], state=state[r], images=encoded,
+                        actions=actions[steps[r]], action_is_pad=is_pad[r],
+                        key=(ep, int(cols.frame_index[r]), int(cols.index[r])))
+                except PromptTooLongError as e:
+                    if not self.skip_bad_rows:
+                        raise bad_input(spec, ep, int(cols.frame_index[r]),
+                                        f"the {e.field} needs {e.length} tokens but the limit is {e.limit} "
+                                        f"(raise --max-token-len / --max-text-len)") from None
+                    too_long.append(r)
+                else:
+                    rows.append(row)
+                    prompts.append(tokens)
+                self.clock.add("prompts", time.thread_time() - t0)
+            for cam, key in m.camera_keys.items():
+                frames = images[cam].result()[1]
+                if frames != len(cols.timestamp):
+                    raise self._frames_error(cols, key, frames)
         except BaseException:
             for f in images.values():  # no thread may still read this episode when the error leaves
                 f.exception()
             raise
-        t0 = time.thread_time()
-        ok, codes = problems.ok.copy(), problems.codes.copy()
-        ok[too_long] = False
+        codes = problems.codes.copy()
         codes[too_long] = REASONS.index(PROMPT_TOO_LONG)
-
-        rows = np.flatnonzero(ok)
-        encoded_rows = ok[problems.ok]  # which of the encoded images (rows without a problem) are kept
-        out: dict[str, Any] = {}
-        for name, key in ctx.cameras.items():
-            blobs, frames = images[key].result()
-            self._check_frames(cols, key, frames)
-            out[schema.image_column(name)] = [b for b, keep in zip(blobs, encoded_rows, strict=True) if keep]
-            out[schema.image_mask_column(name)] = [True] * len(rows)
-        out[schema.EPISODE_INDEX] = np.full(len(rows), ep, np.int64)
-        out[schema.FRAME_INDEX] = cols.frame_index[rows]
-        out[schema.INDEX] = cols.index[rows]
-        out[schema.TASK] = [spec.tasks[int(t)] for t in cols.task_index[rows]]
-        out[schema.STATE] = state[rows]
-        out[schema.ACTIONS] = chunks[rows]
-        out[schema.ACTION_IS_PAD] = is_pad[rows]
-        kept = [prompts[int(r)] for r in rows]
-        for name in kept[0].columns() if kept else ():
-            out[name] = np.stack([getattr(p, name) for p in kept])
-        self.clock.add("rows", time.thread_time() - t0)
-        return EpisodeRows(out, collections.Counter(REASONS[c] for c in codes if c >= 0), kept)
+        return EpisodeRows(rows, collections.Counter(REASONS[c] for c in codes if c >= 0), prompts)
 
     def write_shard(self, plan: ShardPlan, on_frames: Callable[[int], None]) -> ShardResult:
         """Process the plan's episodes in order and write them as one shard, atomically."""
-        ctx = self.ctx
-        parts, rejected, prompts, frames = [], collections.Counter(), [], 0
+        rows, rejected, prompts, frames = [], collections.Counter(), [], 0
         for ep in plan.episodes:
             episode = self.episode_rows(ep)
-            if episode.prompts:
-                parts.append(episode.columns)
+            rows += episode.rows
             rejected.update(episode.rejected)
             prompts += episode.prompts
-            frames += ctx.spec.episode(ep).length
-            on_frames(ctx.spec.episode(ep).length)
+            frames += self.spec.episode(ep).length
+            on_frames(self.spec.episode(ep).length)
         t0 = time.thread_time()
-        merged: dict[str, Any] = {}
-        for name in ctx.layout.column_names():
-            values = [p[name] for p in parts]
-            if not values:
-                merged[name] = []
-            elif isinstance(values[0], np.ndarray):
-                merged[name] = np.concatenate(values)
-            else:
-                merged[name] = [v for part in values for v in part]
-        written = write_parquet_atomic(ctx.layout.table(merged), ctx.out / plan.path)
+        table = self.layout.table(schema.stack_rows(rows, self.layout.column_names()))
+        written = write_parquet_atomic(table, self.data.root / plan.path)
         self.clock.add("write", time.thread_time() - t0)
         return ShardResult(
             path=plan.path, split=plan.split, episodes=list(plan.episodes), rows=written.rows,

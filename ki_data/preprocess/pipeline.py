@@ -4,7 +4,9 @@ the cameras of an episode run side by side, while the calling thread builds the 
 PyAV (decode), OpenCV (resize) and libjpeg-turbo (encode) release the GIL, so on several cores the stages overlap:
 decoding frame k+1 while frame k is resized and encoded. The queue holds at most `depth` decoded frames per camera
 (~0.9 MB each at 480x640), so memory stays flat whatever the episode length. Frames come out in decode order, and
-each is encoded exactly as `shard_image` encodes it alone: the bytes do not depend on the threading.
+each is encoded exactly as `shard_image` encodes it alone: the bytes do not depend on the threading. The caller
+reads each encoded frame as soon as it is ready (`CameraFrames.image`), so it builds row k while later frames are
+still being decoded.
 
 `StageClock` adds up the CPU seconds each stage's threads spend (`time.thread_time`), so the benchmark can say where
 pass 2's CPU goes.
@@ -50,6 +52,43 @@ class _Failed:
         self.error = error
 
 
+class CameraFrames:
+    """One camera of an episode in the pipeline: its kept frames' bytes as they are encoded (`image(k)`), or all of
+    them with the number of frames decoded once the camera is done (`result()`)."""
+
+    def __init__(self) -> None:
+        self._images: list[bytes] = []
+        self._done = False
+        self._ready = threading.Condition()
+        self.future: Future[tuple[list[bytes], int]] | None = None
+
+    def _add(self, image: bytes) -> None:
+        with self._ready:
+            self._images.append(image)
+            self._ready.notify_all()
+
+    def _finish(self) -> None:
+        with self._ready:
+            self._done = True
+            self._ready.notify_all()
+
+    def image(self, k: int) -> bytes | None:
+        """The k-th kept frame's bytes, waiting for it; None when the camera ended before it (too few frames). Raises
+        what stopped the decoder or encoder."""
+        with self._ready:
+            self._ready.wait_for(lambda: len(self._images) > k or self._done)
+            if len(self._images) > k:
+                return self._images[k]
+        self.result()  # raises the thread's error, if that is why it ended
+        return None
+
+    def result(self, timeout: float | None = None) -> tuple[list[bytes], int]:
+        return self.future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self.future.exception(timeout)
+
+
 class ImagePipeline:
     """Threads for `cameras` cameras: one decoder and one encoder each, reused episode after episode."""
 
@@ -87,10 +126,10 @@ class ImagePipeline:
             item = _Failed(e)
         self._put(out, item, stop)
 
-    def _encode(self, frames: Iterator[UInt8[np.ndarray, "h w 3"]], keep: Bool[np.ndarray, " n"]
-                ) -> tuple[list[bytes], int]:
-        """Consumer: (the kept frames resized, padded and encoded, in order; the number of frames decoded). The
-        decoder runs on its own thread."""
+    def _encode(self, frames: Iterator[UInt8[np.ndarray, "h w 3"]], keep: Bool[np.ndarray, " n"],
+                out: CameraFrames) -> tuple[list[bytes], int]:
+        """Consumer: (the kept frames resized, padded and encoded, in order, each also handed to `out` at once; the
+        number of frames decoded). The decoder runs on its own thread."""
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         producer = self._decoders.submit(self._decode, frames, q, stop)
@@ -107,17 +146,23 @@ class ImagePipeline:
                     t0 = time.thread_time()
                     images.append(shard_image(item, self.image_size, self.image_format))
                     self.clock.add("resize_encode", time.thread_time() - t0)
+                    out._add(images[-1])
                 k += 1
         finally:
             stop.set()
-            producer.result()
+            try:
+                producer.result()
+            finally:
+                out._finish()
         return images, k
 
-    def submit(self, frames: Iterator[UInt8[np.ndarray, "h w 3"]], keep: Bool[np.ndarray, " n"]
-               ) -> Future[tuple[list[bytes], int]]:
-        """Start one camera of an episode: its frames decoded, the kept ones (keep[k] for frame k) encoded; the
-        future holds (the bytes, the number of frames). The iterator is consumed on a decoder thread only."""
-        return self._encoders.submit(self._encode, frames, keep)
+    def submit(self, frames: Iterator[UInt8[np.ndarray, "h w 3"]], keep: Bool[np.ndarray, " n"]) -> CameraFrames:
+        """Start one camera of an episode: its frames decoded, the kept ones (keep[k] for frame k) encoded, each
+        readable as soon as it is (`CameraFrames.image`); `result()` holds (the bytes, the number of frames). The
+        iterator is consumed on a decoder thread only."""
+        out = CameraFrames()
+        out.future = self._encoders.submit(self._encode, frames, keep, out)
+        return out
 
     def close(self) -> None:
         self._encoders.shutdown()

@@ -1,7 +1,8 @@
 """Resuming: what an interrupted run left in `<out>/.ki_progress/`, and whether it can be kept.
 
 `state.json` holds the fingerprint of the inputs and options (a run of other ones refuses the directory) and the
-hashes of the pass-1 artifacts. Every finished shard has a sidecar (its ShardResult, the pass-2 fingerprint); the
+hashes of the pass-1 artifacts. `manifest.json` there is the draft manifest, written after pass 1: everything the
+final one says but its shards and summary, which the merge fills in. Every finished shard has a sidecar (its ShardResult, the pass-2 fingerprint); the
 next run keeps a shard whose file still hashes to its sidecar and redoes the rest. The manifest is written last, so
 a directory with a manifest is a finished run.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from ki_data import schema
 from ki_data.lerobot_source import DatasetSpec
-from ki_data.manifest import MANIFEST_FILE
+from ki_data.manifest import MANIFEST_FILE, Manifest, ManifestError
 from ki_data.preprocess.card import CARD_FILE
 from ki_data.preprocess.config import OutputExistsError
 from ki_data.preprocess.pass2 import ShardResult
@@ -89,6 +90,21 @@ def prepare_output(out: Path, run_fingerprint: str, overwrite: bool) -> dict:
 
 def save_state(out: Path, state: dict) -> None:
     atomic_write_json(out / PROGRESS_DIR / STATE_FILE, state)
+
+
+def draft_path(out: Path) -> Path:
+    return out / PROGRESS_DIR / MANIFEST_FILE
+
+
+def save_draft(out: Path, draft: Manifest) -> None:
+    draft.save(draft_path(out).parent)
+
+
+def load_draft(out: Path) -> Manifest:
+    """The draft manifest of an unfinished run (ManifestError when pass 1 has not written it)."""
+    if not draft_path(out).is_file():
+        raise ManifestError(f"{draft_path(out)} does not exist: pass 1 of the run in {out} has not finished")
+    return Manifest.load(draft_path(out).parent)
 
 
 def finish_output(out: Path) -> None:

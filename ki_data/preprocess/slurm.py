@@ -15,7 +15,8 @@ from pathlib import Path
 
 from datatrove.pipeline.base import PipelineStep
 
-from ki_data.preprocess.executors import Pass2Job, WriteShards, load_job
+from ki_data.preprocess.config import ExecutorConfig
+from ki_data.preprocess.executors import Pass2Job, WriteShards, job_artifacts, load_job
 from ki_data.preprocess.merge import RunRecord, finish
 
 
@@ -31,7 +32,7 @@ class MergeShards(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:
         job = load_job(self.job_path)
-        result = finish(job.cfg, job.plan, job.ctx, self.record)
+        result = finish(job_artifacts(job), job, self.record)
         print(result.summary_text())
 
 
@@ -83,16 +84,16 @@ def _write_launch(executor) -> tuple[Path, int]:
     return Path(executor.logging_dir.resolve_paths("launch_script.slurm")), math.ceil(jobs / max_array)
 
 
-def write_slurm_job(job_path: Path, job: Pass2Job, todo: list[int], record: RunRecord, logging_dir: Path) -> SlurmJob:
+def write_slurm_job(ex: ExecutorConfig, workers: int, job_path: Path, job: Pass2Job, todo: list[int], record: RunRecord,
+                    logging_dir: Path) -> SlurmJob:
     from datatrove.executor.slurm import SlurmPipelineExecutor
 
-    ex = job.cfg.executor
     # sbatch takes whole gigabytes here; no QoS line, so the cluster's default applies.
     common = dict(time=ex.slurm_time, partition=ex.slurm_partition, mem_per_cpu_gb=math.ceil(ex.mem_per_cpu_gb),
                   env_command=_environment_command(), skip_completed=True, mail_type="NONE", qos="")
     pass2 = SlurmPipelineExecutor(
         pipeline=[WriteShards(str(job_path))], tasks=job.tasks, cpus_per_task=ex.slurm_cpus_per_task,
-        workers=job.cfg.workers or -1, job_name="ki-pass2", logging_dir=str(logging_dir), **common)
+        workers=workers or -1, job_name="ki-pass2", logging_dir=str(logging_dir), **common)
     merge = SlurmPipelineExecutor(
         pipeline=[MergeShards(str(job_path), record)], tasks=1, cpus_per_task=1, job_name="ki-merge",
         logging_dir=str(logging_dir.parent / "merge"), **common)
@@ -109,7 +110,7 @@ def write_slurm_job(job_path: Path, job: Pass2Job, todo: list[int], record: RunR
         "done\n"
         "after=$(IFS=:; echo \"${ids[*]}\")\n"
         f"merge=$(sbatch --parsable --dependency=afterok:$after {merge_script} | cut -d';' -f1)\n"
-        f"echo \"pass 2: job(s) ${{ids[*]}}; merge: job $merge (writes {job.ctx.out / 'manifest.json'})\"\n"
+        f"echo \"pass 2: job(s) ${{ids[*]}}; merge: job $merge (writes {job.out / 'manifest.json'})\"\n"
     )
     submit.chmod(0o755)
-    return SlurmJob(job.ctx.out, submit, pass2_script, merge_script, job.tasks)
+    return SlurmJob(job.out, submit, pass2_script, merge_script, job.tasks)
