@@ -2,8 +2,11 @@
 bins with `--number-embeddings`' value code), trained on the demo's rows by regression or by flow matching, scored on
 the validation rows as MSE ÷ hold still (pixels²; the flow head by the mean of 8 samples of 10 Euler steps).
 
-    python scripts/flow_vs_regression.py SHARDS --objective regression|flow [--batch 32] [--draws 1] [--steps 1000]
-        [--no-shared]
+    python scripts/flow_vs_regression.py SHARDS --objective regression|flow|flow-x [--batch 32] [--draws 1]
+        [--steps 1000] [--no-shared]
+
+`flow` trains the network's output toward the velocity (noise - chunk, π0's target); `flow-x` toward the clean chunk,
+the velocity for sampling derived from it (`pipelines.train --flow-target clean`): the same flow, another output.
 
 No images, no FAST, no backbone/expert split: a yardstick for how fast each objective learns this mapping at a given
 batch, not a model of ki's own. `--draws K` gives every row K noise/time draws per step (what `pipelines.train
@@ -79,7 +82,9 @@ def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.A
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shards")
-    ap.add_argument("--objective", choices=("regression", "flow"), required=True)
+    ap.add_argument("--objective", choices=("regression", "flow", "flow-x"), required=True,
+                    help="flow: the network predicts the velocity (π0); flow-x: it predicts the clean chunk, the "
+                         "velocity is derived from it")
     ap.add_argument("--batch", type=int, default=32, help="rows per step")
     ap.add_argument("--draws", type=int, default=1, help="noise/time draws per row and step (flow)")
     ap.add_argument("--steps", type=int, default=1000)
@@ -96,7 +101,8 @@ def main() -> None:
     raw = data.unnormalize_state(s_va)
     truth = data.absolute_actions(y_va, raw)
     hold = float(np.mean((data.hold_still_chunks(raw, horizon) - truth) ** 2))
-    flow = a.objective == "flow"
+    flow = a.objective != "regression"
+    clean = a.objective == "flow-x"
 
     def loss(p, bins, y, key):
         if not flow:
@@ -106,7 +112,8 @@ def main() -> None:
         noise = jax.random.normal(k1, y.shape)
         t = jax.random.beta(k2, 1.5, 1.0, (len(y),)) * 0.999 + 0.001  # π0's time distribution
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * y
-        return jnp.mean((forward(p, table, bins, x_t, t) - (noise - y)) ** 2)
+        out = forward(p, table, bins, x_t, t)
+        return jnp.mean((out - (y if clean else noise - y)) ** 2)
 
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 100, a.steps, 3e-4), b2=0.95)
 
@@ -123,7 +130,9 @@ def main() -> None:
             return forward(p, table, bins, zeros, jnp.zeros(len(bins)))
         x = jax.random.normal(key, (len(bins), horizon, dim))
         for i in range(10):  # Euler from t = 1 (noise) to 0, as the policy samples
-            x = x - 0.1 * forward(p, table, bins, x, jnp.full((len(bins),), 1 - i / 10))
+            t = 1 - i / 10
+            out = forward(p, table, bins, x, jnp.full((len(bins),), t))
+            x = x - 0.1 * ((x - out) / t if clean else out)
         return x
 
     p = init(jax.random.key(a.seed), horizon, dim)
