@@ -181,10 +181,11 @@ def step_throughput(
 ) -> dict[str, float]:
     """Samples/s of the trainer's own jitted step (model, optimizer of `preset`, no EMA) on one fixed host batch."""
     from ki_model import train as T
-    from ki_model.optimizer import OptimizerConfig, make_optimizer
+    from ki_model.config import preset_optimizer
+    from ki_model.optimizer import make_optimizer
     from ki_model.sharding import make_mesh
 
-    opt_cfg = OptimizerConfig.for_preset(preset)
+    opt_cfg = preset_optimizer(preset)
     mesh = make_mesh(fsdp_devices)
     state, shardings, graphdef = T.init_train_state(model_cfg, make_optimizer(opt_cfg), mesh, seed=seed, ema=False)
     obs, actions, pad = T.device_batch(batch, mesh)

@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import optax
 
+from ki_model.config import OptimizerConfig
 from ki_model.lora import is_frozen
 from ki_model.pi05_ki import param_group
 
 Params = dict[str, Any]  # nnx.to_pure_dict of the model's nnx.Param state
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW + linear warm-up and cosine decay + global-norm clipping; the defaults are openpi's."""
-
-    peak_lr: float = 2.5e-5
-    warmup_steps: int = 1_000
-    decay_steps: int = 30_000
-    decay_lr: float = 2.5e-6
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 1e-10
-    clip_norm: float = 1.0
-
-    @classmethod
-    def for_preset(cls, preset: str) -> OptimizerConfig:
-        # openpi's schedule barely moves a from-scratch tiny model in a few minutes; the CPU demo runs a faster one
-        # (on the pusht demo, 3e-3 starts reading the state tokens within ~600 steps, 1e-3 not within 1000).
-        if preset in ("tiny", "demo"):
-            return cls(peak_lr=3e-3, warmup_steps=100, decay_steps=1_500, decay_lr=3e-4)
-        return cls()
+__all__ = ["FROZEN", "SIDES", "OptimizerConfig", "Params", "make_optimizer", "make_schedule", "param_labels"]
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    if cfg.decay_steps is None:  # a run resolves it to its length (TrainConfig.resolved)
+        raise ValueError("the optimizer's decay_steps is unresolved (None: the run's length); resolve it first")
     # openpi starts the warm-up at peak / (warmup + 1), not at 0, so that step 0 already updates.
     return optax.warmup_cosine_decay_schedule(
         init_value=cfg.peak_lr / (cfg.warmup_steps + 1),

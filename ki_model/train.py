@@ -1,15 +1,16 @@
 """Training: the train state, the jitted step on a (data, fsdp) device mesh, and the loop over the shards.
 
-The loop is `train(TrainConfig) -> final metrics`; `pipelines/train.py` only parses options into a `TrainConfig`.
+`train(TrainConfig) -> final metrics` is `setup(cfg) -> Run` (every check, then the state, loader, checkpoint
+manager and log) followed by `loop(run)`; `pipelines/train.py` only parses options (or a recipe) into a `TrainConfig`.
 Presets fix the architecture; everything the data decides (horizon, action dim, cameras, token lengths, image size,
 vocabulary) comes from the shards' manifest, and an explicit value or a resumed checkpoint that disagrees is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from jaxtyping import Array, Bool, Float
 from tqdm import tqdm
 
 from ki_data.loader import LoaderConfig, ShardLoader
-from ki_data.manifest import MODEL_FIELDS, Manifest
+from ki_data.manifest import Manifest
 from ki_model import checkpoint as ckpt
 from ki_model.checkpoint import CheckpointError
 from ki_model.compile import compiler_options
@@ -37,6 +38,9 @@ from ki_model.observation import Observation, pad_action_dim
 from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
 from ki_model.pi05_ki import param_group
 from ki_model.sharding import MeshError, batch_sharding, make_mesh, param_shardings
+from ki_model.tracking import Tracker, WandbError, format_metrics, open_tracker
+from ki_model.tracking import load_metrics as load_metrics  # re-exported: callers read a run's figures here
+from ki_model.train_config import TrainConfig
 from ki_model.warm_start import KiCheckpoint, is_ki_init
 from ki_model.weights import PretrainedCheckpoint, init_model_config, load_init
 
@@ -291,65 +295,35 @@ def device_batch(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop
+# Option checks and directory policy: each refuses before anything is computed or written.
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    shards: str
-    checkpoint_dir: str
-    config: str = "tiny"
-    steps: int = 1_000
-    batch_size: int = 32  # global
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    log_every: int = 10
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    ema_decay: float | None = None
-    fsdp_devices: int = 1
-    num_workers: int = 2  # grain loader processes
-    shuffle_buffer: int = 2048
-    augment: bool = True
-    optimizer: OptimizerConfig | None = None  # None: the preset's
-    # Explicit data-dependent values: checked against the manifest, never override it.
-    action_horizon: int | None = None
-    action_dim: int | None = None
-    max_token_len: int | None = None
-    max_text_len: int | None = None
-    image_size: int | None = None
-    vocab_size: int | None = None
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"remat": True}
-    fast_compile: bool = False  # see compiler_options
-    progress: bool = True
-    # "paligemma:PATH": vision encoder + backbone from a Hugging Face PaliGemma checkpoint; "openpi:PATH": the whole
-    # model, its architecture included, from an openpi π0.5 checkpoint; "ki:DIR" / "ki-backbone:DIR": every weight /
-    # vision and backbone (fresh action expert) from one of our checkpoints (ki_model.warm_start). Not applied on
-    # resume.
-    init: str | None = None
-    verify: bool = False  # hash every shard against manifest.json before anything else (ki_data.verify)
-    # Every eval_every steps (a multiple of log_every; 0: never), score eval_batches fixed validation batches and log
-    # the figures as val_* in metrics.jsonl (ki_model.validation).
-    eval_every: int = 0
-    eval_batches: int = 2
-    # From scratch only: start the embeddings of number tokens (the state bins) from a code of their value
-    # (ki_model.number_embeddings); a pretrained backbone knows its numbers.
-    number_embeddings: bool = False
-    # Average the gradients of this many micro-batches of each batch (batch_size / grad_accum rows at a time): the
-    # memory of the smaller batch, the update of the whole one.
-    grad_accum: int = 1
-
-    def explicit(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in MODEL_FIELDS if k != "cameras" and hasattr(self, k)}
-
-    def optimizer_config(self) -> OptimizerConfig:
-        return self.optimizer or OptimizerConfig.for_preset(self.config)
+def check_options(cfg: TrainConfig) -> None:
+    """Options that contradict each other (`cfg` resolved; nothing read yet)."""
+    opt = cfg.optimizer
+    if opt.decay_steps <= opt.warmup_steps:
+        raise TrainError(f"--decay-steps {opt.decay_steps} must exceed the {opt.warmup_steps} warm-up steps "
+                         f"(--warmup-steps)")
+    if cfg.number_embeddings and cfg.init:
+        raise TrainError("--number-embeddings is a prior for a backbone trained from scratch; --init loads "
+                         "the checkpoint's own embeddings")
+    if cfg.eval_every and (cfg.eval_every < 0 or cfg.eval_every % cfg.log_every):
+        raise TrainError(f"--eval-every {cfg.eval_every} must be a positive multiple of --log-every {cfg.log_every}")
+    if cfg.grad_accum < 1:
+        raise TrainError(f"--grad-accum {cfg.grad_accum} must be at least 1")
 
 
-def _init_model_config(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> Pi05KIConfig:
-    """With `--init openpi:PATH` the checkpoint decides the architecture (also on resume, to match the saved one);
-    `--init ki:DIR` must match this run's (checked when it is opened)."""
+def check_data(cfg: TrainConfig, manifest: Manifest) -> None:
+    """Options the shards cannot serve."""
+    if cfg.eval_every and not manifest.splits.get("val"):
+        raise TrainError(f"--eval-every: the shards in {cfg.shards} have no validation episodes")
+
+
+def run_model_config(cfg: TrainConfig, manifest: Manifest) -> Pi05KIConfig:
+    """The preset with the run's model options and the manifest's shapes; with `--init openpi:PATH` the checkpoint
+    decides the architecture (also on resume, to match the saved one); `--init ki:DIR` must match this run's
+    (checked when it is opened)."""
+    model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model.fields())
     if not cfg.init or is_ki_init(cfg.init):
         return model_cfg
     try:
@@ -358,7 +332,7 @@ def _init_model_config(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> Pi05KIConfi
         raise TrainError(f"--init {cfg.init}: {e}") from e
 
 
-def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PretrainedCheckpoint | KiCheckpoint:
+def open_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PretrainedCheckpoint | KiCheckpoint:
     """The checked `--init` checkpoint (nothing read yet); its tokenizer must be the shards' text tokenizer."""
     try:
         if is_ki_init(cfg.init):
@@ -370,27 +344,60 @@ def _check_init(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> PretrainedCheckpoi
     return pretrained
 
 
-def _check_dir(cfg: TrainConfig) -> None:
-    """Refuse an output directory that a run may not use, before anything is computed or written."""
+def run_mesh(cfg: TrainConfig) -> Mesh:
+    """The (data, fsdp) mesh over every device; the batch and its micro-batches must split over it."""
+    try:
+        mesh = make_mesh(cfg.fsdp_devices)
+    except MeshError as e:
+        raise TrainError(str(e)) from None
+    if cfg.batch_size % mesh.size:
+        raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {mesh.size} devices")
+    if cfg.batch_size % (cfg.grad_accum * mesh.size):
+        raise TrainError(f"--grad-accum {cfg.grad_accum}: --batch-size {cfg.batch_size} must split into that many "
+                         f"micro-batches, each divisible by the {mesh.size} devices")
+    return mesh
+
+
+def check_output_dir(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> None:
+    """A new run needs an empty directory (or --overwrite); a resumed one a checkpoint of the same data and model."""
     out = Path(cfg.checkpoint_dir)
-    if cfg.resume:
-        if not (out / ckpt.STEPS).is_dir():
-            raise TrainError(f"--resume: {out} holds no checkpoint")
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise TrainError(f"{out} is not empty; pass --resume to continue it or --overwrite to start over")
+    if not cfg.resume:
+        if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+            raise TrainError(f"{out} is not empty; pass --resume to continue it or --overwrite to start over")
+        return
+    if not (out / ckpt.STEPS).is_dir():
+        raise TrainError(f"--resume: {out} holds no checkpoint")
+    try:
+        ckpt.check_same_data(out, cfg.shards, doing="resume")
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    check_resume_config(ckpt.load_model_config(out), model_cfg)
 
 
-def _fresh_dir(out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+def start_output_dir(cfg: TrainConfig, model_cfg: Pi05KIConfig) -> None:
+    """(Re)makes the directory of a new run with what a policy needs besides the weights: the shards' artifacts and
+    the two configs. Process 0 writes; the others wait for it."""
+    if jax.process_index() == 0:
+        out = Path(cfg.checkpoint_dir)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        ckpt.copy_artifacts(cfg.shards, out)
+        (out / ckpt.MODEL_CONFIG).write_text(model_cfg.to_json())
+        ckpt.write_json(out / ckpt.TRAIN_CONFIG, cfg.to_dict())
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ki: checkpoint directory ready")
 
 
-def _fresh_state(
+# ---------------------------------------------------------------------------------------------------------------
+# The initial state: fresh (with --init weights) or restored
+
+
+def fresh_state(
     cfg: TrainConfig, model_cfg: Pi05KIConfig, tx: optax.GradientTransformation, mesh: Mesh,
     pretrained: PretrainedCheckpoint | KiCheckpoint | None,
 ) -> tuple[TrainState, TrainState, nnx.GraphDef]:
-    """The initial state of a new run, with the `--init` weights in place."""
+    """(state, its shardings, graphdef) of a new run, with the `--init` weights in place."""
     state, shardings, graphdef = init_train_state(model_cfg, tx, mesh, seed=cfg.seed, ema=cfg.ema_decay is not None)
     if pretrained is not None:
         # In place, tensor by tensor, each keeping its sharding; the EMA starts from the loaded weights.
@@ -407,32 +414,23 @@ def _fresh_state(
     return state, shardings, graphdef
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """A killed run may have logged past its last checkpoint; the resumed run logs those steps again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _format(m: dict[str, float]) -> str:
-    return (
-        f"step {m['step']:>6d}  flow {m['flow_loss']:.4f}  fast {m['fast_loss']:.4f}  acc {m['fast_accuracy']:.3f}  "
-        f"|g| backbone {m['grad_norm_backbone']:.3f} expert {m['grad_norm_action_expert']:.3f}  lr {m['learning_rate']:.2e}  {m['steps_per_s']:.2f} it/s  "
-        f"{m['samples_per_s']:.1f} samples/s"
-    )
-
-
-def _format_val(m: dict[str, float]) -> str:
-    """The validation line; a head that is not trained (NaN: FAST-only or flow-only training) is left out."""
-    parts = []
-    if m["val_flow_loss"] == m["val_flow_loss"]:
-        hold = f" (hold still {m['val_hold_still_baseline_mse']:.4g})" if "val_hold_still_baseline_mse" in m else ""
-        parts.append(f"flow {m['val_flow_loss']:.4f} (another row's observation {m['val_flow_loss_shuffled_observation']:.4f})  "
-                     f"flow-sample MSE {m['val_flow_mse']:.4g}{hold}")
-    if m["val_fast_loss"] == m["val_fast_loss"]:
-        parts.append(f"fast {m['val_fast_loss']:.4f}  acc {m['val_fast_accuracy']:.3f}")
-    return "\n  val: " + "  ".join(parts)
+def restored_state(
+    cfg: TrainConfig, model_cfg: Pi05KIConfig, tx: optax.GradientTransformation, mesh: Mesh, mngr: Any,
+    loader: ShardLoader,
+) -> tuple[TrainState, TrainState, nnx.GraphDef, int]:
+    """(state, shardings, graphdef, step) of the latest checkpoint; the loader continues where it was."""
+    out = Path(cfg.checkpoint_dir)
+    ema = cfg.ema_decay is not None
+    start = ckpt.latest_step(mngr, out)
+    shardings, graphdef = state_shardings(model_cfg, tx, mesh, ema=ema)
+    target = abstract_train_state(model_cfg, tx, shardings, ema=ema)
+    restored = ckpt.restore_train(mngr, start, abstract_params=target.params, abstract_opt_state=target.opt_state,
+                                  abstract_ema=target.ema_params)
+    loader.restore(restored["loader"])
+    state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step), params=restored["params"],
+                       opt_state=restored["opt_state"], ema_params=restored.get("ema_params"))
+    print(f"resumed from {out} at step {start}")
+    return state, shardings, graphdef, start
 
 
 def _with_number_embeddings(state: TrainState, shardings: TrainState, shards: str) -> TrainState:
@@ -457,17 +455,101 @@ def _with_number_embeddings(state: TrainState, shardings: TrainState, shards: st
     return state.replace(params=params, ema_params=ema)
 
 
-def _make_validator(cfg: TrainConfig, model_cfg: Pi05KIConfig, graphdef: nnx.GraphDef, manifest: Manifest):
+def make_validator(
+    cfg: TrainConfig, model_cfg: Pi05KIConfig, graphdef: nnx.GraphDef
+) -> Callable[[Params], dict[str, float]] | None:
+    """`params -> {val_*: figure}` for --eval-every (None: never): the one place training calls validation."""
     if not cfg.eval_every:
         return None
-    if cfg.eval_every < 0 or cfg.eval_every % cfg.log_every:
-        raise TrainError(f"--eval-every {cfg.eval_every} must be a positive multiple of --log-every {cfg.log_every}")
-    if not manifest.splits.get("val"):
-        raise TrainError(f"--eval-every: the shards in {cfg.shards} have no validation episodes")
     from ki_model.validation import Validator  # imports the evaluation code only when asked
 
     return Validator(cfg.shards, model_cfg, graphdef, batches=cfg.eval_batches, batch_size=cfg.batch_size,
                      seed=cfg.seed, compiler_options=compiler_options(cfg.fast_compile))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup and the loop
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop touches, made by `setup`; closing it closes the loader, the checkpoint manager and the
+    tracker (a context manager: `with setup(cfg) as run`)."""
+
+    config: TrainConfig  # resolved
+    model_config: Pi05KIConfig
+    mesh: Mesh
+    state: TrainState
+    step_fn: Callable[[TrainState, Observation, Float[Array, "b h d"], Bool[Array, "b h"]],
+                      tuple[TrainState, dict[str, Float[Array, ""]]]]
+    start: int  # steps already taken (a resumed run's checkpoint)
+    loader: ShardLoader
+    manager: Any  # orbax CheckpointManager
+    tracker: Tracker
+    validator: Callable[[Params], dict[str, float]] | None
+    meta: dict[str, Any]  # saved with every checkpoint
+    _closing: contextlib.ExitStack
+
+    def save(self, step: int) -> None:
+        ckpt.save(self.manager, step, params=self.state.params, opt_state=self.state.opt_state,
+                  ema_params=self.state.ema_params, loader_state=self.loader.state(), meta=self.meta)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._closing.__exit__(*exc)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Checks every option against the others, the shards, `--init` and the output directory, then builds the run.
+    The whole initial state (with `--init` weights) exists before the directory is touched: a refusal or failure up
+    to there leaves it as it was."""
+    cfg = cfg.resolved()
+    check_options(cfg)
+    if cfg.verify:  # damaged shards leave the checkpoint directory alone
+        from ki_data.verify import check_shards
+
+        print(check_shards(cfg.shards, progress=cfg.progress).one_line())
+    manifest = Manifest.load(cfg.shards)
+    check_data(cfg, manifest)
+    model_cfg = run_model_config(cfg, manifest)
+    pretrained = open_init(cfg, model_cfg) if cfg.init and not cfg.resume else None
+    mesh = run_mesh(cfg)
+    check_output_dir(cfg, model_cfg)
+    tx = make_optimizer(cfg.optimizer)
+    if not cfg.resume:
+        state, shardings, graphdef = fresh_state(cfg, model_cfg, tx, mesh, pretrained)
+        start_output_dir(cfg, model_cfg)
+
+    with contextlib.ExitStack() as closing:
+        loader = closing.enter_context(ShardLoader(cfg.shards, "train", LoaderConfig(
+            batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, augment=cfg.augment,
+            num_workers=cfg.num_workers)))
+        manager = ckpt.manager(cfg.checkpoint_dir, max_to_keep=cfg.keep_checkpoints)
+        closing.callback(manager.close)
+        start = 0
+        if cfg.resume:
+            state, shardings, graphdef, start = restored_state(cfg, model_cfg, tx, mesh, manager, loader)
+        step_fn = make_train_step(graphdef, cfg.optimizer, shardings, mesh, seed=cfg.seed, ema_decay=cfg.ema_decay,
+                                  fast_compile=cfg.fast_compile, grad_accum=cfg.grad_accum)
+        validator = make_validator(cfg, model_cfg, graphdef)
+        tracker = start_tracking(cfg, model_cfg, resume_step=start if cfg.resume else None)
+        closing.push(lambda exc_type, *_: tracker.close(failed=exc_type is not None))
+        run = Run(config=cfg, model_config=model_cfg, mesh=mesh, state=state, step_fn=step_fn, start=start,
+                  loader=loader, manager=manager, tracker=tracker, validator=validator,
+                  meta={"model_config": model_cfg.to_dict(), "manifest": manifest.to_dict(), "preset": cfg.config},
+                  _closing=closing.pop_all())
+    return run
+
+
+def start_tracking(cfg: TrainConfig, model_cfg: Pi05KIConfig, *, resume_step: int | None) -> Tracker:
+    """metrics.jsonl, and the W&B run of --wandb with the run's two configs (process 0 writes)."""
+    try:
+        return open_tracker(Path(cfg.checkpoint_dir), write=jax.process_index() == 0, wandb_project=cfg.wandb,
+                            config={"train": cfg.to_dict(), "model": model_cfg.to_dict()}, resume_step=resume_step)
+    except WandbError as e:
+        raise TrainError(str(e)) from None
 
 
 def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
@@ -475,155 +557,81 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict[str, float]], None] | None
 
     `on_log` is called with each logged metrics dict (tests use it to kill a run part-way).
     """
-    if cfg.verify:  # before anything is written: damaged shards leave the checkpoint directory alone
-        from ki_data.verify import check_shards
+    with setup(cfg) as run:
+        return loop(run, on_log=on_log)
 
-        print(check_shards(cfg.shards, progress=cfg.progress).one_line())
-    manifest = Manifest.load(cfg.shards)
-    model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model_overrides)
-    model_cfg = _init_model_config(cfg, model_cfg)
-    # Checked before anything is written, so a bad checkpoint leaves the output directory alone.
-    pretrained = _check_init(cfg, model_cfg) if cfg.init and not cfg.resume else None
-    if cfg.number_embeddings and cfg.init:
-        raise TrainError("--number-embeddings is a prior for a backbone trained from scratch; --init loads "
-                         "the checkpoint's own embeddings")
-    try:
-        mesh = make_mesh(cfg.fsdp_devices)
-    except MeshError as e:
-        raise TrainError(str(e)) from None
-    if cfg.batch_size % mesh.size:
-        raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {mesh.size} devices")
-    if cfg.grad_accum < 1 or cfg.batch_size % (cfg.grad_accum * mesh.size):
-        raise TrainError(f"--grad-accum {cfg.grad_accum}: --batch-size {cfg.batch_size} must split into that many "
-                         f"micro-batches, each divisible by the {mesh.size} devices")
-    is_main = jax.process_index() == 0  # one process writes the files; orbax coordinates the checkpoint itself
-    out = Path(cfg.checkpoint_dir)
-    _check_dir(cfg)
-    opt_cfg = cfg.optimizer_config()
-    if opt_cfg.decay_steps <= opt_cfg.warmup_steps:
-        raise TrainError(f"--decay-steps {opt_cfg.decay_steps} must exceed the {opt_cfg.warmup_steps} warm-up steps "
-                         f"(--warmup-steps)")
-    ema = cfg.ema_decay is not None
-    tx = make_optimizer(opt_cfg)
-    if cfg.resume:
-        try:
-            ckpt.check_same_data(out, cfg.shards, doing="resume")
-        except CheckpointError as e:
-            raise TrainError(str(e)) from None
-        check_resume_config(ckpt.load_model_config(out), model_cfg)
-    else:
-        # The whole initial state (with --init weights) exists before the directory is touched: a failure up to
-        # here leaves it as it was.
-        state, shardings, graphdef = _fresh_state(cfg, model_cfg, tx, mesh, pretrained)
-        if is_main:
-            _fresh_dir(out)
-            ckpt.copy_artifacts(cfg.shards, out)
-            (out / ckpt.MODEL_CONFIG).write_text(model_cfg.to_json())
-            train_json = dataclasses.asdict(cfg) | {"optimizer": dataclasses.asdict(opt_cfg)}
-            ckpt.write_json(out / ckpt.TRAIN_CONFIG, train_json)
-        if jax.process_count() > 1:  # the others wait until process 0 has (re)made the directory
-            multihost_utils.sync_global_devices("ki: checkpoint directory ready")
 
-    loader = ShardLoader(
-        cfg.shards,
-        "train",
-        LoaderConfig(
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer,
-            augment=cfg.augment,
-            num_workers=cfg.num_workers,
-        ),
-    )
-    mngr = ckpt.manager(out, max_to_keep=cfg.keep_checkpoints)
-    metrics_path = out / ckpt.METRICS
-    try:
-        if cfg.resume:
-            start = ckpt.latest_step(mngr, out)
-            shardings, graphdef = state_shardings(model_cfg, tx, mesh, ema=ema)
-            target = abstract_train_state(model_cfg, tx, shardings, ema=ema)
-            restored = ckpt.restore_train(
-                mngr,
-                start,
-                abstract_params=target.params,
-                abstract_opt_state=target.opt_state,
-                abstract_ema=target.ema_params,
-            )
-            loader.restore(restored["loader"])
-            state = TrainState(
-                step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step),
-                params=restored["params"],
-                opt_state=restored["opt_state"],
-                ema_params=restored.get("ema_params"),
-            )
-            if is_main:
-                _truncate_metrics(metrics_path, start)
-            print(f"resumed from {out} at step {start}")
+def loop(run: Run, *, on_log: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Step through the batches; every log_every steps average the figures (+ validation every eval_every) and log
+    them, every save_every steps save. Returns the last logged figures."""
+    cfg = run.config
+    last: dict[str, float] = {}
+    pending: list[dict[str, Float[Array, ""]]] = []  # device figures since the last log: one fetch, no sync per step
+    clock = StepClock()
+    for step in tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not cfg.progress,
+                     desc="train"):
+        obs, actions, pad = device_batch(next(run.loader), run.mesh, run.model_config.action_dim)
+        run.state, metrics = run.step_fn(run.state, obs, actions, pad)
+        pending.append(metrics)
+        clock.tick(metrics)
+        done = step + 1
+
+        if _due(done, cfg.log_every, cfg.steps):
+            means = _host_means(pending)
+            pending = []
+            last = {"step": done, **means, **clock.rates(cfg.batch_size)}
+            if run.validator is not None and _due(done, cfg.eval_every, cfg.steps):
+                last.update(run.validator(run.state.params))
+                clock.restart()  # validation time is not training time
+            run.tracker.log(last)
+            tqdm.write(format_metrics(last)) if cfg.progress else print(format_metrics(last))
+            if on_log is not None:
+                on_log(last)
+
+        if _due(done, cfg.save_every, cfg.steps):
+            run.save(done)
+
+    run.manager.wait_until_finished()
+    run.tracker.log_plots(cfg.steps)
+    if last:
+        print(f"trained to step {cfg.steps}: flow {last['flow_loss']:.4f}, fast {last['fast_loss']:.4f}, "
+              f"FAST accuracy {last['fast_accuracy']:.3f}; checkpoint and metrics.jsonl in {cfg.checkpoint_dir}")
+    return last
+
+
+def _due(done: int, every: int, steps: int) -> bool:
+    """Every `every` steps, and at the last step."""
+    return done % every == 0 or done == steps
+
+
+def _host_means(pending: list[dict[str, Float[Array, ""]]]) -> dict[str, float]:
+    """Each figure averaged over the steps since the last log; the learning rate is the last step's."""
+    host = jax.device_get(pending)
+    means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+    return means | {"learning_rate": float(host[-1]["learning_rate"])}
+
+
+class StepClock:
+    """Training rates between log lines. The first step compiles: rates count from its end."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.steps = 0
+
+    def tick(self, metrics: dict[str, Float[Array, ""]]) -> None:
+        if self.since is None:
+            jax.block_until_ready(metrics)
+            self.restart()
         else:
-            start = 0
-        step_fn = make_train_step(
-            graphdef, opt_cfg, shardings, mesh, seed=cfg.seed, ema_decay=cfg.ema_decay, fast_compile=cfg.fast_compile,
-            grad_accum=cfg.grad_accum,
-        )
-        meta = {"model_config": model_cfg.to_dict(), "manifest": manifest.to_dict(), "preset": cfg.config}
-        validator = _make_validator(cfg, model_cfg, graphdef, manifest)
+            self.steps += 1
 
-        def save(step: int) -> None:
-            ckpt.save(
-                mngr,
-                step,
-                params=state.params,
-                opt_state=state.opt_state,
-                ema_params=state.ema_params,
-                loader_state=loader.state(),
-                meta=meta,
-            )
+    def restart(self) -> None:
+        self.since, self.steps = time.perf_counter(), 0
 
-        last: dict[str, float] = {}
-        pending: list[dict[str, Array]] = []
-        t_last, n_timed = None, 0
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="train")
-        for step in bar:
-            obs, actions, pad = device_batch(next(loader), mesh, model_cfg.action_dim)
-            state, m = step_fn(state, obs, actions, pad)
-            pending.append(m)
-            done = step + 1
-            if t_last is None:  # the first step compiles; rates count from its end
-                jax.block_until_ready(m)
-                t_last, n_timed = time.perf_counter(), 0
-            else:
-                n_timed += 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                host = jax.device_get(pending)
-                pending = []
-                now = time.perf_counter()
-                rate = n_timed / (now - t_last) if n_timed else float("nan")
-                t_last, n_timed = now, 0
-                last = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-                last["learning_rate"] = float(host[-1]["learning_rate"])
-                last = {"step": done, **last, "steps_per_s": rate, "samples_per_s": rate * cfg.batch_size}
-                if validator is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                    last.update(validator(state.params))
-                    t_last = time.perf_counter()  # validation time is not training time
-                if is_main:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps({k: None if v != v else v for k, v in last.items()}) + "\n")  # NaN -> null
-                text = _format(last) + (_format_val(last) if "val_flow_loss" in last else "")
-                tqdm.write(text) if cfg.progress else print(text)
-                if on_log is not None:
-                    on_log(last)
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                save(done)
-        mngr.wait_until_finished()
-        if last:
-            print(f"trained to step {cfg.steps}: flow {last['flow_loss']:.4f}, fast {last['fast_loss']:.4f}, "
-                  f"FAST accuracy {last['fast_accuracy']:.3f}; checkpoint and metrics.jsonl in {out}")
-        return last
-    finally:
-        mngr.close()
-        loader.close()
-
-
-def load_metrics(checkpoint_dir: str | Path) -> list[dict[str, float]]:
-    path = Path(checkpoint_dir) / ckpt.METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    def rates(self, batch_size: int) -> dict[str, float]:
+        """Steps and samples per second since the last call (NaN before any timed step); called after the logged
+        figures were fetched, so that the steps they come from have finished."""
+        now = time.perf_counter()
+        rate = self.steps / (now - self.since) if self.steps else float("nan")
+        self.since, self.steps = now, 0
+        return {"steps_per_s": rate, "samples_per_s": rate * batch_size}

@@ -13,8 +13,6 @@ py=.venv/bin/python
 repo_id=ki/pusht_line
 out=runs/demo
 seed="${DEMO_SEED:-0}"
-stage1="${DEMO_STAGE1_STEPS:-500}"
-stage2="${DEMO_STEPS:-1000}"
 mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 
@@ -28,14 +26,13 @@ $py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISO
 $py -m pipelines.preprocess "$repo_id" --output "$out/shards" --image-size 32 --action-horizon 16 \
   --max-token-len 64 --max-text-len 40 --prompt-layout fast --image-format png --workers 2 --show-rows 1 --overwrite \
   --state-keys observation.state,observation.environment_state --delta-actions x,y
-# The demo preset: tiny widths, 8 attention heads (ki_model/config.py), 8-px patches.
-common=(--shards "$out/shards" --config demo --batch-size 32 --log-every 100 --eval-every 500 --seed "$seed" --overwrite)
+# Training settings live in the recipes demo-stage1 and demo-stage2 (ki_model/recipes.py: the demo preset, batch,
+# schedule, logging, and the directories under runs/demo this script reads); DEMO_STAGE1_STEPS / DEMO_STEPS change
+# their lengths (the learning rate decays over each stage, which saves at its end).
 # Stage 1: vision + backbone learn the FAST tokens alone (no action expert runs): a pi0-FAST-style policy.
-$py -m pipelines.train "${common[@]}" --checkpoint-dir "$out/stage1" --steps "$stage1" --decay-steps "$stage1" \
-  --save-every "$stage1" --flow-loss-weight 0 --number-embeddings
+$py -m pipelines.train --recipe demo-stage1 --seed "$seed" ${DEMO_STAGE1_STEPS:+--steps "$DEMO_STAGE1_STEPS"}
 # Stage 2: from stage 1's vision and backbone, a fresh action expert; insulation on (the default).
-$py -m pipelines.train "${common[@]}" --checkpoint-dir "$out/checkpoint" --steps "$stage2" --decay-steps "$stage2" \
-  --save-every "$stage2" --init "ki-backbone:$out/stage1"
+$py -m pipelines.train --recipe demo-stage2 --seed "$seed" ${DEMO_STEPS:+--steps "$DEMO_STEPS"}
 $py -m pipelines.evaluate --checkpoint "$out/checkpoint" --shards "$out/shards" --output "$out/eval" \
   --batches 10 --batch-size 32 --shuffle --flow-samples 8
 $py -m pipelines.rollout --checkpoint "$out/checkpoint" --episodes 20 --output "$out/rollout" --head flow

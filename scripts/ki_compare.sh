@@ -11,15 +11,16 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cac
 py=.venv/bin/python
 demo=runs/demo
 out=runs/compare
-stage1="${DEMO_STAGE1_STEPS:-500}"
-stage2="${DEMO_STEPS:-1000}"
+# Training settings are the recipes' (ki_model/recipes.py); the step counts too, unless DEMO_STAGE1_STEPS / DEMO_STEPS
+# change them (each run's learning rate decays over its own length, and it saves at its end).
+recipe_steps() { $py -c 'import sys; from ki_model.recipes import RECIPES; print(RECIPES[sys.argv[1]].steps)' "$1"; }
+stage1="${DEMO_STAGE1_STEPS:-$(recipe_steps demo-stage1)}"
+stage2="${DEMO_STEPS:-$(recipe_steps demo-stage2)}"
 total=$((stage1 + stage2))
 seeds="${COMPARE_SEEDS:-1 2}"
 mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 [ -f "$demo/checkpoint/metrics.jsonl" ] || { echo "error: run ./scripts/demo.sh first" >&2; exit 1; }
-common=(--shards "$demo/shards" --config demo --batch-size 32 --log-every 100 --eval-every 500
-        --overwrite)
 
 closed_loop() {  # evaluation and both heads' rollouts of one run
   $py -m pipelines.evaluate --checkpoint "$1" --shards "$demo/shards" --output "$1/eval" --batches 10 --batch-size 32 \
@@ -27,23 +28,19 @@ closed_loop() {  # evaluation and both heads' rollouts of one run
   $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --output "$1/rollout" --head flow --video-episodes 0
   $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --output "$1/rollout_fast" --head fast --video-episodes 0
 }
-train() { $py -m pipelines.train "${common[@]}" "$@" | sed '/^step /d'; }  # the validation lines stay
+train() { $py -m pipelines.train "$@" | sed '/^step /d'; }  # the validation lines stay
 
-# (a) is the demo's run; its stage 1 also starts (b).
+# (a) is the demo's run; its stage 1 (the recipe demo-stage2's --init) also starts (b).
 [ -d "$demo/checkpoint/rollout_fast" ] || closed_loop "$demo/checkpoint"
-train --checkpoint-dir "$out/b_stage1_off" --steps "$stage2" --decay-steps "$stage2" --save-every "$stage2" \
-  --init "ki-backbone:$demo/stage1" --insulation off --seed 0
+train --recipe demo-stage2 --checkpoint-dir "$out/b_stage1_off" --steps "$stage2" --insulation off --seed 0
 closed_loop "$out/b_stage1_off"
-train --checkpoint-dir "$out/c_scratch_off" --steps "$total" --decay-steps "$total" --save-every "$total" \
-  --insulation off --number-embeddings --seed 0
+train --recipe demo-scratch --checkpoint-dir "$out/c_scratch_off" --steps "$total" --insulation off --seed 0
 closed_loop "$out/c_scratch_off"
-train --checkpoint-dir "$out/d_scratch_ki" --steps "$total" --decay-steps "$total" --save-every "$total" \
-  --number-embeddings --seed 0
+train --recipe demo-scratch --checkpoint-dir "$out/d_scratch_ki" --steps "$total" --seed 0
 closed_loop "$out/d_scratch_ki"
 for s in $seeds; do
-  train --checkpoint-dir "$out/a_seed$s/stage1" --steps "$stage1" --decay-steps "$stage1" --save-every "$stage1" \
-    --flow-loss-weight 0 --number-embeddings --seed "$s"
-  train --checkpoint-dir "$out/a_seed$s/checkpoint" --steps "$stage2" --decay-steps "$stage2" --save-every "$stage2" \
+  train --recipe demo-stage1 --checkpoint-dir "$out/a_seed$s/stage1" --steps "$stage1" --seed "$s"
+  train --recipe demo-stage2 --checkpoint-dir "$out/a_seed$s/checkpoint" --steps "$stage2" \
     --init "ki-backbone:$out/a_seed$s/stage1" --seed "$s"
   closed_loop "$out/a_seed$s/checkpoint"
 done
@@ -61,9 +58,7 @@ if [ "${HARDER:-1}" = 1 ]; then
   $py -m pipelines.make_demo_dataset --repo-id ki/pusht_planner --episodes 100 --seed 0 --expert planner --skip-existing
   $py -m pipelines.preprocess ki/pusht_planner --output "$hard/shards" --image-size 64 --action-horizon 16 \
     --max-token-len 64 --max-text-len 40 --prompt-layout fast --image-format png --workers 2 --overwrite --no-progress
-  $py -m pipelines.train --shards "$hard/shards" --config tiny --batch-size 32 --log-every 100 --eval-every 500 \
-    --vision-variant siglip_tiny_p8 --overwrite --checkpoint-dir "$hard/checkpoint" --steps "$total" \
-    --decay-steps "$total" --save-every "$total" --insulation off --number-embeddings --seed 0 | sed '/^step /d'
+  train --recipe harder --steps "$total" --seed 0  # its shards and checkpoint: $hard/shards, $hard/checkpoint
   $py -m pipelines.evaluate --checkpoint "$hard/checkpoint" --shards "$hard/shards" --output "$hard/checkpoint/eval" \
     --batches 10 --batch-size 32 --shuffle --flow-samples 8 > "$hard/evaluate.txt"
   $py -m pipelines.rollout --checkpoint "$hard/checkpoint" --episodes 20 --output "$hard/checkpoint/rollout" \

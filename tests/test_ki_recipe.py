@@ -50,7 +50,9 @@ def stage1(ki_shards, tmp_path_factory) -> tuple[Path, dict]:
 
     enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
     out = tmp_path_factory.mktemp("stage1") / "ckpt"
-    return out, _train(ki_shards, out, model_overrides={"flow_loss_weight": 0.0})
+    from ki_model.train_config import ModelOptions
+
+    return out, _train(ki_shards, out, model=ModelOptions(flow_loss_weight=0.0))
 
 
 @pytest.fixture(scope="module")

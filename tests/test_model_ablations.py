@@ -88,12 +88,12 @@ def test_train_command_line_switches():
     base = ["--shards", "s", "--checkpoint-dir", "c"]
     defaults = {"remat": False, "flow_samples": 1, "insulation": True, "fast_loss_weight": 1.0, "flow_loss_weight": 1.0,
                 "layer_chunks": 1, "flow_target": "velocity"}
-    assert parse_args(base)[0].model_overrides == defaults
+    assert parse_args(base)[0].model.fields() == defaults
     cfg, _ = parse_args([*base, "--insulation", "off", "--fast-loss-weight", "0", "--flow-samples", "3"])
-    assert cfg.model_overrides == defaults | {"insulation": False, "fast_loss_weight": 0.0, "flow_samples": 3}
+    assert cfg.model.fields() == defaults | {"insulation": False, "fast_loss_weight": 0.0, "flow_samples": 3}
     cfg, _ = parse_args([*base, "--flow-loss-weight", "0"])  # the KI recipe's stage 1
-    assert cfg.model_overrides == defaults | {"flow_loss_weight": 0.0}
-    assert parse_args([*base, "--flow-target", "clean"])[0].model_overrides == defaults | {"flow_target": "clean"}
+    assert cfg.model.fields() == defaults | {"flow_loss_weight": 0.0}
+    assert parse_args([*base, "--flow-target", "clean"])[0].model.fields() == defaults | {"flow_target": "clean"}
 
 
 def test_clean_flow_target_is_the_same_flow_read_from_the_chunk(setup):

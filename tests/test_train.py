@@ -16,6 +16,7 @@ import pytest
 
 from ki_model import checkpoint as ckpt
 from ki_model.compile import enable_compilation_cache
+from ki_model.config import preset_optimizer
 from ki_model.optimizer import OptimizerConfig, make_schedule
 from ki_model.train import TrainConfig, TrainError, load_metrics, train
 
@@ -166,7 +167,7 @@ def test_openpi_schedule_defaults():
     assert float(lr(0)) == pytest.approx(2.5e-5 / 1001)
     assert float(lr(1000)) == pytest.approx(2.5e-5)
     assert float(lr(30000)) == pytest.approx(2.5e-6)
-    assert OptimizerConfig.for_preset("pi05") == cfg
+    assert preset_optimizer("pi05") == cfg
 
 
 FOUR_DEVICES = textwrap.dedent(
