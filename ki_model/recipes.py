@@ -36,9 +36,11 @@ _DEMO_STAGE1 = dataclasses.replace(
     _DEMO, checkpoint_dir="runs/demo/stage1", steps=500, model=ModelOptions(flow_loss_weight=0.0),
     number_embeddings=True,
 )
-# Stage 2: stage 1's vision and backbone, a fresh action expert; insulation on (the default).
+# Stage 2: stage 1's vision and backbone, a fresh action expert; insulation on (the default). The expert's output is
+# the clean chunk (flow_target "clean"): the same flow, learned from fewer rows (README, flow_vs_regression).
 _DEMO_STAGE2 = dataclasses.replace(
     _DEMO, checkpoint_dir="runs/demo/checkpoint", steps=1_000, init="ki-backbone:runs/demo/stage1",
+    model=ModelOptions(flow_target="clean"),
 )
 
 # README "Fine-tuning π0.5 from openpi weights": float32 weights + Adam, bfloat16 activations, per-layer remat, each
@@ -53,7 +55,7 @@ RECIPES: dict[str, TrainConfig] = {
     "demo-stage2": _DEMO_STAGE2,
     # scripts/ki_compare.sh: both heads trained together from scratch for the two stages' steps (runs c, d).
     "demo-scratch": dataclasses.replace(
-        _DEMO, steps=_DEMO_STAGE1.steps + _DEMO_STAGE2.steps, number_embeddings=True,
+        _DEMO, steps=_DEMO_STAGE1.steps + _DEMO_STAGE2.steps, number_embeddings=True, model=_DEMO_STAGE2.model,
     ),
     # scripts/ki_compare.sh's harder configuration (the demo of an earlier round): the contact-planner recording,
     # the tiny preset with 8-px patches, from scratch without insulation, for the two stages' steps.
