@@ -57,13 +57,13 @@ class FastEncodeError(ValueError):
     """A chunk that cannot be encoded without losing coefficients (out of range with strict=True, or no token)."""
 
 
-def dct_coefficients(chunk: Float[np.ndarray, "h d"], scale: float) -> Int[np.ndarray, "h d"]:
+def dct_coefficients(chunk: Float[np.ndarray, "*b h d"], scale: float) -> Int[np.ndarray, "*b h d"]:
     """Orthonormal DCT-II over time for each dimension, times `scale`, rounded (half to even, like np.around)."""
     chunk = np.asarray(chunk, dtype=np.float64)
     return np.around(scipy.fft.dct(chunk, type=2, axis=-2, norm="ortho") * scale).astype(np.int64)
 
 
-def chunk_from_coefficients(coefficients: Int[np.ndarray, "h d"], scale: float) -> Float[np.ndarray, "h d"]:
+def chunk_from_coefficients(coefficients: Int[np.ndarray, "*b h d"], scale: float) -> Float[np.ndarray, "*b h d"]:
     """Inverse of `dct_coefficients` up to rounding: per-coefficient error <= 0.5/scale, so RMS error <= 0.5/scale."""
     return scipy.fft.idct(np.asarray(coefficients, dtype=np.float64) / scale, type=2, axis=-2, norm="ortho")
 

@@ -12,6 +12,8 @@ coefficient must exist, so any remaining count can be filled), hence every const
 
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,13 +29,18 @@ class FastSpecError(ValueError):
     """A grammar that cannot drive constrained decoding (no FAST id of one coefficient to finish with)."""
 
 
+# Not checked at run time (the annotations stay as documentation): nnx.jit rebuilds this pytree through __init__
+# with None leaves (flax.nnx.extract.clear_non_graph_nodes).
+@typing.no_type_check
 @struct.dataclass
 class FastDecodeSpec:
     """Token grammar of the FAST postfix in model ids (a pytree: the arrays are leaves, the ints static)."""
 
-    action_prefix_ids: Int[np.ndarray, " p"]
-    end_ids: Int[np.ndarray, " e"]
-    coeffs_per_model_id: Int[np.ndarray, " vocab"]  # coefficients each model id expands to; 0 = not a FAST id
+    # numpy when built; jax arrays once passed through a transform as a pytree
+    action_prefix_ids: Int[np.ndarray, " p"] | Int[Array, " p"]
+    end_ids: Int[np.ndarray, " e"] | Int[Array, " e"]
+    # coefficients each model id expands to; 0 = not a FAST id
+    coeffs_per_model_id: Int[np.ndarray, " vocab"] | Int[Array, " vocab"]
     horizon: int = struct.field(pytree_node=False)
     action_dim: int = struct.field(pytree_node=False)
 
@@ -82,7 +89,7 @@ class DecodeState:
         return cls(zeros + phase, zeros, zeros, jnp.zeros((batch,), bool), jnp.ones((batch,), bool))
 
 
-def _expected(ids: Int[Array, " p"], count: Int[Array, " b"]) -> Int[Array, " b"]:
+def _expected(ids: Int[np.ndarray, " p"] | Int[Array, " p"], count: Int[Array, " b"]) -> Int[Array, " b"]:
     ids = jnp.asarray(ids, jnp.int32)
     if ids.shape[0] == 0:
         return jnp.zeros_like(count)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
 from ki_model import lora
@@ -30,7 +31,7 @@ from ki_model.config import GemmaConfig
 from ki_model.nn import ZEROS, Dense, Init, fan_in_param, make_param, scan_layers, stack_layers
 
 # Stacked over layers: keys and values after RoPE, in the compute dtype.
-KVCache = tuple[Float[Array, "depth b s k h"], Float[Array, "depth b s k h"]]
+KVCache = tuple[Float[Array, "depth b _ kv hd"], Float[Array, "depth b _ kv hd"]]
 
 # A large finite negative (not -inf) so that a fully masked row stays finite.
 _MASK_VALUE = -2.3819763e38
@@ -45,7 +46,7 @@ class Embedder(nnx.Module):
         init = Init("normal", width**-0.5)
         self.input_embedding = make_param(rngs, init, (vocab_size, width), ("vocab", "embed"))
 
-    def encode(self, ids: Int[Array, "b l"], dtype: jnp.dtype) -> Float[Array, "b l d"]:
+    def encode(self, ids: Int[Array, "b l"], dtype: DTypeLike) -> Float[Array, "b l d"]:
         x = jnp.take(self.input_embedding[...], ids, axis=0).astype(dtype)
         # Gemma scales the input embeddings by sqrt(width).
         return x * jnp.sqrt(x.shape[-1]).astype(dtype)
@@ -200,14 +201,14 @@ def _cut(x: Array, stop: bool) -> Array:
 
 def _layer(
     blocks: Sequence[Block],
-    xs: Sequence[Float[Array, "b l d"]],
+    xs: Sequence[Float[Array, "b _ _"]],  # one per active expert: token counts and widths differ
     conds: Sequence[Float[Array, "b g c"] | None],
     positions: Int[Array, "b n"],
     mask: Bool[Array, "b n s"],
-    cache: tuple[Float[Array, "b c k h"], Float[Array, "b c k h"]] | None,
+    cache: tuple[Float[Array, "b m k h"], Float[Array, "b m k h"]] | None,  # m cached tokens
     *,
     insulated: Sequence[bool],
-) -> tuple[list[Float[Array, "b l d"]], tuple[Float[Array, "b n k h"], Float[Array, "b n k h"]]]:
+) -> tuple[list[Float[Array, "b _ _"]], tuple[Float[Array, "b n k h"], Float[Array, "b n k h"]]]:
     """One decoder layer over the tokens of the active experts (concatenated in expert order)."""
     bounds = [0]
     for x in xs:
@@ -239,7 +240,7 @@ def _layer(
 
 def forward(
     experts: Sequence[Gemma],
-    xs: Sequence[Float[Array, "b l d"] | None],
+    xs: Sequence[Float[Array, "b _ _"] | None],  # one per expert: token counts and widths differ
     *,
     positions: Int[Array, "b n"],
     mask: Bool[Array, "b n s"],
@@ -248,7 +249,7 @@ def forward(
     insulated: Sequence[bool] | None = None,
     remat: bool | str = "none",
     batch_chunks: int = 1,
-) -> tuple[list[Float[Array, "b l d"] | None], KVCache]:
+) -> tuple[list[Float[Array, "b _ _"] | None], KVCache]:
     """Run the experts jointly over their (already embedded) tokens.
 
     xs[e] is expert e's token block or None when it has no tokens in this call; the new tokens are ordered by expert
@@ -280,7 +281,7 @@ def forward(
 
     h, (ks, vs) = scan_layers([experts[e].layers for e in active], layer_fn, [xs[e] for e in active], cache,
                               remat=remat, per_example=(positions, mask, act_conds), batch_chunks=batch_chunks)
-    outs: list[Float[Array, "b l d"] | None] = [None] * len(experts)
+    outs: list[Float[Array, "b _ _"] | None] = [None] * len(experts)
     for j, e in enumerate(active):
         outs[e], _ = experts[e].final_norm(h[j], conds[e])
     return outs, (ks, vs)

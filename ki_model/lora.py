@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float
 
 from ki_model.config import parse_lora  # noqa: F401  (re-exported: the --lora syntax)
@@ -65,7 +66,7 @@ def add_lora(module: nnx.Module, rngs: nnx.Rngs, rank: int, axes: Mapping[str, t
         setattr(module, name + "_lora_b", make_param(rngs, ZEROS, (*lead, rank, q), (*lead_axes, None, out_axis)))
 
 
-def weight(module: nnx.Module, name: str, dtype: jnp.dtype) -> Float[Array, "..."]:
+def weight(module: nnx.Module, name: str, dtype: DTypeLike) -> Float[Array, "..."]:
     """The weight `name` of `module` as the layer uses it, in `dtype`: W, or W + A @ B (summed in float32) with LoRA."""
     w = getattr(module, name)[...]
     a = getattr(module, name + "_lora_a", None)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float
 
 from ki_model.config import remat_policy_name
@@ -40,7 +41,7 @@ class Init:
         # 0.8796...: stddev of a unit normal truncated to [-2, 2]; dividing keeps the variance at 1/fan_in.
         return cls("truncated_normal", (1.0 / fan) ** 0.5 / 0.87962566103423978)
 
-    def __call__(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    def __call__(self, key: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
         if self.kind in ("zeros", "ones"):
             return (jnp.zeros if self.kind == "zeros" else jnp.ones)(shape, jnp.float32)
         if isinstance(key, jax.core.Tracer):
@@ -156,7 +157,7 @@ def scan_layers(
     return jax.lax.scan(remat_layer(body, remat), carry, (tuple(states), xs))
 
 
-def compute_dtype(name: str) -> jnp.dtype:
+def compute_dtype(name: str) -> DTypeLike:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
@@ -177,7 +178,7 @@ class Dense(nnx.Module):
         self.kernel = make_param(rngs, kernel_init or Init.fan_in(shape, [0]), shape, axes)
         self.bias = make_param(rngs, ZEROS, (out_features,), axes[1:]) if use_bias else None
 
-    def __call__(self, x: Float[Array, "... i"], dtype: jnp.dtype) -> Float[Array, "... o"]:
+    def __call__(self, x: Float[Array, "... i"], dtype: DTypeLike) -> Float[Array, "... o"]:
         y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -26,6 +27,9 @@ class ObservationError(ValueError):
     """A batch that cannot become an Observation (missing column, wrong dtype or shape)."""
 
 
+# Not checked at run time (the fields' annotations stay as documentation): JAX and nnx rebuild this pytree through
+# __init__ with stand-in leaves (None from nnx.jit's clear_non_graph_nodes, ShapeDtypeStruct from eval_shape, specs).
+@typing.no_type_check
 @struct.dataclass
 class Observation:
     """A batch of observations (a pytree; dict keys are cameras, flattened in sorted order).
@@ -42,7 +46,7 @@ class Observation:
     token_loss_mask: Bool[Array, "b l"]
     text_prompt: Int[Array, "b t"]
     text_prompt_mask: Bool[Array, "b t"]
-    state: Float[Array, "b s"] | None = None
+    state: Float[Array, "b state"] | None = None
 
     @property
     def batch_size(self) -> int:

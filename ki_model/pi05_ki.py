@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
 from ki_model import attention, decoding, gemma, lora, losses, rtc
@@ -98,7 +99,7 @@ class Pi05KI(nnx.Module):
     # ------------------------------------------------------------------ embeddings
 
     @property
-    def dtype(self) -> jnp.dtype:
+    def dtype(self) -> DTypeLike:
         return compute_dtype(self.config.dtype)
 
     def camera_order(self, obs: Observation) -> list[str]:
@@ -268,7 +269,7 @@ class Pi05KI(nnx.Module):
         fast, acc = self._fast_loss(fwd.prompt_out, obs)
         return self._losses(flow, fast, acc)
 
-    def flow_target(self, noise: Float[Array, "*b h d"], actions: Float[Array, "*b h d"]) -> Float[Array, "*b h d"]:
+    def flow_target(self, noise: Float[Array, "*b h d"], actions: Float[Array, "*#b h d"]) -> Float[Array, "*b h d"]:
         """What the action expert's output is trained toward (config.flow_target)."""
         if self.config.flow_target == "clean":
             return jnp.broadcast_to(actions, noise.shape)
@@ -304,7 +305,7 @@ class Pi05KI(nnx.Module):
         time: Float[Array, " b"],
         *,
         insulated: bool = True,
-        remat: bool = False,
+        remat: bool | str = False,
     ) -> Float[Array, "b h d"]:
         act, cond = self.embed_actions(x_t, time[:, None])  # one flow time for the whole chunk
         layout = attention.suffix_layout(prefix_valid, self.config.action_horizon)

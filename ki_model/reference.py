@@ -102,7 +102,7 @@ def sample_actions_no_cache(
     return jax.lax.fori_loop(0, num_steps, step, noise)
 
 
-def prompt_logits(model: Pi05KI, obs: Observation) -> Float[Array, "b l-1 vocab"]:
+def prompt_logits(model: Pi05KI, obs: Observation) -> Float[Array, "b _ vocab"]:  # [b, prompt length - 1, vocab]
     """Teacher-forced next-token logits over the tokenized_prompt (the backbone part of the training pass): entry j
     predicts prompt token j + 1."""
     img, img_valid = model.embed_images(obs)

@@ -174,7 +174,7 @@ class Scores:
         self.flow_samples = flow_samples
         self.rows = 0
 
-    def add_losses(self, losses: dict[str, float], rows: int) -> None:
+    def add_losses(self, losses: dict[str, float | Float[np.ndarray, ""]], rows: int) -> None:
         # A batch's losses are means over its real steps and FAST targets; weighted by its rows, short ones count less
         for k in LOSSES:
             self.loss_sums[k] += float(losses[k]) * rows

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, UInt8
 
 from ki_model.config import SiglipConfig
@@ -92,7 +93,7 @@ class PatchEmbed(nnx.Module):
         self.kernel = fan_in_param(rngs, (patch, patch, 3, width), [0, 1, 2], (None, None, None, "embed"))
         self.bias = make_param(rngs, ZEROS, (width,), ("embed",))
 
-    def __call__(self, images: Float[Array, "b s s 3"], dtype: jnp.dtype) -> Float[Array, "b n d"]:
+    def __call__(self, images: Float[Array, "b s s 3"], dtype: DTypeLike) -> Float[Array, "b n d"]:
         p = self.kernel.shape[0]
         b, s = images.shape[0], images.shape[1]
         g = s // p
@@ -116,7 +117,7 @@ class Siglip(nnx.Module):
         self.encoder_norm = LayerNorm(cfg.width, rngs=rngs)
         self.head = Dense(cfg.width, out_width, axes=("embed", "embed_out"), rngs=rngs)
 
-    def __call__(self, images: UInt8[Array, "b s s 3"], dtype: jnp.dtype, *, batch_chunks: int = 1
+    def __call__(self, images: UInt8[Array, "b s s 3"], dtype: DTypeLike, *, batch_chunks: int = 1
                  ) -> Float[Array, "b n o"]:
         """`batch_chunks`: each block runs on that many chunks of the images in turn (ki_model.nn.scan_layers)."""
         if images.shape[1:] != (self.image_size, self.image_size, 3):

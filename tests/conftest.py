@@ -19,13 +19,39 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("SVT_LOG", "1")
 
-# KI_SHAPE_CHECKS=1: every function and dataclass of ki_data and ki_model checks its annotations (jaxtyping shapes
-# included) at run time, with beartype. The hook must be in place before anything imports them, hence here. Off by
-# default until the wrong annotations listed in issue 22 are fixed.
-if os.environ.get("KI_SHAPE_CHECKS") == "1":
+# Shape checks: every function and dataclass of ki_data and ki_model checks its annotations (jaxtyping shapes
+# included) at run time, with beartype. On by default; KI_SHAPE_CHECKS=0 turns them off. The hook must be in place
+# before anything imports them, hence here. jaxtyping's hook matches a module and everything under it, so the
+# modules are listed one by one (from the file system, importing nothing) to leave out those in _UNCHECKED_MODULES.
+# The two top-level __init__ files only re-export, so they need no checks.
+_UNCHECKED_MODULES: dict[str, str] = {
+    # Pi05KIConfig.cameras / .lora are annotated with their normalised types (tuples) but __post_init__ accepts what
+    # JSON gives (lists, a "part=rank" string); config.py is being restructured elsewhere (fix reported on issue 22).
+    "ki_model.config": "constructor accepts lists where tuples are annotated",
+    # TrainState.step is annotated jax.Array, but jax.eval_shape rebuilds TrainState with ShapeDtypeStruct leaves
+    # (abstract states for sharding/restore); train.py is being restructured elsewhere (fix reported on issue 22).
+    "ki_model.train": "abstract TrainState holds ShapeDtypeStruct leaves",
+}
+
+
+def _checked_modules() -> list[str]:
+    import pkgutil
+
+    root = Path(__file__).resolve().parent.parent
+    names = []
+    for package in ("ki_data", "ki_model"):
+        for info in pkgutil.iter_modules([str(root / package)], prefix=package + "."):
+            names.append(info.name)  # a subpackage's name also covers its modules
+    unchecked_packages = [n for n in _UNCHECKED_MODULES if (root / n.replace(".", "/")).is_dir()]
+    assert not unchecked_packages, f"list the modules of {unchecked_packages} instead"
+    return sorted(n for n in names if n not in _UNCHECKED_MODULES)
+
+
+if os.environ.get("KI_SHAPE_CHECKS", "1") != "0":
     from jaxtyping import install_import_hook
 
-    install_import_hook(["ki_data", "ki_model"], "beartype.beartype")
+    # PEP 484's numeric tower, as static checkers read annotations: an int is accepted where a float is annotated.
+    install_import_hook(_checked_modules(), "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -35,6 +61,18 @@ import pytest  # noqa: E402
 def _session_dir():
     yield _SESSION_DIR
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def no_shape_checks():
+    """Run-time annotation checks off for one test: for tests of a function's own refusal of a wrong-typed argument,
+    which the checks would otherwise refuse first (callers outside the test suite have no checks)."""
+    from jaxtyping import config
+
+    before = config.jaxtyping_disable
+    config.update("jaxtyping_disable", True)
+    yield
+    config.update("jaxtyping_disable", before)
 
 
 @pytest.fixture(scope="session")
