@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ class Pi05KIConfig:
     max_text_len: int = 128
     image_size: int = 224
     # Camera order of the image tokens; empty = the observation's cameras in sorted order.
-    cameras: tuple[str, ...] = ()
+    cameras: Sequence[str] = ()  # a tuple after __post_init__ (JSON gives a list)
     # λ of total = μ·flow + λ·FAST; λ = 0: flow-only training (FAST tokens not fed, no FAST loss).
     fast_loss_weight: float = 1.0
     # μ; 0 = FAST-only training (the action expert does not run: a π0-FAST-style policy, the KI recipe's first
@@ -239,7 +240,7 @@ class Pi05KIConfig:
     layer_chunks: int = 1
     # LoRA on the attention/MLP weights of these parts, ((part, rank), ...) with part "backbone" or "expert"
     # (ki_model.lora; also given as "backbone=16,expert=32"); a part with LoRA has its other weights frozen.
-    lora: tuple[tuple[str, int], ...] | str = ()
+    lora: Sequence[Sequence[str | int]] | str = ()  # ((part, rank), ...) after __post_init__
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cameras", tuple(self.cameras))

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import shutil
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ class TrainError(ValueError):
     """Training cannot start as asked (shards contradict an option or a checkpoint, directory in the way, ...)."""
 
 
+# Not checked at run time (see Observation): eval_shape and jit rebuild it with stand-in leaves (ShapeDtypeStruct,
+# shardings).
+@typing.no_type_check
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far

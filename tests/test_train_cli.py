@@ -112,7 +112,8 @@ def test_a_recipe_names_what_it_leaves_to_the_user():
 
 def test_flags_after_a_recipe_change_its_fields_and_nothing_else():
     cfg, _ = parse_args(["--recipe", "demo-stage2", "--insulation", "off", "--steps", "60", "--seed", "3"])
-    want = dataclasses.replace(RECIPES["demo-stage2"], model=ModelOptions(insulation=False), steps=60, seed=3)
+    model = dataclasses.replace(RECIPES["demo-stage2"].model, insulation=False)  # the recipe's other model options
+    want = dataclasses.replace(RECIPES["demo-stage2"], model=model, steps=60, seed=3)
     assert cfg == want
     # The run's length carries the decay and the save along (decay_steps / save_every None: the whole run).
     assert (cfg.resolved().optimizer.decay_steps, cfg.resolved().save_every) == (60, 60)
@@ -254,7 +255,8 @@ def test_ki_compare_sh_runs_are_the_recipes_with_one_change_each(tmp_path):
     commands = record_train_commands(REPO, "ki_compare.sh", tmp_path / "w", {"COMPARE_SEEDS": "1"})
     got = [_recipe_and_changes(c) for c in commands]
     s1, s2 = RECIPES["demo-stage1"].steps, RECIPES["demo-stage2"].steps
-    off = ModelOptions(insulation=False)
+    off = dataclasses.replace(RECIPES["demo-stage2"].model, insulation=False)  # demo-scratch shares it
+    assert RECIPES["demo-scratch"].model == RECIPES["demo-stage2"].model
     assert got == [
         ("demo-stage2", {"checkpoint_dir": "runs/compare/b_stage1_off", "model": off}),
         ("demo-scratch", {"checkpoint_dir": "runs/compare/c_scratch_off", "model": off}),
