@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import sys
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable
 
 from ki_data.inspect import FastDecode, TokenRecord
 
@@ -135,7 +135,7 @@ def print_token_table(
     records: list[TokenRecord],
     header: list[str] | None = None,
     *,
-    file: TextIO | None = None,
+    file: io.TextIOBase | None = None,  # sys.stdout, a StringIO, ...
     color: str = "auto",
     limit: int | None = None,
     pad_rows: int = 1,

@@ -114,7 +114,7 @@ class PostfixGrammar:
         """FAST id f -> model id fast_id_top - f (openpi's mapping; it is its own inverse)."""
         return self.fast_id_top - np.asarray(fast_ids, dtype=np.int64)
 
-    def model_to_fast(self, model_ids: Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"]:
+    def model_to_fast(self, model_ids: int | Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"] | np.integer:
         return self.fast_id_top - np.asarray(model_ids, dtype=np.int64)
 
     def is_fast(self, model_ids: Int[np.ndarray, "*n"] | int) -> Bool[np.ndarray, "*n"]:
@@ -303,7 +303,7 @@ class PromptBuilder:
     def fast_to_model(self, fast_ids: Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"]:
         return self._grammar.fast_to_model(fast_ids)
 
-    def model_to_fast(self, model_ids: Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"]:
+    def model_to_fast(self, model_ids: int | Sequence[int] | Int[np.ndarray, "*n"]) -> Int[np.ndarray, "*n"] | np.integer:
         return self._grammar.model_to_fast(model_ids)
 
     def is_fast(self, model_ids: Int[np.ndarray, "*n"] | int) -> Bool[np.ndarray, "*n"]:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def id_to_piece(self, i: int) -> str:
+    def id_to_piece(self, i: int | np.integer) -> str:
         return self._sp.id_to_piece(int(i))
 
     @property

@@ -225,9 +225,9 @@ class Pi05KIConfig:
     flow_target: str = "velocity"
     # A variant is a name from GEMMA_VARIANTS / SIGLIP_VARIANTS or explicit sizes (e.g. read from an openpi
     # checkpoint); explicit sizes are written as a dict by to_dict and read back by from_dict.
-    backbone_variant: str | GemmaConfig = "gemma_2b"
-    expert_variant: str | GemmaConfig = "gemma_300m"
-    vision_variant: str | SiglipConfig = "so400m/14"
+    backbone_variant: str | GemmaConfig | dict[str, int] = "gemma_2b"  # a GemmaConfig after __post_init__
+    expert_variant: str | GemmaConfig | dict[str, int] = "gemma_300m"
+    vision_variant: str | SiglipConfig | dict[str, int] = "so400m/14"
     # Compute dtype; parameters are always float32.
     dtype: str = "bfloat16"
     # Per-layer rematerialisation of the scanned layer stacks (backbone+expert and SigLIP) in the backward pass:

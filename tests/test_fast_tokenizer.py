@@ -134,7 +134,7 @@ def test_vocab_smaller_than_value_range_raises():
         FastTokenizer.fit(chunks, vocab_size=16, scale=10.0)
 
 
-def test_bad_input_raises(smooth_fit):
+def test_bad_input_raises(smooth_fit, no_shape_checks):
     fast, held = smooth_fit
     with pytest.raises(ValueError, match="dim 3"):
         fast.encode(np.zeros((50, 3)))

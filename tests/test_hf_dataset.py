@@ -62,7 +62,7 @@ def test_dataset_card_follows_the_manifest(demo_shards, tmp_path):
     assert m.image_format == "jpeg"  # the default
     assert m.source["repo_id"] in card and f"`image.{m.cameras[0]}` | Image (JPEG)" in card
     # Written from the manifest: PNG shards get a PNG card; no validation split, no validation data files.
-    png = dataclasses.replace(m, image_format="png", shards=m.shard_entries("train"))
+    png = dataclasses.replace(m, image_format="png", shards=tuple(m.shard_entries("train")))
     write_card(png, tmp_path)
     other = (tmp_path / "README.md").read_text()
     assert "Image (PNG)" in other and "Image (JPEG)" not in other

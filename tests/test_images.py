@@ -122,7 +122,7 @@ def test_decode_images_stacks():
 @pytest.mark.parametrize(
     "bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32)]
 )
-def test_non_rgb_uint8_is_refused_with_its_shape(bad):
+def test_non_rgb_uint8_is_refused_with_its_shape(bad, no_shape_checks):
     with pytest.raises(ImageFormatError, match=r"uint8 image of shape \[h, w, 3\]"):
         resize_with_pad(bad, 16)
     with pytest.raises(ImageFormatError):

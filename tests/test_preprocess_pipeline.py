@@ -58,7 +58,7 @@ def test_a_decoder_error_reaches_the_caller_and_the_pipeline_goes_on():
         pipe.close()
 
 
-def test_an_encoder_error_stops_the_decoder_within_the_queue_bound():
+def test_an_encoder_error_stops_the_decoder_within_the_queue_bound(no_shape_checks):
     frames = _frames(200)
     frames[0] = np.zeros((48, 64), np.uint8)  # not RGB: shard_image refuses it
     source = _Counted(frames)
@@ -72,7 +72,7 @@ def test_an_encoder_error_stops_the_decoder_within_the_queue_bound():
     assert source.yielded <= 3 + 2
 
 
-def test_an_encoder_error_on_the_last_frames_does_not_wait_for_a_full_queue():
+def test_an_encoder_error_on_the_last_frames_does_not_wait_for_a_full_queue(no_shape_checks):
     # The decoder has put every frame and waits to put its end mark into a full queue when the encoder fails.
     frames = _frames(4)
     frames[0] = np.zeros((48, 64), np.uint8)

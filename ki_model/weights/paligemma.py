@@ -157,7 +157,7 @@ def _heads_bias(heads: int, head_dim: int) -> Callable[[Array], Array]:
     return f
 
 
-def _adaptive_from_rms(scale: Float[jax.Array, " d"]) -> Float[jax.Array, " 3d"]:
+def _adaptive_from_rms(scale: Float[jax.Array, " d"]) -> Float[jax.Array, " 3*d"]:
     """An adaRMS modulation bias that reproduces a plain RMSNorm: scale = the norm's, shift 0, residual gate 1
     (`AdaptiveRMSNorm` splits the modulation as [scale | shift | gate]; its kernel stays at its zero init)."""
     return jnp.concatenate([scale, jnp.zeros_like(scale), jnp.ones_like(scale)])
