@@ -175,12 +175,15 @@ class ContactPlanner:
 
 
 class LinePusher:
-    """Push the block's center of mass straight to the goal's, circling the block counter-clockwise to get behind it.
+    """Push the block's center of mass straight to the goal's, circling the block counter-clockwise to get behind it;
+    slowing down near the goal and backing away once there, so that a policy's small errors there do not push the
+    block through the goal (the overshoot that undid imitating policies).
 
     Memoryless: the action depends on the agent's position and the block's pose only (plus optional noise)."""
 
     def __init__(self, rng: np.random.Generator, noise: float = 1.5, orbit: float = 100.0, push_step: float = 20.0,
-                 behind: float = 0.25, step_back: float = 0.7, max_step: float = 40.0, done: float = 6.0):
+                 behind: float = 0.25, step_back: float = 0.7, max_step: float = 40.0, done: float = 10.0,
+                 slow: float = 0.3):
         self.rng = rng
         self.noise = noise
         self.orbit = orbit  # circling radius around the block's center of mass: the T reaches 75 px, the agent 15
@@ -188,7 +191,8 @@ class LinePusher:
         self.behind = behind  # rad: within this of the pushing position, push
         self.step_back = step_back  # rad: just past the pushing position, step back clockwise instead of circling
         self.max_step = max_step
-        self.done = done  # px: the block's center this close to the goal's: hold still
+        self.done = done  # px: the block's center this close to the goal's: back away from the block, then hold still
+        self.slow = slow  # near the goal each push moves at most this share of the remaining distance
 
     def act(self, env) -> Float[np.ndarray, "2"]:
         u = env.unwrapped
@@ -196,16 +200,16 @@ class LinePusher:
         center, goal = block_center(env), goal_center(env)
         away = center - goal
         dist = float(np.linalg.norm(away))
-        if dist < self.done:
-            return agent
-        n = away / dist  # the agent belongs on the far side of the block, pushing along -n
         rel = agent - center
         r = float(np.linalg.norm(rel))
+        if dist < self.done:  # done: step away from the block (a policy that errs near the goal retreats, not pushes)
+            return agent + rel / max(r, 1e-6) * 10.0 if r < self.orbit else agent
+        n = away / dist  # the agent belongs on the far side of the block, pushing along -n
         phi = np.arctan2(rel[1], rel[0])
         to_go = (np.arctan2(n[1], n[0]) - phi + np.pi) % (2 * np.pi) - np.pi  # > 0: the pushing spot is ahead, CCW
         if abs(to_go) < self.behind and r < self.orbit + 25.0:
             lateral = rel - (rel @ n) * n  # drift off the line, corrected while pushing
-            target = agent - n * min(self.push_step, dist) - 0.7 * lateral
+            target = agent - n * min(self.push_step, max(2.0, self.slow * dist)) - 0.7 * lateral
         else:
             if -self.step_back < to_go < 0:
                 turn = max(to_go, -30.0 / max(r, 1.0))

@@ -3,14 +3,17 @@ bins with `--number-embeddings`' value code), trained on the demo's rows by regr
 the validation rows as MSE ÷ hold still (pixels²; the flow head by the mean of 8 samples of 10 Euler steps).
 
     python scripts/flow_vs_regression.py SHARDS --objective regression|flow|flow-x [--batch 32] [--draws 1]
-        [--steps 1000] [--no-shared]
+        [--steps 1000] [--no-shared] [--rollout]
 
 `flow` trains the network's output toward the velocity (noise - chunk, π0's target); `flow-x` toward the clean chunk,
 the velocity for sampling derived from it (`pipelines.train --flow-target clean`): the same flow, another output.
 
 No images, no FAST, no backbone/expert split: a yardstick for how fast each objective learns this mapping at a given
 batch, not a model of ki's own. `--draws K` gives every row K noise/time draws per step (what `pipelines.train
---flow-samples K` does for the action expert, at little cost there).
+--flow-samples K` does for the action expert, at little cost there). `--rollout` then drives gym-pusht with the
+trained network (shards of the pusht demo with the block's pose in the state) on the 20 unseen initial states of
+`pipelines.rollout`, replanning every half horizon: what closed-loop figure a network with this open-loop error
+reaches, beside the expert that recorded the data.
 """
 
 from __future__ import annotations
@@ -79,6 +82,39 @@ def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.A
     return rms(x[:, -h:]) @ p["out"]
 
 
+def closed_loop(data: DataArtifacts, chunk_of, episodes: int = 20) -> None:
+    """Drives gym-pusht with chunk_of(raw state [s]) -> absolute chunk [h, 2], as pipelines.rollout drives a
+    checkpoint (same initial states, episode limit and replanning), and prints the policy's and the expert's rows."""
+    from ki_sim import pusht
+    from ki_sim.rollout import Expert, format_table, recording_info, run_episode, summarize
+
+    recording = recording_info(data.manifest) or {}
+    max_steps, replan = recording.get("max_steps", 150), data.manifest.action_horizon // 2
+
+    class Net:
+        chunk_jumps = None
+
+        def reset(self, episode: int) -> None:
+            pass
+
+        def act(self, env, obs):
+            raw = np.concatenate([np.asarray(obs["agent_pos"], np.float32), pusht.environment_state(env)])
+            return chunk_of(raw)[:replan]
+
+    env = pusht.make_env(recording.get("image_size", 96), max_steps=max_steps)
+    seeds = [pusht.evaluation_reset_seed(0, i) for i in range(episodes)]
+    controllers = {"policy": Net(), "expert": Expert(0, recording.get("expert", "line"))}
+    report = {name: summarize([run_episode(env, c, s, i, max_steps) for i, s in enumerate(seeds)])
+              for name, c in controllers.items()}
+    env.close()
+    closed = report["expert"]["mean_distance_closed"]
+    for r in report.values():
+        r["distance_closed_vs_expert"] = r["mean_distance_closed"] / closed
+    median = np.median([e["distance_closed"] for e in report["policy"]["episodes"]])
+    print(format_table(report, ("policy", "expert")).replace("policy (flow head)", f"{'network':<18}"))
+    print(f"network: median distance closed {median:.0%} (replanning every {replan} steps, {episodes} episodes)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shards")
@@ -90,6 +126,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-shared", action="store_true", help="number rows without their shared direction")
+    ap.add_argument("--rollout", action="store_true", help="then drive gym-pusht with the trained network")
     a = ap.parse_args()
     data = DataArtifacts.open(a.shards)
     (s_tr, y_tr), (s_va, y_va) = load(data, "train"), load(data, "val")
@@ -146,6 +183,15 @@ def main() -> None:
             mse = float(np.mean((data.absolute_actions(np.mean(draws, 0), raw) - truth) ** 2))
             print(f"{a.objective} batch {a.batch} x {a.draws} draws  step {i}  loss {float(value):.4f}  "
                   f"val MSE / hold still {mse / hold:.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if a.rollout:
+        keys = iter(range(20_000, 10**9))
+
+        def chunk_of(raw: np.ndarray) -> np.ndarray:
+            bins = to_bins(data.normalize_state(raw)[None])
+            draws = [np.asarray(predict(p, bins, jax.random.key(next(keys)))) for _ in range(8 if flow else 1)]
+            return data.absolute_actions(np.mean(draws, 0), raw[None])[0]
+
+        closed_loop(data, chunk_of)
 
 
 if __name__ == "__main__":

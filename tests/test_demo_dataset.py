@@ -57,6 +57,30 @@ def test_the_line_expert_is_a_function_of_the_observation():
     np.testing.assert_array_equal(first.act(env), fresh.act(env))
 
 
+def test_the_line_expert_slows_near_the_goal_and_backs_away_once_there():
+    # An imitating policy's errors near the goal must not push the block through it: the expert's pushes shrink with
+    # the remaining distance, and within `done` of the goal it steps away from the block instead of pushing.
+    env = make_env(max_steps=150)
+    env.reset(seed=evaluation_reset_seed(0, 2))
+    expert = LinePusher(np.random.default_rng(0), noise=0.0)
+    seen_done = False
+    for _ in range(150):
+        agent, center = np.array(env.unwrapped.agent.position), pusht.block_center(env)
+        dist = pusht.block_goal_distance(env)
+        target = expert.act(env)
+        if dist < expert.done:
+            seen_done = True
+            r = np.linalg.norm(agent - center)
+            # never toward the block: within the orbit straight away from its center, beyond it hold still
+            if r < expert.orbit:
+                assert np.linalg.norm(target - center) > r + 5.0, (dist, r)
+            else:
+                np.testing.assert_allclose(target, agent)
+        env.step(target.astype(np.float32))
+    assert seen_done, "the episode never reached the goal"
+    assert pusht.block_goal_distance(env) < expert.done + 5.0
+
+
 def test_our_coverage_and_block_pose_match_the_simulator():
     env = make_env(max_steps=20)
     obs, _ = env.reset(seed=evaluation_reset_seed(0, 3))
