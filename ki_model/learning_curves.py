@@ -150,11 +150,11 @@ def summary_table(runs: list[Run]) -> str:
             ("val_fast_loss_end_of_init", "FAST@s1 end", "{:.3f}"),
             ("val_fast_loss_first_eval", "FAST@s2 1st", "{:.3f}")]
     width = max(12, *(len(r.label) + 2 for r in runs))
-    lines = [f"{'run':<{width}}" + "".join(f"{h:>11}" for _, h, _ in cols)]
+    lines = [f"{'run':<{width}}" + "".join(f"{h:>12}" for _, h, _ in cols)]  # 12: the longest header + 1
     for run in runs:
         f = final_figures(run)
         cells = ["" if f.get(k) is None else fmt.format(f[k]) for k, _, fmt in cols]
-        lines.append(f"{run.label:<{width}}" + "".join(f"{c:>11}" for c in cells))
+        lines.append(f"{run.label:<{width}}" + "".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
 
 
