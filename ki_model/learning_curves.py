@@ -211,8 +211,9 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
 
 def _final_bars(ax: Any, runs: list[Run]) -> None:
     """Validation MSE of the flow head (mean of samples when reported) and the FAST head over hold-still's, and the
-    closed-loop max coverage over the expert's: lower / higher is better, 1 = the baseline."""
-    names = ["flow MSE / hold still", "FAST MSE / hold still", "closed (flow) / expert", "closed (FAST) / expert"]
+    share of the block-to-goal distance each head closed in closed loop over the expert's: lower / higher is better,
+    1 = the baseline. Two-line names: four side by side fit the panel."""
+    names = ["flow MSE\n/ hold still", "FAST MSE\n/ hold still", "closed (flow)\n/ expert", "closed (FAST)\n/ expert"]
     width = 0.8 / max(len(runs), 1)
     shown = False
     for j, run in enumerate(runs):
