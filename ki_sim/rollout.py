@@ -275,6 +275,15 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
     }
 
 
+def relative_to_expert(report: dict[str, dict[str, Any]]) -> None:
+    """Adds each controller's max coverage and distance closed over the expert's (None without an expert row)."""
+    expert = report.get("expert", {}).get("mean_max_coverage")
+    closed = report.get("expert", {}).get("mean_distance_closed")
+    for r in report.values():
+        r["max_coverage_vs_expert"] = r["mean_max_coverage"] / expert if expert else None
+        r["distance_closed_vs_expert"] = r["mean_distance_closed"] / closed if closed else None
+
+
 def initial_state(env: Any, reset_seed: int) -> tuple[float, ...]:
     """(agent x, y, block x, y, angle) after env.reset(seed)."""
     env.reset(seed=reset_seed)
@@ -382,12 +391,7 @@ def run_rollout(
         env.close()
 
     report: dict[str, Any] = {name: summarize(results[name]) for name in cfg.controllers}
-    expert = report.get("expert", {}).get("mean_max_coverage")
-    closed = report.get("expert", {}).get("mean_distance_closed")
-    for name in cfg.controllers:
-        report[name]["max_coverage_vs_expert"] = report[name]["mean_max_coverage"] / expert if expert else None
-        report[name]["distance_closed_vs_expert"] = (report[name]["mean_distance_closed"] / closed
-                                                     if closed else None)
+    relative_to_expert(report)
     report["setup"] = {
         "checkpoint": str(checkpoint_dir),
         "episodes": cfg.episodes,

@@ -86,8 +86,12 @@ def closed_loop(data: DataArtifacts, chunk_of, episodes: int = 20) -> None:
     """Drives gym-pusht with chunk_of(raw state [s]) -> absolute chunk [h, 2], as pipelines.rollout drives a
     checkpoint (same initial states, episode limit and replanning), and prints the policy's and the expert's rows."""
     from ki_sim import pusht
-    from ki_sim.rollout import Expert, format_table, recording_info, run_episode, summarize
+    from ki_sim.rollout import Expert, format_table, recording_info, relative_to_expert, run_episode, summarize
 
+    # The network reads the state as these shards hold it: the agent's x, y, then the block's pose.
+    if list(data.manifest.state_keys) != [pusht.STATE_KEY, pusht.ENV_STATE_KEY]:
+        raise SystemExit(f"--rollout needs shards whose state is {pusht.STATE_KEY} + {pusht.ENV_STATE_KEY} "
+                         f"(preprocess --state-keys); these hold {' + '.join(data.manifest.state_keys)}")
     recording = recording_info(data.manifest) or {}
     max_steps, replan = recording.get("max_steps", 150), data.manifest.action_horizon // 2
 
@@ -107,9 +111,7 @@ def closed_loop(data: DataArtifacts, chunk_of, episodes: int = 20) -> None:
     report = {name: summarize([run_episode(env, c, s, i, max_steps) for i, s in enumerate(seeds)])
               for name, c in controllers.items()}
     env.close()
-    closed = report["expert"]["mean_distance_closed"]
-    for r in report.values():
-        r["distance_closed_vs_expert"] = r["mean_distance_closed"] / closed
+    relative_to_expert(report)
     median = np.median([e["distance_closed"] for e in report["policy"]["episodes"]])
     print(format_table(report, ("policy", "expert")).replace("policy (flow head)", f"{'network':<18}"))
     print(f"network: median distance closed {median:.0%} (replanning every {replan} steps, {episodes} episodes)")
