@@ -8,6 +8,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,27 @@ def offline_run(demo_shards, tmp_path_factory) -> Path:
             mp.setenv(key, str(value))
         train(TrainConfig(shards=str(demo_shards), checkpoint_dir=str(out), optimizer=optimizer, wandb="ki-tests",
                           **RUN), on_log=plot)
+    _wait_for_exit_record(out)
     return out
+
+
+def _wait_for_exit_record(out: Path, timeout_s: float = 120.0) -> None:
+    """wandb's service process writes the run file on its own schedule: `finish()` can return before the file is
+    flushed (once in a fresh-clone CI run the config test read a file without its run record). The file is complete
+    once its last record, the run's exit, can be read; every record before it was written before it."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+        try:
+            kinds = [r.WhichOneof("record_type") for r in wandb_records(files[0].parent)] if files else []
+        except (AssertionError, DecodeError):  # not yet its header, or a record half written
+            kinds = []
+        if kinds and kinds[-1] == "exit":
+            return
+        assert time.monotonic() < deadline, f"no exit record in the offline W&B run after {timeout_s:.0f} s: {kinds}"
+        time.sleep(0.5)
 
 
 def test_the_offline_run_holds_the_config(offline_run):
