@@ -138,7 +138,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  expert_variant="gemma_tiny_expert", vision_variant="siglip_tiny", dtype="float32"),
     # The CPU demo (scripts/demo.sh): tiny, with 8 attention heads and 8-pixel patches.
     "demo": dict(max_token_len=64, max_text_len=40, image_size=32, backbone_variant="gemma_demo",
-                 expert_variant="gemma_demo_expert", vision_variant="siglip_tiny_p8", dtype="float32"),
+                 expert_variant="gemma_demo_expert", vision_variant="siglip_tiny_p8", dtype="float32",
+                 action_positions=True),
     # Small but real: width 256, depth 4, 224-pixel images (reports and benchmarks on a CPU).
     "small": dict(max_token_len=96, max_text_len=48, image_size=224, backbone_variant="gemma_small",
                   expert_variant="gemma_small_expert", vision_variant="siglip_small", dtype="float32"),
@@ -223,6 +224,10 @@ class Pi05KIConfig:
     # "clean" (the clean chunk itself; its velocity for sampling is (x_t - chunk) / t, the same flow). With "clean"
     # the flow loss is the chunk's squared error, which a small model learns from far fewer rows (the demo, README).
     flow_target: str = "velocity"
+    # A learned embedding per chunk step added to the action tokens. Not in π0.5 (openpi's checkpoints have none):
+    # there an action token knows its step only through RoPE, which a model as small as the CPU demo's learns to use
+    # slowly (README, "What bounds the demo"): without it the chunk comes out flat along the horizon.
+    action_positions: bool = False
     # A variant is a name from GEMMA_VARIANTS / SIGLIP_VARIANTS or explicit sizes (e.g. read from an openpi
     # checkpoint); explicit sizes are written as a dict by to_dict and read back by from_dict.
     backbone_variant: str | GemmaConfig | dict[str, int] = "gemma_2b"  # a GemmaConfig after __post_init__

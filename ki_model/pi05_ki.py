@@ -20,13 +20,14 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ki_model import attention, decoding, gemma, lora, losses, rtc
 from ki_model.config import Pi05KIConfig
-from ki_model.nn import Dense, compute_dtype
+from ki_model.nn import Dense, Init, compute_dtype, make_param
 from ki_model.observation import Observation
 from ki_model.siglip import Siglip
 
 # Top-level modules by side of the insulation cut.
 BACKBONE_MODULES = ("vision", "backbone")
-ACTION_EXPERT_MODULES = ("action_expert", "action_in_proj", "time_mlp_in", "time_mlp_out", "action_out_proj")
+ACTION_EXPERT_MODULES = ("action_expert", "action_in_proj", "action_positions", "time_mlp_in", "time_mlp_out",
+                         "action_out_proj")
 
 
 class ObservationShapeError(ValueError):
@@ -90,6 +91,9 @@ class Pi05KI(nnx.Module):
                                     lora_rank=ranks.get("backbone"))
         self.action_expert = gemma.Gemma(ex, vocab_size=None, cond_dim=ex.width, rngs=rngs, lora_rank=ranks.get("expert"))
         self.action_in_proj = Dense(config.action_dim, ex.width, axes=(None, "embed"), rngs=rngs)
+        # One row per chunk step, at the scale of the action tokens (config.action_positions; None in π0.5).
+        self.action_positions = make_param(rngs, Init("normal"), (config.action_horizon, ex.width),
+                                           (None, "embed")) if config.action_positions else None
         self.time_mlp_in = Dense(ex.width, ex.width, axes=("embed", "embed_out"), rngs=rngs)
         self.time_mlp_out = Dense(ex.width, ex.width, axes=("embed", "embed_out"), rngs=rngs)
         self.action_out_proj = Dense(ex.width, config.action_dim, axes=("embed", None), rngs=rngs)
@@ -137,10 +141,14 @@ class Pi05KI(nnx.Module):
     def embed_actions(
         self, x_t: Float[Array, "b n d"], time: Float[Array, "b g"]
     ) -> tuple[Float[Array, "b n e"], Float[Array, "b g e"]]:
-        """Action tokens (a linear map of the noisy actions) and the adaRMS conditioning from the flow time: one time
-        per group of consecutive tokens (g = 1 at inference; g = K action blocks of a K-sample training pass)."""
+        """Action tokens (a linear map of the noisy actions, plus each chunk step's row with config.action_positions)
+        and the adaRMS conditioning from the flow time: one time per group of consecutive tokens (g = 1 at inference;
+        g = K action blocks of a K-sample training pass)."""
         width = self.config.expert.width
         tokens = self.action_in_proj(x_t, self.dtype)
+        if self.action_positions is not None:  # n = K blocks of the horizon's steps
+            steps = self.action_positions[...].astype(tokens.dtype)
+            tokens = tokens + jnp.tile(steps, (x_t.shape[1] // steps.shape[0], 1))[None]
         b, g = time.shape
         cond = nnx.swish(self.time_mlp_in(posemb_sincos(time.reshape(-1), width), jnp.float32))
         cond = nnx.swish(self.time_mlp_out(cond, jnp.float32))

@@ -59,6 +59,8 @@ class ModelOptions:
     flow_samples: Annotated[int, tyro.conf.arg(metavar="K")] = 1
     #: the action expert's output: the flow velocity (π0, openpi's checkpoints) or the clean chunk
     flow_target: FlowTarget = "velocity"
+    #: a learned embedding per chunk step on the action tokens (default: the preset's; the demo's has it, π0.5 not)
+    action_positions: OnOff | None = None
     #: the vision encoder instead of the preset's (from scratch, e.g. siglip_tiny_p8: 8-px patches)
     vision_variant: VisionVariant | None = None
     #: compute dtype (weights stay float32): bfloat16 = mixed precision (default: the preset's)
@@ -82,7 +84,8 @@ class ModelOptions:
             "fast_loss_weight": self.fast_loss_weight, "flow_loss_weight": self.flow_loss_weight,
         }
         optional = {"vision_variant": self.vision_variant, "dtype": self.dtype, "lora": self.lora}
-        return out | {k: v for k, v in optional.items() if v}
+        return out | {k: v for k, v in optional.items() if v} | (
+            {} if self.action_positions is None else {"action_positions": self.action_positions})
 
 
 @dataclasses.dataclass(frozen=True)

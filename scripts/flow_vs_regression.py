@@ -3,13 +3,15 @@ bins with `--number-embeddings`' value code), trained on the demo's rows by regr
 the validation rows as MSE ÷ hold still (pixels²; the flow head by the mean of 8 samples of 10 Euler steps).
 
     python scripts/flow_vs_regression.py SHARDS --objective regression|flow|flow-x [--batch 32] [--draws 1]
-        [--steps 1000] [--no-shared] [--rollout]
+        [--steps 1000] [--no-shared] [--no-positions] [--rollout]
 
 `flow` trains the network's output toward the velocity (noise - chunk, π0's target); `flow-x` toward the clean chunk,
 the velocity for sampling derived from it (`pipelines.train --flow-target clean`): the same flow, another output.
 
 No images, no FAST, no backbone/expert split: a yardstick for how fast each objective learns this mapping at a given
-batch, not a model of ki's own. `--draws K` gives every row K noise/time draws per step (what `pipelines.train
+batch, not a model of ki's own. `--no-positions` leaves out the learned row per chunk step that the action tokens
+start from: each token then knows its step only through RoPE, as π0.5's action expert (the demo's has the rows:
+`Pi05KIConfig.action_positions`). `--draws K` gives every row K noise/time draws per step (what `pipelines.train
 --flow-samples K` does for the action expert, at little cost there). `--rollout` then drives gym-pusht with the
 trained network (shards of the pusht demo with the block's pose in the state) on the 20 unseen initial states of
 `pipelines.rollout`, replanning every half horizon: what closed-loop figure a network with this open-loop error
@@ -64,13 +66,15 @@ def init(key: jax.Array, horizon: int, dim: int) -> dict:
                 time_in=dense(16, WIDTH), out=dense(WIDTH, dim, 0.1), layers=layers)
 
 
-def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
-    """[state tokens | horizon action tokens], all reading all; the action tokens carry x_t and t (zeros for
-    regression). Returns one output per action token."""
+def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.Array, positions: bool = True
+            ) -> jax.Array:
+    """[state tokens | horizon action tokens], all reading all; the action tokens carry their step's learned row
+    (unless not `positions`), x_t and t (zeros for regression). Returns one output per action token."""
     b, h = bins.shape[0], p["queries"].shape[0]
     freqs = np.exp(np.linspace(0, np.log(100), 8))
     t_emb = jnp.concatenate([jnp.sin(t[:, None] * freqs), jnp.cos(t[:, None] * freqs)], -1) @ p["time_in"]
-    x = jnp.concatenate([table[bins], p["queries"][None] + x_t @ p["action_in"] + t_emb[:, None]], 1)
+    steps = p["queries"][None] if positions else 0
+    x = jnp.concatenate([table[bins], steps + x_t @ p["action_in"] + t_emb[:, None]], 1)
     pos = jnp.arange(x.shape[1], dtype=jnp.float32)
     for layer in p["layers"]:
         y = rms(x)
@@ -128,6 +132,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-shared", action="store_true", help="number rows without their shared direction")
+    ap.add_argument("--no-positions", action="store_true", help="action tokens without a learned row per chunk step")
     ap.add_argument("--rollout", action="store_true", help="then drive gym-pusht with the trained network")
     a = ap.parse_args()
     data = DataArtifacts.open(a.shards)
@@ -141,17 +146,18 @@ def main() -> None:
     truth = data.absolute_actions(y_va, raw)
     hold = float(np.mean((data.hold_still_chunks(raw, horizon) - truth) ** 2))
     flow = a.objective != "regression"
+    positions = not a.no_positions
     clean = a.objective == "flow-x"
 
     def loss(p, bins, y, key):
         if not flow:
             zeros = jnp.zeros_like(y)
-            return jnp.mean((forward(p, table, bins, zeros, jnp.zeros(len(y))) - y) ** 2)
+            return jnp.mean((forward(p, table, bins, zeros, jnp.zeros(len(y)), positions) - y) ** 2)
         k1, k2 = jax.random.split(key)
         noise = jax.random.normal(k1, y.shape)
         t = jax.random.beta(k2, 1.5, 1.0, (len(y),)) * 0.999 + 0.001  # π0's time distribution
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * y
-        out = forward(p, table, bins, x_t, t)
+        out = forward(p, table, bins, x_t, t, positions)
         return jnp.mean((out - (y if clean else noise - y)) ** 2)
 
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 100, a.steps, 3e-4), b2=0.95)
@@ -166,11 +172,11 @@ def main() -> None:
     def predict(p, bins, key):
         if not flow:
             zeros = jnp.zeros((len(bins), horizon, dim))
-            return forward(p, table, bins, zeros, jnp.zeros(len(bins)))
+            return forward(p, table, bins, zeros, jnp.zeros(len(bins)), positions)
         x = jax.random.normal(key, (len(bins), horizon, dim))
         for i in range(10):  # Euler from t = 1 (noise) to 0, as the policy samples
             t = 1 - i / 10
-            out = forward(p, table, bins, x, jnp.full((len(bins),), t))
+            out = forward(p, table, bins, x, jnp.full((len(bins),), t), positions)
             x = x - 0.1 * ((x - out) / t if clean else out)
         return x
 

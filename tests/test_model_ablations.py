@@ -94,6 +94,7 @@ def test_train_command_line_switches():
     cfg, _ = parse_args([*base, "--flow-loss-weight", "0"])  # the KI recipe's stage 1
     assert cfg.model.fields() == defaults | {"flow_loss_weight": 0.0}
     assert parse_args([*base, "--flow-target", "clean"])[0].model.fields() == defaults | {"flow_target": "clean"}
+    assert parse_args([*base, "--action-positions", "off"])[0].model.fields() == defaults | {"action_positions": False}
 
 
 def test_clean_flow_target_is_the_same_flow_read_from_the_chunk(setup):
@@ -118,3 +119,24 @@ def test_clean_flow_target_is_the_same_flow_read_from_the_chunk(setup):
     np.testing.assert_allclose(one_step, raw.velocity(cache, noise, jnp.ones(len(time))), rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="flow_target"):
         dataclasses.replace(cfg, flow_target="noise")
+
+
+def test_action_positions_tell_the_chunk_steps_apart(setup):
+    """Without action_positions (π0.5) a fresh expert, whose adaRMS gates start at 0, gives every step of a chunk of
+    equal noisy actions the same output: it knows a token's step only once its attention has learned to read RoPE.
+    With them each step's token differs from the start, in every one of K action blocks alike, and the embedding
+    belongs to the action expert's side of the cut."""
+    cfg, batch, noise, time = setup
+    x_t = jnp.broadcast_to(noise[:, :1], noise.shape)  # every step the same
+    outputs = {}
+    for on in (False, True):
+        model = dataclasses.replace(cfg, action_positions=on).create(nnx.Rngs(0))
+        out = np.asarray(model.velocity(model.prefix_cache(batch.obs), x_t, time))  # [b, H, D]
+        outputs[on] = out
+        fwd = model.train_forward(batch.obs, jnp.stack([x_t, x_t], axis=1), jnp.stack([time, time], axis=1))
+        np.testing.assert_allclose(fwd.velocity[:, 0], fwd.velocity[:, 1], rtol=1e-5, atol=1e-6)  # K blocks alike
+    assert np.ptp(outputs[False], axis=1).max() < 1e-5
+    assert np.ptp(outputs[True], axis=1).min() > 1e-3
+    model = dataclasses.replace(cfg, action_positions=True).create(nnx.Rngs(0))
+    (shape,) = [v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[0] == "action_positions"]
+    assert shape == (H, cfg.expert.width) and param_group(("action_positions",)) == "action_expert"

@@ -24,8 +24,10 @@ H, D = 4, 3
 @pytest.fixture(scope="module")
 def setup():
     toks = synthetic_tokenizers(H, D)
+    # With the demo's step embedding on the action tokens (action_positions): one more action-expert parameter.
     cfg = Pi05KIConfig.tiny(
-        action_horizon=H, action_dim=D, vocab_size=toks.vocab_size, max_token_len=40, max_text_len=24
+        action_horizon=H, action_dim=D, vocab_size=toks.vocab_size, max_token_len=40, max_text_len=24,
+        action_positions=True,
     )
     model = cfg.create(nnx.Rngs(0))
     perturb_params(model, 1)

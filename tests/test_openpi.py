@@ -291,6 +291,9 @@ def test_foreign_and_damaged_checkpoints_are_refused(reference_tree, tmp_path):
         openpi_config(reference() / "checkpoint", vocab_size=257152)
     with pytest.raises(CheckpointError, match="image_size = 224 but .* has image_size = 32"):
         openpi_config(reference() / "checkpoint", image_size=224)
+    # openpi's action tokens have no step embedding: a config that asks for one is refused, not left half loaded.
+    with pytest.raises(CheckpointError, match="action_positions = True but .* has action_positions = False"):
+        openpi_config(reference() / "checkpoint", action_positions=True)
     with pytest.raises(CheckpointError, match="differs from the one this checkpoint was checked against"):
         load_openpi(reference() / "checkpoint", config).apply_to(
             Pi05KIConfig.tiny(action_horizon=5, action_dim=8, vocab_size=1024).create(nnx.Rngs(0)))

@@ -300,7 +300,8 @@ def _config_from_found(found: dict[str, _StoredArray], where: Path, fields: dict
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Pi05KIConfig)})
     if unknown:
         raise ConfigError(f"unknown Pi05KIConfig fields {unknown}")
-    arch = _openpi_architecture(found, where)
+    # openpi's action tokens have no step embedding (Pi05KIConfig.action_positions).
+    arch = {**_openpi_architecture(found, where), "action_positions": False}
     if fields.get("vocab_size") not in (None, arch["vocab_size"]):  # the likeliest mismatch: say it first
         raise CheckpointError(
             f"the model's vocab_size is {fields['vocab_size']} but the openpi checkpoint {where} embeds "
