@@ -83,9 +83,9 @@ class ModelOptions:
             "flow_samples": self.flow_samples, "flow_target": self.flow_target, "insulation": self.insulation,
             "fast_loss_weight": self.fast_loss_weight, "flow_loss_weight": self.flow_loss_weight,
         }
-        optional = {"vision_variant": self.vision_variant, "dtype": self.dtype, "lora": self.lora}
-        return out | {k: v for k, v in optional.items() if v} | (
-            {} if self.action_positions is None else {"action_positions": self.action_positions})
+        optional = {"vision_variant": self.vision_variant, "dtype": self.dtype, "lora": self.lora,
+                    "action_positions": self.action_positions}
+        return out | {k: v for k, v in optional.items() if v is not None and v != ""}
 
 
 @dataclasses.dataclass(frozen=True)
