@@ -66,14 +66,14 @@ def init(key: jax.Array, horizon: int, dim: int) -> dict:
                 time_in=dense(16, WIDTH), out=dense(WIDTH, dim, 0.1), layers=layers)
 
 
-def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.Array, positions: bool = True
-            ) -> jax.Array:
+def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
     """[state tokens | horizon action tokens], all reading all; the action tokens carry their step's learned row
-    (unless not `positions`), x_t and t (zeros for regression). Returns one output per action token."""
-    b, h = bins.shape[0], p["queries"].shape[0]
+    (when `p` has them: not with --no-positions), x_t and t (zeros for regression). Returns one output per action
+    token."""
+    b, h = x_t.shape[:2]
     freqs = np.exp(np.linspace(0, np.log(100), 8))
     t_emb = jnp.concatenate([jnp.sin(t[:, None] * freqs), jnp.cos(t[:, None] * freqs)], -1) @ p["time_in"]
-    steps = p["queries"][None] if positions else 0
+    steps = p["queries"][None] if "queries" in p else 0
     x = jnp.concatenate([table[bins], steps + x_t @ p["action_in"] + t_emb[:, None]], 1)
     pos = jnp.arange(x.shape[1], dtype=jnp.float32)
     for layer in p["layers"]:
@@ -146,18 +146,17 @@ def main() -> None:
     truth = data.absolute_actions(y_va, raw)
     hold = float(np.mean((data.hold_still_chunks(raw, horizon) - truth) ** 2))
     flow = a.objective != "regression"
-    positions = not a.no_positions
     clean = a.objective == "flow-x"
 
     def loss(p, bins, y, key):
         if not flow:
             zeros = jnp.zeros_like(y)
-            return jnp.mean((forward(p, table, bins, zeros, jnp.zeros(len(y)), positions) - y) ** 2)
+            return jnp.mean((forward(p, table, bins, zeros, jnp.zeros(len(y))) - y) ** 2)
         k1, k2 = jax.random.split(key)
         noise = jax.random.normal(k1, y.shape)
         t = jax.random.beta(k2, 1.5, 1.0, (len(y),)) * 0.999 + 0.001  # π0's time distribution
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * y
-        out = forward(p, table, bins, x_t, t, positions)
+        out = forward(p, table, bins, x_t, t)
         return jnp.mean((out - (y if clean else noise - y)) ** 2)
 
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 100, a.steps, 3e-4), b2=0.95)
@@ -172,15 +171,17 @@ def main() -> None:
     def predict(p, bins, key):
         if not flow:
             zeros = jnp.zeros((len(bins), horizon, dim))
-            return forward(p, table, bins, zeros, jnp.zeros(len(bins)), positions)
+            return forward(p, table, bins, zeros, jnp.zeros(len(bins)))
         x = jax.random.normal(key, (len(bins), horizon, dim))
         for i in range(10):  # Euler from t = 1 (noise) to 0, as the policy samples
             t = 1 - i / 10
-            out = forward(p, table, bins, x, jnp.full((len(bins),), t), positions)
+            out = forward(p, table, bins, x, jnp.full((len(bins),), t))
             x = x - 0.1 * ((x - out) / t if clean else out)
         return x
 
     p = init(jax.random.key(a.seed), horizon, dim)
+    if a.no_positions:  # the other weights as drawn with them
+        del p["queries"]
     o = tx.init(p)
     t0 = time.perf_counter()
     for i in range(1, a.steps + 1):
