@@ -53,12 +53,17 @@ class DemoConfig:
     image_storage: str = "video"  # or "image" (PNG frames in the parquet files)
     image_size: int = 96
     expert: str = "line"  # ki_sim.experts.EXPERTS: "line" (the demo's) or "planner" (the harder configuration)
+    # px: Gaussian noise added to the action the simulator executes, never to the one recorded (DART): the recording
+    # then visits states off the expert's own path, labelled with what the expert does there (how it recovers).
+    perturb: float = 0.0
     overwrite: bool = False
 
     def validate(self) -> None:
         if self.expert not in EXPERTS:
             raise ValueError(f"unknown expert {self.expert!r}; known: {sorted(EXPERTS)}")
         check_seed_range(self.seed, self.episodes)
+        if self.perturb < 0:
+            raise ValueError(f"perturb must be >= 0 px, got {self.perturb}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +96,12 @@ class DemoSummary:
 
 
 def run_episode(env, seed: int, policy_seed: tuple[int, int], max_steps: int, on_step=None,
-                expert: str = "line") -> EpisodeRecord:
+                expert: str = "line", perturb: float = 0.0) -> EpisodeRecord:
     """One scripted episode. on_step(image, state, environment_state, action, reward, success) is called for every
-    frame."""
+    frame with the expert's action; the simulator executes it plus N(0, perturb^2) px noise."""
     obs, _ = env.reset(seed=seed)
     policy = EXPERTS[expert](np.random.default_rng(policy_seed))
+    shake = np.random.default_rng((*policy_seed, 1))  # its own stream: perturb 0 records what it recorded before
     start_cov, start_dist = coverage(env), block_goal_distance(env)
     info = {"coverage": start_cov, "is_success": False}
     steps = 0
@@ -103,7 +109,8 @@ def run_episode(env, seed: int, policy_seed: tuple[int, int], max_steps: int, on
         action = np.clip(policy.act(env), 0.0, 512.0).astype(np.float32)
         image, state = obs["pixels"], np.asarray(obs["agent_pos"], dtype=np.float32)
         env_state = environment_state(env)
-        obs, reward, terminated, truncated, info = env.step(action)
+        executed = np.clip(action + shake.normal(0.0, perturb, 2), 0.0, 512.0).astype(np.float32) if perturb else action
+        obs, reward, terminated, truncated, info = env.step(executed)
         steps += 1
         if on_step is not None:
             on_step(image, state, env_state, action, float(reward), bool(info["is_success"]))
@@ -189,13 +196,14 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
         for ep in tqdm(range(cfg.episodes), desc="recording pusht", unit="episode", disable=not progress,
                        file=terminal()):
             records.append(run_episode(env, seed=seeds[ep], policy_seed=(cfg.seed, ep),
-                                       max_steps=cfg.max_steps, on_step=add, expert=cfg.expert))
+                                       max_steps=cfg.max_steps, on_step=add, expert=cfg.expert,
+                                       perturb=cfg.perturb))
             dataset.save_episode()
     finally:
         dataset.finalize()
         env.close()
     _remove_empty_dirs(root / "images")  # lerobot's emptied staging folders
     recording = {"reset_seeds": seeds, "max_steps": cfg.max_steps, "image_size": cfg.image_size, "task": PUSHT_TASK,
-                 "expert": cfg.expert}
+                 "expert": cfg.expert, "perturb": cfg.perturb}
     (root / RECORDING_FILE).write_text(json.dumps(recording, indent=2) + "\n")
     return DemoSummary(root=root, repo_id=cfg.repo_id, episodes=records, seconds=time.perf_counter() - t0)

@@ -81,6 +81,37 @@ def test_the_line_expert_slows_near_the_goal_and_backs_away_once_there():
     assert pusht.block_goal_distance(env) < expert.done + 5.0
 
 
+def test_a_perturbed_recording_executes_noise_but_records_the_experts_answer():
+    # DART: the simulator executes the expert's action plus noise, the dataset keeps the expert's own action, so the
+    # recording visits states off the expert's path labelled with what the expert does there.
+    seed, policy_seed, steps, sigma = evaluation_reset_seed(0, 2), (0, 4), 25, 10.0
+    frames = []
+    run_episode(make_env(max_steps=steps), seed, policy_seed, steps, expert="line", perturb=sigma,
+                on_step=lambda img, state, env_state, action, *_: frames.append((state, env_state, action)))
+    plain = []
+    run_episode(make_env(max_steps=steps), seed, policy_seed, steps, expert="line",
+                on_step=lambda img, state, env_state, action, *_: plain.append(state))
+    assert len(frames) == len(plain) == steps
+    assert not np.allclose([f[0] for f in frames], plain)  # the noise moved the agent off the plain path
+
+    # Replaying the recorded actions plus the same noise reproduces the recorded states, and in each of them the
+    # recorded action is the expert's answer (up to the expert's own 1.5 px noise), not the executed one.
+    shake = np.random.default_rng((*policy_seed, 1))
+    env = make_env(max_steps=steps)
+    obs, _ = env.reset(seed=seed)
+    clean = LinePusher(np.random.default_rng(0), noise=0.0)
+    off = []
+    for state, env_state, action in frames:
+        np.testing.assert_allclose(obs["agent_pos"], state, atol=1e-4)
+        np.testing.assert_allclose(pusht.environment_state(env), env_state, atol=1e-4)
+        answer = clean.act(env)
+        assert np.linalg.norm(action - answer) < 8.0, (action, answer)
+        executed = np.clip(action + shake.normal(0.0, sigma, 2), 0.0, 512.0).astype(np.float32)
+        off.append(np.linalg.norm(executed - answer))
+        obs, *_ = env.step(executed)
+    assert np.mean(off) > 8.0, off
+
+
 def test_our_coverage_and_block_pose_match_the_simulator():
     env = make_env(max_steps=20)
     obs, _ = env.reset(seed=evaluation_reset_seed(0, 3))
@@ -162,7 +193,7 @@ def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys
     assert cli.main(argv) == 0
     sidecar = json.loads((root / RECORDING_FILE).read_text())
     assert sidecar["reset_seeds"] == [recording_reset_seed(3, 0)] and sidecar["max_steps"] == 4
-    assert sidecar["expert"] == "line"
+    assert sidecar["expert"] == "line" and sidecar["perturb"] == 0.0
     capsys.readouterr()
     assert cli.main([*argv, "--skip-existing"]) == 0
     assert "skipping" in capsys.readouterr().out
@@ -170,5 +201,10 @@ def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys
     assert cli.main([*argv, "--skip-existing"]) == 0
     assert "recording it again" in capsys.readouterr().out
     assert json.loads((root / RECORDING_FILE).read_text())["reset_seeds"] == [recording_reset_seed(3, e) for e in (0, 1)]
+    assert cli.main([*argv, "--skip-existing", "--perturb", "5"]) == 0  # another perturbation: recorded again
+    assert "recording it again" in capsys.readouterr().out
+    assert json.loads((root / RECORDING_FILE).read_text())["perturb"] == 5.0
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--perturb", "-1"])
     with pytest.raises(SystemExit):  # seeds beyond MAX_SEED could reach the evaluation seeds
         cli.main([*argv[:6], "--seed", str(2**20)])
