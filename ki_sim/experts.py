@@ -194,6 +194,10 @@ class LinePusher:
         self.done = done  # px: the block's center this close to the goal's: back away from the block, then hold still
         self.slow = slow  # near the goal each push moves at most this share of the remaining distance
 
+    def is_done(self, env) -> bool:
+        """The block's center is within `done` px of the goal's: from here on the expert only backs away and holds."""
+        return float(np.linalg.norm(block_center(env) - goal_center(env))) < self.done
+
     def act(self, env) -> Float[np.ndarray, "2"]:
         u = env.unwrapped
         agent = np.array(u.agent.position, dtype=np.float64)

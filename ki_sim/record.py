@@ -56,6 +56,9 @@ class DemoConfig:
     # px: Gaussian noise added to the action the simulator executes, never to the one recorded (DART): the recording
     # then visits states off the expert's own path, labelled with what the expert does there (how it recovers).
     perturb: float = 0.0
+    # Steps recorded after the expert is first done (LinePusher.is_done: the block at the goal); None: every episode
+    # runs max_steps, holding still at the goal for its last ~half. Fewer still frames, more rows that teach pushing.
+    after_done: int | None = None
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -64,6 +67,8 @@ class DemoConfig:
         check_seed_range(self.seed, self.episodes)
         if self.perturb < 0:
             raise ValueError(f"perturb must be >= 0 px, got {self.perturb}")
+        if self.after_done is not None and self.after_done < 0:
+            raise ValueError(f"after_done must be >= 0 steps, got {self.after_done}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +101,23 @@ class DemoSummary:
 
 
 def run_episode(env, seed: int, policy_seed: tuple[int, int], max_steps: int, on_step=None,
-                expert: str = "line", perturb: float = 0.0) -> EpisodeRecord:
+                expert: str = "line", perturb: float = 0.0, after_done: int | None = None) -> EpisodeRecord:
     """One scripted episode. on_step(image, state, environment_state, action, reward, success) is called for every
-    frame with the expert's action; the simulator executes it plus N(0, perturb^2) px noise."""
+    frame with the expert's action; the simulator executes it plus N(0, perturb^2) px noise. With `after_done` the
+    episode ends that many steps after the expert is first done (an expert without `is_done` never is)."""
     obs, _ = env.reset(seed=seed)
     policy = EXPERTS[expert](np.random.default_rng(policy_seed))
     shake = np.random.default_rng((*policy_seed, 1))  # its own stream: perturb 0 records what it recorded before
     start_cov, start_dist = coverage(env), block_goal_distance(env)
     info = {"coverage": start_cov, "is_success": False}
-    steps = 0
+    steps, left = 0, None
     for _ in range(max_steps):
+        if after_done is not None and left is None and getattr(policy, "is_done", lambda _: False)(env):
+            left = after_done
+        if left is not None:
+            if left == 0:
+                break
+            left -= 1
         action = np.clip(policy.act(env), 0.0, 512.0).astype(np.float32)
         image, state = obs["pixels"], np.asarray(obs["agent_pos"], dtype=np.float32)
         env_state = environment_state(env)
@@ -197,13 +209,13 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
                        file=terminal()):
             records.append(run_episode(env, seed=seeds[ep], policy_seed=(cfg.seed, ep),
                                        max_steps=cfg.max_steps, on_step=add, expert=cfg.expert,
-                                       perturb=cfg.perturb))
+                                       perturb=cfg.perturb, after_done=cfg.after_done))
             dataset.save_episode()
     finally:
         dataset.finalize()
         env.close()
     _remove_empty_dirs(root / "images")  # lerobot's emptied staging folders
     recording = {"reset_seeds": seeds, "max_steps": cfg.max_steps, "image_size": cfg.image_size, "task": PUSHT_TASK,
-                 "expert": cfg.expert, "perturb": cfg.perturb}
+                 "expert": cfg.expert, "perturb": cfg.perturb, "after_done": cfg.after_done}
     (root / RECORDING_FILE).write_text(json.dumps(recording, indent=2) + "\n")
     return DemoSummary(root=root, repo_id=cfg.repo_id, episodes=records, seconds=time.perf_counter() - t0)

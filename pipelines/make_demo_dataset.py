@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
     p.add_argument("--perturb", type=float, default=0.0, metavar="PX",
                    help="Gaussian noise (px) added to each action the simulator executes but not to the recorded one, "
                         "so the recording shows the expert recovering from states off its own path (default: 0)")
+    p.add_argument("--after-done", type=int, default=None, metavar="N",
+                   help="end each episode N steps after the expert is done (the block at the goal) instead of at "
+                        "--max-steps (default: at --max-steps)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at the destination")
     p.add_argument("--skip-existing", action="store_true",
                    help="do nothing when the dataset already exists (a demo recording with other options is recorded "
@@ -47,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
         p.error("--episodes and --max-steps must be positive")
     if a.perturb < 0:
         p.error("--perturb must be >= 0 px")
+    if a.after_done is not None and a.after_done < 0:
+        p.error("--after-done must be >= 0 steps")
     try:
         check_seed_range(a.seed, a.episodes)
     except ValueError as e:
@@ -55,21 +60,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
         p.error("--overwrite and --skip-existing exclude each other")
     cfg = DemoConfig(repo_id=a.repo_id, root=a.root, episodes=a.episodes, seed=a.seed, max_steps=a.max_steps,
                      image_storage=a.image_storage, image_size=a.image_size, expert=a.expert,
-                     perturb=a.perturb, overwrite=a.overwrite)
+                     perturb=a.perturb, after_done=a.after_done, overwrite=a.overwrite)
     return cfg, a.skip_existing
 
 
 def same_recording(root: Path, cfg: DemoConfig) -> bool | None:
     """Whether the recording at `root` is the one `cfg` asks for (episodes, seed, episode limit, image size, expert,
-    perturbation); None when it has no recording sidecar (recorded before it existed, or not by this command)."""
+    perturbation, steps after done); None when it has no recording sidecar (recorded before it existed, or not by
+    this command)."""
     path = root / RECORDING_FILE
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
     wanted = [recording_reset_seed(cfg.seed, e) for e in range(cfg.episodes)]
     got = (rec.get("reset_seeds"), rec.get("max_steps"), rec.get("image_size"), rec.get("expert", "planner"),
-           rec.get("perturb", 0.0))
-    return got == (wanted, cfg.max_steps, cfg.image_size, cfg.expert, cfg.perturb)
+           rec.get("perturb", 0.0), rec.get("after_done"))
+    return got == (wanted, cfg.max_steps, cfg.image_size, cfg.expert, cfg.perturb, cfg.after_done)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,22 @@ def test_a_perturbed_recording_executes_noise_but_records_the_experts_answer():
     assert np.mean(off) > 8.0, off
 
 
+def test_after_done_ends_an_episode_that_many_steps_after_the_block_reaches_the_goal():
+    env = make_env(max_steps=150)
+    seed, policy_seed = evaluation_reset_seed(0, 0), (1, 0, 0)
+    centers = []
+    full = run_episode(env, seed, policy_seed, 150,
+                       on_step=lambda img, state, env_state, *_: centers.append(env_state[:2]))
+    goal = pusht.goal_center(env)
+    done_at = [i for i, c in enumerate(centers) if np.linalg.norm(c - goal) < LinePusher(None).done]
+    assert full.steps == 150 and done_at, "this initial state should reach the goal within the episode"
+    short = run_episode(env, seed, policy_seed, 150, after_done=3)
+    assert short.steps == done_at[0] + 3
+    assert run_episode(env, seed, policy_seed, 150, after_done=0).steps == done_at[0]
+    # an expert that is never done (the contact planner) runs every step
+    assert run_episode(env, seed, (0, 1), 20, expert="planner", after_done=0).steps == 20
+
+
 def test_our_coverage_and_block_pose_match_the_simulator():
     env = make_env(max_steps=20)
     obs, _ = env.reset(seed=evaluation_reset_seed(0, 3))
@@ -204,6 +220,9 @@ def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys
     assert cli.main([*argv, "--skip-existing", "--perturb", "5"]) == 0  # another perturbation: recorded again
     assert "recording it again" in capsys.readouterr().out
     assert json.loads((root / RECORDING_FILE).read_text())["perturb"] == 5.0
+    assert cli.main([*argv, "--skip-existing", "--perturb", "5", "--after-done", "2"]) == 0
+    assert "recording it again" in capsys.readouterr().out
+    assert json.loads((root / RECORDING_FILE).read_text())["after_done"] == 2
     with pytest.raises(SystemExit):
         cli.main([*argv, "--perturb", "-1"])
     with pytest.raises(SystemExit):  # seeds beyond MAX_SEED could reach the evaluation seeds
