@@ -17,10 +17,9 @@ mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 
 # The line expert pushes the block's center straight to the goal, circling the block counter-clockwise: what it does
-# is a function of what the policy observes (README, "The demo task"). Each episode ends 10 steps after the block
-# reaches the goal instead of holding still there to step 150 (a third fewer frames, each one about pushing).
+# is a function of what the policy observes (README, "The demo task").
 $py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISODES:-100}" --seed 0 --expert line \
-  --after-done 10 --skip-existing
+  --skip-existing
 # The block's pose joins the state; the agent's x, y actions are stored relative to its position (delta actions).
 # Small images and a 16-step horizon keep the CPU demo to minutes (defaults: 224 px, 50 steps); the block's pose is
 # in the state, so 32 px (16 image tokens of 8 px) is enough to keep the images in the prompt.
