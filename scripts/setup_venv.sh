@@ -30,18 +30,19 @@ stamp=.venv/.ki-install-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log=.venv/install.log
-  echo "installing ki and its dependencies into .venv (first time: a minute or more, torch is large; the installer's log: $log)"
-  # uv (from the registry) installs the same versions as pip, several times faster: it downloads torch and its
-  # CUDA libraries in parallel (a fresh .venv here: 57 s against pip's 5:21, each beside a training run). pip does it where uv cannot be had.
-  if .venv/bin/python -m pip install -q uv > "$log" 2>&1; then
-    install=(.venv/bin/python -m uv pip install -q --python .venv/bin/python)
-  else
-    install=(.venv/bin/python -m pip install -q)
-  fi
-  {
-    "${install[@]}" -e '.[test]' &&
+  echo "installing ki and its dependencies into .venv (first time: a minute or more, torch is large; log: $log)"
+  # uv (from the registry) installs the same versions as pip, several times faster: it downloads torch and its CUDA
+  # libraries in parallel (a fresh .venv here: 57 s against pip's 5:21, each beside a training run). uv does not read
+  # pip's configuration, so where uv cannot be installed or cannot install from its index, pip does it all.
+  install_with() {
+    "$@" -e '.[test]' &&
     # openpi's client, unmodified, for tests/test_serve.py: without its numpy<2 pin (see pyproject.toml)
-    "${install[@]}" --no-deps 'openpi-client==0.1.2'
-  } >> "$log" 2>&1 || { tail -n 40 "$log" >&2; echo "error: the install failed (whole log: $log)" >&2; exit 1; }
+    "$@" --no-deps 'openpi-client==0.1.2'
+  }
+  {
+    { .venv/bin/python -m pip install -q uv &&
+      install_with .venv/bin/python -m uv pip install -q --python .venv/bin/python; } ||
+    { echo "uv could not install; installing with pip"; install_with .venv/bin/python -m pip install -q; }
+  } > "$log" 2>&1 || { tail -n 40 "$log" >&2; echo "error: the install failed (whole log: $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
