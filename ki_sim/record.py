@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -148,6 +149,24 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
     shutil.rmtree(root)
 
 
+_WORKER_ENV = None  # the simulator of a recording worker process (_start_worker)
+
+
+def _start_worker(image_size: int, max_steps: int) -> None:
+    global _WORKER_ENV
+    _WORKER_ENV = make_env(image_size, max_steps=max_steps)
+
+
+def _simulate(job: tuple[DemoConfig, int, int]) -> tuple[EpisodeRecord, list[tuple]]:
+    """One episode in a worker process: its record and its frames, as `run_episode` hands them to on_step."""
+    cfg, seed, episode = job
+    frames: list[tuple] = []
+    record = run_episode(_WORKER_ENV, seed=seed, policy_seed=(cfg.seed, episode), max_steps=cfg.max_steps,
+                         on_step=lambda *frame: frames.append(frame), expert=cfg.expert, perturb=cfg.perturb,
+                         after_done=cfg.after_done)
+    return record, frames
+
+
 def _remove_empty_dirs(directory: Path) -> None:
     if directory.is_dir() and not any(p.is_file() for p in directory.rglob("*")):
         shutil.rmtree(directory)
@@ -187,7 +206,6 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
         # and its encoder keeps ffmpeg's log quiet.
         streaming_encoding=False,
     )
-    env = make_env(cfg.image_size, max_steps=cfg.max_steps)
 
     def add(image, state, env_state, action, reward, success):
         dataset.add_frame(
@@ -204,16 +222,19 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
 
     records = []
     seeds = [recording_reset_seed(cfg.seed, ep) for ep in range(cfg.episodes)]
-    try:
-        for ep in tqdm(range(cfg.episodes), desc="recording pusht", unit="episode", disable=not progress,
-                       file=terminal()):
-            records.append(run_episode(env, seed=seeds[ep], policy_seed=(cfg.seed, ep),
-                                       max_steps=cfg.max_steps, on_step=add, expert=cfg.expert,
-                                       perturb=cfg.perturb, after_done=cfg.after_done))
-            dataset.save_episode()
-    finally:
-        dataset.finalize()
-        env.close()
+    # A worker process simulates the episodes (the simulator and the expert: about half the time) while this one
+    # writes and encodes them; each episode is simulated alone from its own seeds, so the recording is the same.
+    jobs = [(cfg, seeds[ep], ep) for ep in range(cfg.episodes)]
+    with multiprocessing.get_context("spawn").Pool(1, _start_worker, (cfg.image_size, cfg.max_steps)) as pool:
+        try:
+            for record, frames in tqdm(pool.imap(_simulate, jobs), total=cfg.episodes, desc="recording pusht",
+                                       unit="episode", disable=not progress, file=terminal()):
+                for frame in frames:
+                    add(*frame)
+                dataset.save_episode()
+                records.append(record)
+        finally:
+            dataset.finalize()
     _remove_empty_dirs(root / "images")  # lerobot's emptied staging folders
     recording = {"reset_seeds": seeds, "max_steps": cfg.max_steps, "image_size": cfg.image_size, "task": PUSHT_TASK,
                  "expert": cfg.expert, "perturb": cfg.perturb, "after_done": cfg.after_done}
