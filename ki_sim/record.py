@@ -111,14 +111,12 @@ def run_episode(env, seed: int, policy_seed: tuple[int, int], max_steps: int, on
     shake = np.random.default_rng((*policy_seed, 1))  # its own stream: perturb 0 records what it recorded before
     start_cov, start_dist = coverage(env), block_goal_distance(env)
     info = {"coverage": start_cov, "is_success": False}
-    steps, left = 0, None
-    for _ in range(max_steps):
-        if after_done is not None and left is None and getattr(policy, "is_done", lambda _: False)(env):
-            left = after_done
-        if left is not None:
-            if left == 0:
-                break
-            left -= 1
+    steps, stop = 0, None  # stop: the step at which the episode ends, once the expert is done
+    for step in range(max_steps):
+        if after_done is not None and stop is None and getattr(policy, "is_done", lambda _: False)(env):
+            stop = step + after_done
+        if stop is not None and step >= stop:
+            break
         action = np.clip(policy.act(env), 0.0, 512.0).astype(np.float32)
         image, state = obs["pixels"], np.asarray(obs["agent_pos"], dtype=np.float32)
         env_state = environment_state(env)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ki_data.console import library_output_to, log_file
 from ki_data.lerobot_source import lerobot_home
 from ki_sim.experts import EXPERTS
-from ki_sim.pusht import DEFAULT_REPO_ID, RECORDING_FILE, check_seed_range, recording_reset_seed
+from ki_sim.pusht import DEFAULT_REPO_ID, RECORDING_FILE, recording_reset_seed
 from ki_sim.record import DemoConfig, record_demo_dataset
 
 
@@ -48,19 +48,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
     a = p.parse_args(argv)
     if a.episodes < 1 or a.max_steps < 1:
         p.error("--episodes and --max-steps must be positive")
-    if a.perturb < 0:
-        p.error("--perturb must be >= 0 px")
-    if a.after_done is not None and a.after_done < 0:
-        p.error("--after-done must be >= 0 steps")
-    try:
-        check_seed_range(a.seed, a.episodes)
-    except ValueError as e:
-        p.error(str(e))
     if a.overwrite and a.skip_existing:
         p.error("--overwrite and --skip-existing exclude each other")
     cfg = DemoConfig(repo_id=a.repo_id, root=a.root, episodes=a.episodes, seed=a.seed, max_steps=a.max_steps,
                      image_storage=a.image_storage, image_size=a.image_size, expert=a.expert,
                      perturb=a.perturb, after_done=a.after_done, overwrite=a.overwrite)
+    try:  # the seed range, --perturb and --after-done: DemoConfig's own checks
+        cfg.validate()
+    except ValueError as e:
+        p.error(str(e))
     return cfg, a.skip_existing
 
 

@@ -223,7 +223,9 @@ def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys
     assert cli.main([*argv, "--skip-existing", "--perturb", "5", "--after-done", "2"]) == 0
     assert "recording it again" in capsys.readouterr().out
     assert json.loads((root / RECORDING_FILE).read_text())["after_done"] == 2
-    with pytest.raises(SystemExit):
-        cli.main([*argv, "--perturb", "-1"])
+    for bad in (["--perturb", "-1"], ["--after-done", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, *bad])
+        assert "must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # seeds beyond MAX_SEED could reach the evaluation seeds
         cli.main([*argv[:6], "--seed", str(2**20)])
