@@ -95,5 +95,13 @@ class DataArtifacts:
         held = np.asarray(state, np.float32)[:, list(dims)]
         return np.broadcast_to(held[:, None, :], (held.shape[0], horizon, held.shape[1]))
 
+    def max_fast_targets(self) -> int | None:
+        """The most FAST loss targets of any row: a row's targets are its whole postfix (`start_ids`, the FAST
+        tokens, `end_ids`); None when the manifest's summary does not say how many FAST tokens its longest row has."""
+        longest = self.manifest.summary.get("fast_tokens_per_chunk", {}).get("max")
+        if longest is None:
+            return None
+        return len(self.prompt.start_ids) + int(longest) + len(self.prompt.end_ids)
+
     def shard_paths(self, split: str | None = None) -> list[Path]:
         return self.manifest.shard_paths(self.root, split)

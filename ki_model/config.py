@@ -220,6 +220,9 @@ class Pi05KIConfig:
     # (noise, time) draws per example in one training pass, each its own action block reading the same prefix.
     flow_samples: int = 1
     num_flow_steps: int = 10
+    # Positions per row at which the FAST cross-entropy computes logits: at least the most FAST targets of any row
+    # (pipelines.train takes it from the shards' manifest and checks every batch against it); None: all of them.
+    fast_target_slots: int | None = None
     # What the action expert's output is: "velocity" (π0, π0.5 and openpi's checkpoints: noise - actions) or
     # "clean" (the clean chunk itself; its velocity for sampling is (x_t - chunk) / t, the same flow). With "clean"
     # the flow loss is the chunk's squared error, which a small model learns from far fewer rows (the demo, README).
@@ -280,6 +283,8 @@ class Pi05KIConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.fast_loss_weight == 0 and self.flow_loss_weight == 0:
             raise ConfigError("fast_loss_weight and flow_loss_weight are both 0: nothing to train")
+        if self.fast_target_slots is not None and self.fast_target_slots <= 0:
+            raise ConfigError(f"fast_target_slots must be positive or None, got {self.fast_target_slots}")
         for name in ("action_horizon", "action_dim", "vocab_size", "max_token_len", "max_text_len", "num_flow_steps",
                      "flow_samples", "layer_chunks"):
             if getattr(self, name) <= 0:

@@ -228,7 +228,8 @@ class Pi05KI(nnx.Module):
     ) -> tuple[Float[Array, ""], Float[Array, ""]]:
         """Next-token CE on the targets: the output at prompt index j-1 predicts token j where token_loss_mask[j]."""
         table = self.backbone.embedder.input_embedding[...]
-        return losses.fast_cross_entropy(prompt_out, table, obs.tokenized_prompt, obs.token_loss_mask.astype(bool))
+        return losses.fast_cross_entropy(prompt_out, table, obs.tokenized_prompt, obs.token_loss_mask.astype(bool),
+                                         slots=self.config.fast_target_slots)
 
     @staticmethod
     def _flow_loss(

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float
 from tqdm import tqdm
 
+from ki_data.artifacts import DataArtifacts
 from ki_data.loader import LoaderConfig, ShardLoader
 from ki_data.manifest import Manifest
 from ki_model import checkpoint as ckpt
@@ -95,7 +96,7 @@ def model_config(preset: str, manifest: Manifest, *, explicit: dict[str, Any] | 
 def check_resume_config(saved: Pi05KIConfig, wanted: Pi05KIConfig) -> None:
     a, b = saved.to_dict(), wanted.to_dict()
     for key in a:
-        if a[key] != b[key]:
+        if a[key] != b[key] and key != "fast_target_slots":  # where logits are computed, not what is learned
             raise TrainError(f"cannot resume: the checkpoint's model has {key} = {a[key]!r}, this run asks {b[key]!r}")
 
 
@@ -282,6 +283,21 @@ def step_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 1)
 
 
+def check_fast_targets(batch: dict[str, np.ndarray], slots: int | None, shards: str) -> None:
+    """Refuses a batch with a row of more FAST targets than the model computes logits for (`fast_target_slots`,
+    from the manifest's summary): its loss would silently leave targets out."""
+    if slots is None:
+        return
+    counts = np.asarray(batch["token_loss_mask"], bool)[:, 1:].sum(axis=1)
+    if counts.max(initial=0) > slots:
+        i = int(np.argmax(counts))
+        raise TrainError(
+            f"{shards}: the row of episode {int(batch['episode_index'][i])}, frame {int(batch['frame_index'][i])} "
+            f"has {int(counts[i])} FAST targets (token_loss_mask), more than the {slots} its manifest's summary "
+            f"allows (fast_tokens_per_chunk max); the manifest does not describe these shards: preprocess again"
+        )
+
+
 def device_batch(
     batch: dict[str, np.ndarray], mesh: Mesh, action_dim: int | None = None
 ) -> tuple[Observation, Array, Array]:
@@ -327,7 +343,10 @@ def run_model_config(cfg: TrainConfig, manifest: Manifest) -> Pi05KIConfig:
     """The preset with the run's model options and the manifest's shapes; with `--init openpi:PATH` the checkpoint
     decides the architecture (also on resume, to match the saved one); `--init ki:DIR` must match this run's
     (checked when it is opened)."""
-    model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model.fields())
+    # The FAST cross-entropy's logits only where some row can have a target (every batch is checked against it).
+    slots = DataArtifacts.open(cfg.shards, manifest).max_fast_targets()
+    model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model.fields(),
+                             fast_target_slots=slots)
     if not cfg.init or is_ki_init(cfg.init):
         return model_cfg
     try:
@@ -574,7 +593,9 @@ def loop(run: Run, *, on_log: Callable[[dict[str, float]], None] | None = None) 
     clock = StepClock()
     for step in tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not cfg.progress,
                      desc="train"):
-        obs, actions, pad = device_batch(next(run.loader), run.mesh, run.model_config.action_dim)
+        batch = next(run.loader)
+        check_fast_targets(batch, run.model_config.fast_target_slots, cfg.shards)
+        obs, actions, pad = device_batch(batch, run.mesh, run.model_config.action_dim)
         run.state, metrics = run.step_fn(run.state, obs, actions, pad)
         pending.append(metrics)
         clock.tick(metrics)

@@ -26,7 +26,7 @@ from ki_model.pi05_ki import param_group
 PREFIXES = {"ki:": "all", "ki-backbone:": "backbone"}
 # Fields that change how a model trains, not the shapes or meaning of its weights.
 TRAINING_FIELDS = ("fast_loss_weight", "flow_loss_weight", "insulation", "flow_samples", "flow_target", "num_flow_steps",
-                   "remat", "dtype")
+                   "fast_target_slots", "remat", "dtype")
 
 
 def is_ki_init(spec: str | None) -> bool:

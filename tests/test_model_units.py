@@ -286,6 +286,37 @@ def test_chunked_fast_cross_entropy_equals_full_logits(vocab, chunk):
         assert float(loss_m) == pytest.approx(float(loss_c), rel=1e-6) and float(acc_m) == float(acc_c)
 
 
+def test_fast_cross_entropy_on_target_slots_equals_every_position():
+    """Logits at each row's first `slots` target positions only (ragged, non-contiguous targets; a row without any;
+    slots = the most targets of a row): the same loss, accuracy and gradients as at all positions."""
+    from ki_model import losses
+
+    rng = np.random.default_rng(1)
+    b, length, width, vocab = 4, 12, 8, 50
+    hidden = jnp.asarray(rng.normal(size=(b, length, width)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(vocab, width)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, vocab, (b, length)), jnp.int32)
+    mask = np.zeros((b, length), bool)
+    mask[0, 5:9] = True
+    mask[1, [2, 7, 11]] = True
+    mask[3, 1:6] = True  # row 2 has no target
+    tokens = tokens.at[0, 6].set(int(jnp.argmax(hidden[0, 5] @ table.T)))  # one predicted exactly
+    slots = int(mask[:, 1:].sum(1).max())
+    assert slots == 5 < length - 1
+
+    def ce(h, t, s):
+        return losses.fast_cross_entropy(h, t, tokens, jnp.asarray(mask), slots=s)
+
+    (l_all, a_all), g_all = jax.value_and_grad(ce, argnums=(0, 1), has_aux=True)(hidden, table, None)
+    (l_few, a_few), g_few = jax.value_and_grad(ce, argnums=(0, 1), has_aux=True)(hidden, table, slots)
+    assert float(a_all) > 0 and float(a_few) == float(a_all)
+    np.testing.assert_allclose(l_few, l_all, rtol=1e-6)
+    for gf, ga in zip(g_few, g_all):
+        np.testing.assert_allclose(gf, ga, rtol=1e-5, atol=1e-7)
+    # One slot fewer leaves a target of row 3 out: the loss differs (why training checks every batch).
+    assert abs(float(ce(hidden, table, slots - 1)[0]) - float(l_all)) > 1e-3
+
+
 def test_vocab_chunk_prefers_divisors():
     from ki_model.losses import vocab_chunk
 

@@ -276,6 +276,29 @@ def test_a_whole_update_is_insulated_through_the_optimizer(demo_shards, jax_cach
     assert sum("modulation" in p for p in differ) >= 4
 
 
+def test_fast_target_slots_come_from_the_manifest_and_bound_every_row(demo_shards):
+    """The run computes FAST logits at the manifest's bound on targets per row: no row of the shards has more, the
+    longest has exactly as many, and a batch with a row beyond it is refused, naming the row."""
+    import pyarrow.parquet as pq
+
+    from ki_data.artifacts import DataArtifacts
+    from ki_model.train import check_fast_targets, run_model_config
+
+    data = DataArtifacts.open(demo_shards)
+    slots = data.max_fast_targets()
+    assert run_model_config(tiny_config(demo_shards, "unused"), data.manifest).fast_target_slots == slots
+    counts = [np.asarray(m.to_pylist(), bool)[:, 1:].sum(1) for p in data.shard_paths()
+              for m in [pq.read_table(p, columns=["token_loss_mask"])["token_loss_mask"]]]
+    assert int(np.concatenate(counts).max()) == slots
+    batch = {"token_loss_mask": np.zeros((2, 64), bool), "episode_index": np.array([3, 4]),
+             "frame_index": np.array([7, 9])}
+    batch["token_loss_mask"][1, 10 : 10 + slots] = True
+    check_fast_targets(batch, slots, "shards")  # as many as the bound
+    batch["token_loss_mask"][1, 10 + slots] = True
+    with pytest.raises(TrainError, match=f"episode 4, frame 9 has {slots + 1} FAST targets.*more than the {slots}"):
+        check_fast_targets(batch, slots, "shards")
+
+
 def test_the_model_may_have_more_action_dimensions_than_the_data(demo_shards):
     from ki_data.manifest import Manifest
     from ki_model import train as T
