@@ -166,11 +166,12 @@ def measure_step_throughput(
     shards: str | Path, *, config: str = "tiny", batch_size: int = 32, steps: int = 10, fsdp_devices: int = 1, seed: int = 0
 ) -> dict[str, float]:
     """Samples/s the trainer's jitted step consumes (compile excluded), on one fixed batch from the shards."""
+    from ki_data.artifacts import DataArtifacts
     from ki_data.loader import LoaderConfig, ShardLoader
-    from ki_data.manifest import Manifest
     from ki_model import train as T
 
-    model_cfg = T.model_config(config, Manifest.load(shards))
+    data = DataArtifacts.open(shards)  # the FAST logits at the training run's slots, as the trainer computes them
+    model_cfg = T.model_config(config, data.manifest, fast_target_slots=data.max_fast_targets())
     with ShardLoader(shards, "train", LoaderConfig(batch_size=batch_size, seed=seed), process_index=0, process_count=1) as ld:
         batch = next(ld)
     return step_throughput(model_cfg, config, batch, steps=steps, fsdp_devices=fsdp_devices, seed=seed)
