@@ -1,8 +1,8 @@
 """`python -m pipelines.benchmark` runs end to end and writes well-formed JSON (no timing is asserted).
 
 The hidden --smoke mode shrinks everything (a 48x64 ALOHA-like dataset of 2 x 12 frames, 32 px shards, the tiny
-preset, one repeat, quick compiles) and the session's recorded demo dataset is passed with --repo-id/--root, so the
-command takes a minute or two.
+preset, one repeat, quick compiles) and the session's recorded demo dataset is passed with --repo-id/--root. It is
+still the longest test (484 s of a 28-min default run on 2 busy cores), so it runs with the slow ones (CI runs both).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from ki_bench.figures import REQUIRED_KEYS, TARGETS, figures_for
 from ki_bench.report import META_KEYS
@@ -30,6 +32,7 @@ def raw_pass2_ok(p2: dict) -> bool:
     return p2["peak_rss_mb_own"] >= p2["rss_at_start_mb"] > 0 and {"decode", "resize_encode", "write"} <= set(st)
 
 
+@pytest.mark.slow
 def test_benchmark_writes_every_figure_as_a_positive_number(demo_dataset, lerobot_home, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
