@@ -170,8 +170,7 @@ def measure_step_throughput(
     from ki_data.loader import LoaderConfig, ShardLoader
     from ki_model import train as T
 
-    data = DataArtifacts.open(shards)  # the FAST logits at the training run's slots, as the trainer computes them
-    model_cfg = T.model_config(config, data.manifest, fast_target_slots=data.max_fast_targets())
+    model_cfg = T.data_model_config(config, DataArtifacts.open(shards))  # the trainer's own FAST slots
     with ShardLoader(shards, "train", LoaderConfig(batch_size=batch_size, seed=seed), process_index=0, process_count=1) as ld:
         batch = next(ld)
     return step_throughput(model_cfg, config, batch, steps=steps, fsdp_devices=fsdp_devices, seed=seed)

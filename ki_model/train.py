@@ -93,6 +93,12 @@ def model_config(preset: str, manifest: Manifest, *, explicit: dict[str, Any] | 
         raise TrainError(str(e)) from None
 
 
+def data_model_config(preset: str, data: DataArtifacts, **kw: Any) -> Pi05KIConfig:
+    """`model_config` for these shards, with the FAST cross-entropy's logits only where some row can have a target
+    (`fast_target_slots` from the manifest's summary; the trainer checks every batch against it)."""
+    return model_config(preset, data.manifest, fast_target_slots=data.max_fast_targets(), **kw)
+
+
 def check_resume_config(saved: Pi05KIConfig, wanted: Pi05KIConfig) -> None:
     a, b = saved.to_dict(), wanted.to_dict()
     for key in a:
@@ -343,10 +349,8 @@ def run_model_config(cfg: TrainConfig, manifest: Manifest) -> Pi05KIConfig:
     """The preset with the run's model options and the manifest's shapes; with `--init openpi:PATH` the checkpoint
     decides the architecture (also on resume, to match the saved one); `--init ki:DIR` must match this run's
     (checked when it is opened)."""
-    # The FAST cross-entropy's logits only where some row can have a target (every batch is checked against it).
-    slots = DataArtifacts.open(cfg.shards, manifest).max_fast_targets()
-    model_cfg = model_config(cfg.config, manifest, explicit=cfg.explicit(), **cfg.model.fields(),
-                             fast_target_slots=slots)
+    model_cfg = data_model_config(cfg.config, DataArtifacts.open(cfg.shards, manifest), explicit=cfg.explicit(),
+                                  **cfg.model.fields())
     if not cfg.init or is_ki_init(cfg.init):
         return model_cfg
     try:

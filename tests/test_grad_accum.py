@@ -24,6 +24,7 @@ def _step(cfg, opt, state, batch, grad_accum):
     return jax.jit(fn)(state, batch.obs, batch.actions, batch.action_is_pad)
 
 
+@pytest.mark.slow  # 48 s: two whole compiled train steps
 def test_accumulated_step_equals_one_step_on_the_whole_batch():
     toks = synthetic_tokenizers(H, D)
     cfg = Pi05KIConfig.tiny(action_horizon=H, action_dim=D, vocab_size=toks.vocab_size, max_token_len=40,

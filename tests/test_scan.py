@@ -79,6 +79,7 @@ def test_scanned_model_equals_a_per_layer_loop(setup, monkeypatch, remat):
     np.testing.assert_allclose(scanned[2], looped[2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 80 s for the three
 @pytest.mark.parametrize("remat", ["none", "nothing_saveable", "dots"])
 def test_layer_chunks_equal_the_whole_batch(remat):
     """layer_chunks: every layer run on strided chunks of the batch in turn gives the same losses, gradients and

@@ -169,6 +169,7 @@ print(json.dumps({"rc": rc, "wandb": sorted(m for m in sys.modules if m.split(".
 """
 
 
+@pytest.mark.slow  # 25 s: a whole training run in a subprocess
 def test_a_run_without_the_flag_imports_nothing_of_wandb(demo_shards, tmp_path, tmp_path_factory):
     out = tmp_path / "ckpt"
     proc = subprocess.run([sys.executable, "-c", NO_WANDB, str(demo_shards), str(out),

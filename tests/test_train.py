@@ -211,6 +211,7 @@ FOUR_DEVICES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 48 s: four XLA host devices in a subprocess
 def test_step_on_four_simulated_devices_matches_one_device(demo_shards, jax_cache, tmp_path):
     out = tmp_path / "four.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
@@ -232,7 +233,8 @@ def test_init_from_a_missing_paligemma_checkpoint_is_refused_before_writing(demo
     assert not out.exists()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"remat": "nothing_saveable", "layer_chunks": 4}], ids=["plain", "chunked"])
+@pytest.mark.parametrize("overrides", [{}, pytest.param({"remat": "nothing_saveable", "layer_chunks": 4}, marks=pytest.mark.slow)],
+                         ids=["plain", "chunked"])
 def test_a_whole_update_is_insulated_through_the_optimizer(demo_shards, jax_cache, overrides):
     """docs/DESIGN.md §5 property 1 for the whole step: with clipping active, two steps from one state and one batch that
     differ only in the flow noise/time draw (the step seed) leave every backbone weight bit-identical (also with each

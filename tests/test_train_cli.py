@@ -251,6 +251,7 @@ def test_demo_sh_trains_on_the_shards_it_makes_and_evaluates_what_it_trains():
     assert RECIPES["demo-stage2"].checkpoint_dir == f"{out}/checkpoint"
 
 
+@pytest.mark.slow  # 23 s: every run of the script, dry
 def test_ki_compare_sh_runs_are_the_recipes_with_one_change_each(tmp_path):
     commands = record_train_commands(REPO, "ki_compare.sh", tmp_path / "w", {"COMPARE_SEEDS": "1"})
     got = [_recipe_and_changes(c) for c in commands]
