@@ -68,6 +68,10 @@ FLOW_TARGETS = ("velocity", "clean")
 # "dots": also the weight matmuls' outputs (not the attention logits), less recomputation.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots")
 
+# Fields that decide where a step computes, not what it learns (fast_target_slots: which positions get FAST logits):
+# a run resumes, or starts from a checkpoint, whatever their saved values.
+COMPUTE_ONLY_FIELDS = ("fast_target_slots",)
+
 
 # LoRA (ki_model.lora): the parts that can get it and openpi's ranks (π0 LoRA: rank 16 on the 2B backbone, 32 on
 # the 300M expert).

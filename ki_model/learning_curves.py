@@ -202,6 +202,7 @@ def plot_runs(runs: list[Run], path: str | Path) -> None:
     for ax in (*axes[0], axes[1, 0], axes[1, 1]):
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
+    axes[0, 3].set_xlabel("step (a stage-2 run's counted on from its stage 1's last)", fontsize=8)
     axes[0, 0].legend(fontsize=8)
     _final_bars(axes[1, 2], runs)
     fig.tight_layout()

@@ -144,7 +144,13 @@ class Pi05KI(nnx.Module):
         """Action tokens (a linear map of the noisy actions, plus each chunk step's row with config.action_positions)
         and the adaRMS conditioning from the flow time: one time per group of consecutive tokens (g = 1 at inference;
         g = K action blocks of a K-sample training pass)."""
-        width = self.config.expert.width
+        c = self.config
+        if x_t.shape[1:] != (time.shape[1] * c.action_horizon, c.action_dim):  # whole chunks, one time each
+            raise ObservationShapeError(
+                f"noisy actions {x_t.shape} with {time.shape[1]} flow time(s) per row: expected "
+                f"[batch, {time.shape[1]} x horizon {c.action_horizon}, dim {c.action_dim}]"
+            )
+        width = c.expert.width
         tokens = self.action_in_proj(x_t, self.dtype)
         if self.action_positions is not None:  # n = K blocks of the horizon's steps
             steps = self.action_positions[...].astype(tokens.dtype)

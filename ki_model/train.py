@@ -34,7 +34,7 @@ from ki_data.manifest import Manifest
 from ki_model import checkpoint as ckpt
 from ki_model.checkpoint import CheckpointError
 from ki_model.compile import compiler_options
-from ki_model.config import ConfigError, Pi05KIConfig
+from ki_model.config import COMPUTE_ONLY_FIELDS, ConfigError, Pi05KIConfig
 from ki_model.lora import join_frozen, split_frozen
 from ki_model.observation import Observation, pad_action_dim
 from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
@@ -102,7 +102,7 @@ def data_model_config(preset: str, data: DataArtifacts, **kw: Any) -> Pi05KIConf
 def check_resume_config(saved: Pi05KIConfig, wanted: Pi05KIConfig) -> None:
     a, b = saved.to_dict(), wanted.to_dict()
     for key in a:
-        if a[key] != b[key] and key != "fast_target_slots":  # where logits are computed, not what is learned
+        if a[key] != b[key] and key not in COMPUTE_ONLY_FIELDS:
             raise TrainError(f"cannot resume: the checkpoint's model has {key} = {a[key]!r}, this run asks {b[key]!r}")
 
 

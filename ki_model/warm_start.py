@@ -20,13 +20,13 @@ import jax
 
 from ki_model import checkpoint as ckpt
 from ki_model.checkpoint import CheckpointError
-from ki_model.config import Pi05KIConfig
+from ki_model.config import COMPUTE_ONLY_FIELDS, Pi05KIConfig
 from ki_model.pi05_ki import param_group
 
 PREFIXES = {"ki:": "all", "ki-backbone:": "backbone"}
 # Fields that change how a model trains, not the shapes or meaning of its weights.
 TRAINING_FIELDS = ("fast_loss_weight", "flow_loss_weight", "insulation", "flow_samples", "flow_target", "num_flow_steps",
-                   "fast_target_slots", "remat", "dtype")
+                   "remat", "dtype", *COMPUTE_ONLY_FIELDS)
 
 
 def is_ki_init(spec: str | None) -> bool:

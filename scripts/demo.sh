@@ -33,14 +33,16 @@ $py -m pipelines.preprocess "$repo_id" --output "$out/shards" --image-size 32 --
 $py -m pipelines.train --recipe demo-stage1 --seed "$seed" ${DEMO_STAGE1_STEPS:+--steps "$DEMO_STAGE1_STEPS"}
 # Stage 2: from stage 1's vision and backbone, a fresh action expert; insulation on (the default).
 $py -m pipelines.train --recipe demo-stage2 --seed "$seed" ${DEMO_STEPS:+--steps "$DEMO_STEPS"}
-$py -m pipelines.evaluate --checkpoint "$out/checkpoint" --shards "$out/shards" --output "$out/eval" \
-  --batches 10 --batch-size 32 --shuffle --flow-samples 8
-$py -m pipelines.rollout --checkpoint "$out/checkpoint" --episodes 20 --output "$out/rollout" --head flow
-$py -m pipelines.rollout --checkpoint "$out/checkpoint" --episodes 20 --output "$out/rollout_fast" --head fast \
-  --video-episodes 0
+# The evaluation and both rollouts go inside the checkpoint (the tools' default), where pipelines.compare_runs and
+# scripts/ki_compare.sh read every run's.
+ckpt="$out/checkpoint"
+$py -m pipelines.evaluate --checkpoint "$ckpt" --shards "$out/shards" --batches 10 --batch-size 32 --shuffle \
+  --flow-samples 8
+$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head flow
+$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head fast --video-episodes 0
 echo
 echo "shards:      $out/shards"
 echo "checkpoints: $out/stage1 (FAST only), $out/checkpoint (KI; metrics.jsonl inside)"
-echo "eval:        $out/eval/eval_report.json, eval_plot.png"
-echo "closed loop: $out/rollout/ (flow head: report, plot, GIF), $out/rollout_fast/ (FAST head)"
+echo "eval:        $ckpt/eval/eval_report.json, eval_plot.png"
+echo "closed loop: $ckpt/rollout/ (flow head: report, plot, GIF), $ckpt/rollout_fast/ (FAST head)"
 echo "logs:        $out/logs/"

@@ -86,16 +86,22 @@ def forward(p: dict, table: jax.Array, bins: jax.Array, x_t: jax.Array, t: jax.A
     return rms(x[:, -h:]) @ p["out"]
 
 
+def check_rollout_state(data: DataArtifacts) -> None:
+    """--rollout rebuilds the network's state from the simulator: the agent's x, y, then the block's pose."""
+    from ki_sim import pusht
+
+    if list(data.manifest.state_keys) != [pusht.STATE_KEY, pusht.ENV_STATE_KEY]:
+        raise SystemExit(f"--rollout needs shards whose state is {pusht.STATE_KEY} + {pusht.ENV_STATE_KEY} "
+                         f"(preprocess --state-keys); these hold {' + '.join(data.manifest.state_keys)}")
+
+
 def closed_loop(data: DataArtifacts, chunk_of, episodes: int = 20) -> None:
     """Drives gym-pusht with chunk_of(raw state [s]) -> absolute chunk [h, 2], as pipelines.rollout drives a
     checkpoint (same initial states, episode limit and replanning), and prints the policy's and the expert's rows."""
     from ki_sim import pusht
     from ki_sim.rollout import Expert, format_table, recording_info, relative_to_expert, run_episode, summarize
 
-    # The network reads the state as these shards hold it: the agent's x, y, then the block's pose.
-    if list(data.manifest.state_keys) != [pusht.STATE_KEY, pusht.ENV_STATE_KEY]:
-        raise SystemExit(f"--rollout needs shards whose state is {pusht.STATE_KEY} + {pusht.ENV_STATE_KEY} "
-                         f"(preprocess --state-keys); these hold {' + '.join(data.manifest.state_keys)}")
+    check_rollout_state(data)
     recording = recording_info(data.manifest) or {}
     max_steps, replan = recording.get("max_steps", 150), data.manifest.action_horizon // 2
 
@@ -136,6 +142,8 @@ def main() -> None:
     ap.add_argument("--rollout", action="store_true", help="then drive gym-pusht with the trained network")
     a = ap.parse_args()
     data = DataArtifacts.open(a.shards)
+    if a.rollout:  # refused before training, not after
+        check_rollout_state(data)
     (s_tr, y_tr), (s_va, y_va) = load(data, "train"), load(data, "val")
     horizon, dim = y_tr.shape[1:]
     rng = np.random.default_rng(a.seed)

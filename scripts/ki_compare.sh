@@ -30,16 +30,9 @@ closed_loop() {  # evaluation and both heads' rollouts of one run
 }
 train() { $py -m pipelines.train "$@" | sed '/^step /d'; }  # the validation lines stay
 
-# (a) is the demo's run; its stage 1 (the recipe demo-stage2's --init) also starts (b). scripts/demo.sh wrote its
-# evaluation and rollouts beside its checkpoint, with the same options as closed_loop: compare_runs reads them inside.
-if [ ! -d "$demo/checkpoint/rollout_fast" ]; then
-  if [ -f "$demo/eval/eval_report.json" ] && [ -f "$demo/rollout/rollout_report.json" ] \
-    && [ -f "$demo/rollout_fast/rollout_report.json" ]; then
-    cp -r "$demo/eval" "$demo/rollout" "$demo/rollout_fast" "$demo/checkpoint/"
-  else
-    closed_loop "$demo/checkpoint"
-  fi
-fi
+# (a) is the demo's run (scripts/demo.sh evaluated it inside its checkpoint, as closed_loop does); its stage 1 (the
+# recipe demo-stage2's --init) also starts (b).
+[ -d "$demo/checkpoint/rollout_fast" ] || closed_loop "$demo/checkpoint"
 train --recipe demo-stage2 --checkpoint-dir "$out/b_stage1_off" --steps "$stage2" --insulation off --seed 0
 closed_loop "$out/b_stage1_off"
 train --recipe demo-scratch --checkpoint-dir "$out/c_scratch_off" --steps "$total" --insulation off --seed 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ki_model import Pi05KIConfig, losses, param_group, reference
+from ki_model import ObservationShapeError, Pi05KIConfig, losses, param_group, reference
 from ki_model.config import ConfigError
 from ki_bench.synthetic import perturb_params, synthetic_batch, synthetic_tokenizers
 
@@ -140,3 +140,16 @@ def test_action_positions_tell_the_chunk_steps_apart(setup):
     model = dataclasses.replace(cfg, action_positions=True).create(nnx.Rngs(0))
     (shape,) = [v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[0] == "action_positions"]
     assert shape == (H, cfg.expert.width) and param_group(("action_positions",)) == "action_expert"
+
+
+def test_noisy_actions_that_are_not_whole_chunks_are_refused(setup):
+    """The action tokens are K whole chunks, one flow time each: a partial chunk, or a count of chunks that is not the
+    count of times, is refused by name (with action_positions the step rows would otherwise be tiled short)."""
+    cfg, batch, noise, time = setup
+    model = dataclasses.replace(cfg, action_positions=True).create(nnx.Rngs(0))
+    tokens, cond = model.embed_actions(jnp.concatenate([noise, noise], 1), jnp.stack([time, time], 1))
+    assert tokens.shape == (len(time), 2 * H, cfg.expert.width) and cond.shape == (len(time), 2, cfg.expert.width)
+    with pytest.raises(ObservationShapeError, match=rf"noisy actions \(\d+, {H - 1}, \d+\) with 1 flow time"):
+        model.embed_actions(noise[:, 1:], time[:, None])
+    with pytest.raises(ObservationShapeError, match=rf"expected \[batch, 1 x horizon {H}"):
+        model.embed_actions(jnp.concatenate([noise, noise], 1), time[:, None])

@@ -246,7 +246,12 @@ def test_demo_sh_trains_the_two_demo_recipes(tmp_path):
 def test_demo_sh_trains_on_the_shards_it_makes_and_evaluates_what_it_trains():
     script = (REPO / "scripts" / "demo.sh").read_text()
     out = re.search(r"^out=(\S+)$", script, flags=re.M).group(1)
-    assert '--output "$out/shards"' in script and '--checkpoint "$out/checkpoint"' in script
+    assert '--output "$out/shards"' in script and 'ckpt="$out/checkpoint"' in script
+    # The evaluation and both rollouts read the checkpoint stage 2 wrote and land inside it (their default output),
+    # where scripts/ki_compare.sh and pipelines.compare_runs look for every run's.
+    tools = re.findall(r"^\$py -m pipelines\.(evaluate|rollout) (.*?(?:\\\n.*)*)$", script, flags=re.M)
+    assert [t for t, _ in tools] == ["evaluate", "rollout", "rollout"]
+    assert all('--checkpoint "$ckpt"' in args and "--output" not in args for _, args in tools)
     assert RECIPES["demo-stage1"].shards == RECIPES["demo-stage2"].shards == f"{out}/shards"
     assert RECIPES["demo-stage2"].checkpoint_dir == f"{out}/checkpoint"
 
