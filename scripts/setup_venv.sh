@@ -34,6 +34,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # uv (from the registry) installs the same versions as pip, several times faster: it downloads torch and its CUDA
   # libraries in parallel (a fresh .venv here: 57 s against pip's 5:21, each beside a training run). uv does not read
   # pip's configuration, so where uv cannot be installed or cannot install from its index, pip does it all.
+  # --compile-bytecode: uv, unlike pip, leaves the .py files uncompiled, and where PYTHONDONTWRITEBYTECODE is set (as
+  # on this project's machines) every process would compile what it imports again (torch, lerobot, jax: ~7 s each).
   install_with() {
     "$@" -e '.[test]' &&
     # openpi's client, unmodified, for tests/test_serve.py: without its numpy<2 pin (see pyproject.toml)
@@ -41,7 +43,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   }
   {
     { .venv/bin/python -m pip install -q uv &&
-      install_with .venv/bin/python -m uv pip install -q --python .venv/bin/python; } ||
+      install_with .venv/bin/python -m uv pip install -q --compile-bytecode --python .venv/bin/python; } ||
     { echo "uv could not install; installing with pip"; install_with .venv/bin/python -m pip install -q; }
   } > "$log" 2>&1 || { tail -n 40 "$log" >&2; echo "error: the install failed (whole log: $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
