@@ -22,16 +22,16 @@ mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 [ -f "$demo/checkpoint/metrics.jsonl" ] || { echo "error: run ./scripts/demo.sh first" >&2; exit 1; }
 
-closed_loop() {  # evaluation and both heads' rollouts of one run
-  $py -m pipelines.evaluate --checkpoint "$1" --shards "$demo/shards" --output "$1/eval" --batches 10 --batch-size 32 \
-    --shuffle --flow-samples 8 > "$1.evaluate.txt"
-  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --output "$1/rollout" --head flow --video-episodes 0
-  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --output "$1/rollout_fast" --head fast --video-episodes 0
+closed_loop() {  # evaluation and both heads' rollouts of one run, inside it (the tools' default, as scripts/demo.sh)
+  $py -m pipelines.evaluate --checkpoint "$1" --shards "$demo/shards" --batches 10 --batch-size 32 --shuffle \
+    --flow-samples 8 > "$1.evaluate.txt"
+  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head flow --video-episodes 0
+  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head fast --video-episodes 0
 }
 train() { $py -m pipelines.train "$@" | sed '/^step /d'; }  # the validation lines stay
 
-# (a) is the demo's run (scripts/demo.sh evaluated it inside its checkpoint, as closed_loop does); its stage 1 (the
-# recipe demo-stage2's --init) also starts (b).
+# (a) is the demo's run (scripts/demo.sh evaluated it as closed_loop does); its stage 1 (the recipe demo-stage2's
+# --init) also starts (b).
 [ -d "$demo/checkpoint/rollout_fast" ] || closed_loop "$demo/checkpoint"
 train --recipe demo-stage2 --checkpoint-dir "$out/b_stage1_off" --steps "$stage2" --insulation off --seed 0
 closed_loop "$out/b_stage1_off"
@@ -60,8 +60,8 @@ if [ "${HARDER:-1}" = 1 ]; then
   $py -m pipelines.preprocess ki/pusht_planner --output "$hard/shards" --image-size 64 --action-horizon 16 \
     --max-token-len 64 --max-text-len 40 --prompt-layout fast --image-format png --workers 2 --overwrite --no-progress
   train --recipe harder --steps "$total" --seed 0  # its shards and checkpoint: $hard/shards, $hard/checkpoint
-  $py -m pipelines.evaluate --checkpoint "$hard/checkpoint" --shards "$hard/shards" --output "$hard/checkpoint/eval" \
-    --batches 10 --batch-size 32 --shuffle --flow-samples 8 > "$hard/evaluate.txt"
-  $py -m pipelines.rollout --checkpoint "$hard/checkpoint" --episodes 20 --output "$hard/checkpoint/rollout" \
-    --head flow --video-episodes 0 | tee "$hard/rollout.txt"
+  $py -m pipelines.evaluate --checkpoint "$hard/checkpoint" --shards "$hard/shards" --batches 10 --batch-size 32 \
+    --shuffle --flow-samples 8 > "$hard/evaluate.txt"
+  $py -m pipelines.rollout --checkpoint "$hard/checkpoint" --episodes 20 --head flow --video-episodes 0 \
+    | tee "$hard/rollout.txt"
 fi
