@@ -37,9 +37,10 @@ _DEMO_STAGE1 = dataclasses.replace(
     number_embeddings=True,
 )
 # Stage 2: stage 1's vision and backbone, a fresh action expert; insulation on (the default). The expert's output is
-# the clean chunk (flow_target "clean"): the same flow, learned from fewer rows (README, flow_vs_regression).
+# the clean chunk (flow_target "clean"): the same flow, learned from fewer rows (docs/demo_random_start.md). 2000
+# steps: at 1000 the flow head closed half as much in closed loop (README, the demo).
 _DEMO_STAGE2 = dataclasses.replace(
-    _DEMO, checkpoint_dir="runs/demo/checkpoint", steps=1_000, init="ki-backbone:runs/demo/stage1",
+    _DEMO, checkpoint_dir="runs/demo/checkpoint", steps=2_000, init="ki-backbone:runs/demo/stage1",
     model=ModelOptions(flow_target="clean"),
 )
 

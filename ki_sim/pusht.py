@@ -35,6 +35,12 @@ EVAL_SEED_BASE = 2**40
 
 # Where the agent's center may go (walls at 5 and 506, agent radius 15).
 ARENA_LO, ARENA_HI = 22.0, 490.0
+# Initial states. "random": gym-pusht's (agent and block uniform, the block's angle too). "behind": the same block,
+# the agent moved to the far side of the block from the goal, on the line through the block's center of mass and the
+# goal's, BEHIND_DISTANCE px from the block's (clipped to the arena): where the line expert pushes from, so an
+# episode is pushing, with no walk around the block first.
+STARTS = ("random", "behind")
+BEHIND_DISTANCE = 100.0  # the line expert's circling radius: the T reaches 77 px from its center, the agent 15
 # The T's center of mass in its body frame: the mean of its two boxes' centroids (0, 15) and (0, 75), as gym-pusht sets.
 T_CENTER_OF_MASS = (0.0, 45.0)
 
@@ -44,6 +50,29 @@ def check_seed_range(seed: int, episodes: int) -> None:
         raise ValueError(f"seed must be in [0, {MAX_SEED}), got {seed}")
     if not 0 < episodes <= SEED_STRIDE:
         raise ValueError(f"episodes must be in [1, {SEED_STRIDE}], got {episodes}")
+
+
+def check_start(start: str) -> None:
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+
+
+def reset(env, seed: int, start: str = "random") -> dict:
+    """env.reset(seed=seed), then the `start`'s placement of the agent (STARTS); the first observation."""
+    check_start(start)
+    obs, _ = env.reset(seed=seed)
+    if start == "behind":
+        u = env.unwrapped
+        center, goal = block_center(env), goal_center(env)
+        away = center - goal
+        n = away / max(float(np.linalg.norm(away)), 1e-6)
+        agent = np.clip(center + BEHIND_DISTANCE * n, ARENA_LO, ARENA_HI)
+        # As gym-pusht's own reset places it: set the kinematic agent, one physics step, observe. (Its reset_to_state
+        # option cannot express "the same block": setting the angle after the position moves the block.)
+        u.agent.position = (float(agent[0]), float(agent[1]))
+        u.space.step(u.dt)
+        obs = u.get_obs()
+    return obs
 
 
 def recording_reset_seed(seed: int, episode: int) -> int:

@@ -24,6 +24,7 @@ from ki_sim.pusht import (
     PUSHT_TASK,
     RECORDING_FILE,
     STATE_KEY,
+    STARTS,
     block_goal_distance,
     check_seed_range,
     coverage,
@@ -31,6 +32,7 @@ from ki_sim.pusht import (
     make_env,
     pusht_features,
     recording_reset_seed,
+    reset,
 )
 
 
@@ -54,6 +56,7 @@ class DemoConfig:
     image_storage: str = "video"  # or "image" (PNG frames in the parquet files)
     image_size: int = 96
     expert: str = "line"  # ki_sim.experts.EXPERTS: "line" (the demo's) or "planner" (the harder configuration)
+    start: str = "random"  # initial states (ki_sim.pusht.STARTS): gym-pusht's, or the agent behind the block
     # px: Gaussian noise added to the action the simulator executes, never to the one recorded (DART): the recording
     # then visits states off the expert's own path, labelled with what the expert does there (how it recovers).
     perturb: float = 0.0
@@ -66,6 +69,8 @@ class DemoConfig:
         if self.expert not in EXPERTS:
             raise ValueError(f"unknown expert {self.expert!r}; known: {sorted(EXPERTS)}")
         check_seed_range(self.seed, self.episodes)
+        if self.start not in STARTS:
+            raise ValueError(f"unknown start {self.start!r}; known: {list(STARTS)}")
         if self.perturb < 0:
             raise ValueError(f"perturb must be >= 0 px, got {self.perturb}")
         if self.after_done is not None and self.after_done < 0:
@@ -102,11 +107,13 @@ class DemoSummary:
 
 
 def run_episode(env, seed: int, policy_seed: tuple[int, int], max_steps: int, on_step=None,
-                expert: str = "line", perturb: float = 0.0, after_done: int | None = None) -> EpisodeRecord:
+                expert: str = "line", perturb: float = 0.0, after_done: int | None = None,
+                start: str = "random") -> EpisodeRecord:
     """One scripted episode. on_step(image, state, environment_state, action, reward, success) is called for every
     frame with the expert's action; the simulator executes it plus N(0, perturb^2) px noise. With `after_done` the
-    episode ends that many steps after the expert is first done (an expert without `is_done` never is)."""
-    obs, _ = env.reset(seed=seed)
+    episode ends that many steps after the expert is first done (an expert without `is_done` never is). `start` places
+    the agent (ki_sim.pusht.STARTS)."""
+    obs = reset(env, seed, start)
     policy = EXPERTS[expert](np.random.default_rng(policy_seed))
     shake = np.random.default_rng((*policy_seed, 1))  # its own stream: perturb 0 records what it recorded before
     start_cov, start_dist = coverage(env), block_goal_distance(env)
@@ -161,7 +168,7 @@ def _simulate(job: tuple[DemoConfig, int, int]) -> tuple[EpisodeRecord, list[tup
     frames: list[tuple] = []
     record = run_episode(_WORKER_ENV, seed=seed, policy_seed=(cfg.seed, episode), max_steps=cfg.max_steps,
                          on_step=lambda *frame: frames.append(frame), expert=cfg.expert, perturb=cfg.perturb,
-                         after_done=cfg.after_done)
+                         after_done=cfg.after_done, start=cfg.start)
     return record, frames
 
 
@@ -235,6 +242,6 @@ def record_demo_dataset(cfg: DemoConfig, progress: bool = True) -> DemoSummary:
             dataset.finalize()
     _remove_empty_dirs(root / "images")  # lerobot's emptied staging folders
     recording = {"reset_seeds": seeds, "max_steps": cfg.max_steps, "image_size": cfg.image_size, "task": PUSHT_TASK,
-                 "expert": cfg.expert, "perturb": cfg.perturb, "after_done": cfg.after_done}
+                 "expert": cfg.expert, "perturb": cfg.perturb, "after_done": cfg.after_done, "start": cfg.start}
     (root / RECORDING_FILE).write_text(json.dumps(recording, indent=2) + "\n")
     return DemoSummary(root=root, repo_id=cfg.repo_id, episodes=records, seconds=time.perf_counter() - t0)

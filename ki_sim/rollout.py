@@ -64,6 +64,7 @@ class RolloutConfig:
     head: str = "flow"  # the policy's: "flow" (action expert) or "fast" (the backbone's FAST tokens)
     delay: int = 0  # the policy's latency in control steps (module docstring); at most replan
     rtc: bool = False  # real-time chunking: the flow continues the chunk being executed (flow head only)
+    start: str | None = None  # initial states (ki_sim.pusht.STARTS); None: the recording's (its sidecar), else random
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -82,6 +83,8 @@ class RolloutConfig:
         if unknown:
             raise RolloutError(f"unknown controllers {unknown}; known: {list(CONTROLLERS)}")
         pusht.check_seed_range(self.seed, self.episodes)
+        if self.start is not None and self.start not in pusht.STARTS:
+            raise RolloutError(f"start must be one of {pusht.STARTS}, got {self.start!r}")
 
 
 @dataclasses.dataclass
@@ -219,9 +222,11 @@ def run_episode(
     episode: int,
     max_steps: int,
     on_frame: Callable[[UInt8[np.ndarray, "s s 3"], float], None] | None = None,
+    start: str = "random",
 ) -> EpisodeResult:
-    """One episode from env.reset(seed=reset_seed); on_frame(image, coverage) sees the first and every later frame."""
-    obs, _ = env.reset(seed=reset_seed)
+    """One episode from pusht.reset(env, reset_seed, start); on_frame(image, coverage) sees the first and every later
+    frame."""
+    obs = pusht.reset(env, reset_seed, start)
     cov0, dist0 = pusht.coverage(env), pusht.block_goal_distance(env)
     controller.reset(episode)
     if on_frame is not None:
@@ -284,14 +289,14 @@ def relative_to_expert(report: dict[str, dict[str, Any]]) -> None:
         r["distance_closed_vs_expert"] = r["mean_distance_closed"] / closed if closed else None
 
 
-def initial_state(env: Any, reset_seed: int) -> tuple[float, ...]:
-    """(agent x, y, block x, y, angle) after env.reset(seed)."""
-    env.reset(seed=reset_seed)
+def initial_state(env: Any, reset_seed: int, start: str = "random") -> tuple[float, ...]:
+    """(agent x, y, block x, y, angle) after pusht.reset(env, reset_seed, start)."""
+    pusht.reset(env, reset_seed, start)
     u = env.unwrapped
     return (*map(float, u.agent.position), *map(float, u.block.position), float(u.block.angle))
 
 
-def check_disjoint(env: Any, eval_seeds: list[int], recording: dict[str, Any] | None) -> str:
+def check_disjoint(env: Any, eval_seeds: list[int], recording: dict[str, Any] | None, start: str = "random") -> str:
     """How the evaluation initial states are known to be unseen; raises when a recorded one comes back."""
     note = (
         f"by construction: recording reset seeds are seed * {pusht.SEED_STRIDE} + episode < "
@@ -304,8 +309,8 @@ def check_disjoint(env: Any, eval_seeds: list[int], recording: dict[str, Any] | 
     shared = sorted(set(recorded) & set(eval_seeds))
     if shared:
         raise RolloutError(f"evaluation reset seeds {shared[:5]} were used to record the demo dataset")
-    states = {initial_state(env, s) for s in recorded}
-    repeated = [s for s in eval_seeds if initial_state(env, s) in states]
+    states = {initial_state(env, s, recording.get("start", "random")) for s in recorded}
+    repeated = [s for s in eval_seeds if initial_state(env, s, start) in states]
     if repeated:
         raise RolloutError(f"evaluation seeds {repeated[:5]} give initial states of recorded episodes")
     return note + f"; checked against the {len(recorded)} recorded episodes' seeds and initial states"
@@ -360,13 +365,14 @@ def run_rollout(
         raise RolloutError(f"replan {replan} exceeds the policy's horizon {horizon}")
     policy_controller = PolicyController(policy, replan, cfg.head, cfg.delay, cfg.rtc)
     max_steps = cfg.max_steps or (recording or {}).get("max_steps") or DemoConfig.max_steps
+    start = cfg.start or (recording or {}).get("start", "random")
     image_size = source_image_size(manifest, recording)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     env = pusht.make_env(image_size, max_steps=max_steps)
     seeds = [pusht.evaluation_reset_seed(cfg.seed, i) for i in range(cfg.episodes)]
-    disjoint = check_disjoint(env, seeds, recording)
+    disjoint = check_disjoint(env, seeds, recording, start)
     controllers: dict[str, Controller] = {
         "policy": policy_controller,
         "expert": Expert(cfg.seed, (recording or {}).get("expert", "planner")),
@@ -381,7 +387,7 @@ def run_rollout(
                 frames: list[tuple[np.ndarray, float]] = []
                 keep = i < cfg.video_episodes and name != "hold_still"
                 on_frame = (lambda img, c, f=frames: f.append((img, c))) if keep else None
-                results[name].append(run_episode(env, controllers[name], seed, i, max_steps, on_frame))
+                results[name].append(run_episode(env, controllers[name], seed, i, max_steps, on_frame, start))
                 if keep:
                     videos[name].append(frames)
                 bar.set_postfix_str(f"{name} ep {i}: max coverage {results[name][-1].max_coverage:.2f}")
@@ -399,6 +405,7 @@ def run_rollout(
         "replan": replan,
         "horizon": horizon,
         "max_steps": max_steps,
+        "start": start,
         "image_size": image_size,
         "head": cfg.head,
         "delay": cfg.delay,

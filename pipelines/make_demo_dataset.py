@@ -2,6 +2,7 @@
 
     python -m pipelines.make_demo_dataset [--repo-id ki/pusht_demo] [--root DIR] [--episodes 20] [--seed 0]
                                           [--expert line|planner]
+                                          [--start random|behind] [--perturb PX] [--after-done N]
 
 Lands under $HF_LEROBOT_HOME/<repo_id> (unless --root) so `python -m pipelines.preprocess <repo_id>` finds it offline.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from ki_data.console import library_output_to, log_file
 from ki_data.lerobot_source import lerobot_home
 from ki_sim.experts import EXPERTS
-from ki_sim.pusht import DEFAULT_REPO_ID, RECORDING_FILE, recording_reset_seed
+from ki_sim.pusht import DEFAULT_REPO_ID, RECORDING_FILE, STARTS, recording_reset_seed
 from ki_sim.record import DemoConfig, record_demo_dataset
 
 
@@ -35,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
                    help="line: push the block's center straight to the goal's, circling the block counter-clockwise "
                         "(a function of the observation; the demo's); planner: the greedy contact planner with "
                         "random push lengths (the harder configuration) (default: %(default)s)")
+    p.add_argument("--start", choices=STARTS, default="random",
+                   help="initial states: random (gym-pusht's: agent and block anywhere) or behind (the same block, the "
+                        "agent behind it on the line from the goal through its center, where the line expert pushes "
+                        "from: every episode is pushing) (default: %(default)s)")
     p.add_argument("--perturb", type=float, default=0.0, metavar="PX",
                    help="Gaussian noise (px) added to each action the simulator executes but not to the recorded one, "
                         "so the recording shows the expert recovering from states off its own path (default: 0)")
@@ -52,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
         p.error("--overwrite and --skip-existing exclude each other")
     cfg = DemoConfig(repo_id=a.repo_id, root=a.root, episodes=a.episodes, seed=a.seed, max_steps=a.max_steps,
                      image_storage=a.image_storage, image_size=a.image_size, expert=a.expert,
-                     perturb=a.perturb, after_done=a.after_done, overwrite=a.overwrite)
+                     perturb=a.perturb, after_done=a.after_done, start=a.start, overwrite=a.overwrite)
     try:  # the seed range, --perturb and --after-done: DemoConfig's own checks
         cfg.validate()
     except ValueError as e:
@@ -62,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
 
 def same_recording(root: Path, cfg: DemoConfig) -> bool | None:
     """Whether the recording at `root` is the one `cfg` asks for (episodes, seed, episode limit, image size, expert,
-    perturbation, steps after done); None when it has no recording sidecar (recorded before it existed, or not by
+    perturbation, steps after done, initial states); None when it has no recording sidecar (recorded before it existed, or not by
     this command)."""
     path = root / RECORDING_FILE
     if not path.is_file():
@@ -70,8 +75,8 @@ def same_recording(root: Path, cfg: DemoConfig) -> bool | None:
     rec = json.loads(path.read_text())
     wanted = [recording_reset_seed(cfg.seed, e) for e in range(cfg.episodes)]
     got = (rec.get("reset_seeds"), rec.get("max_steps"), rec.get("image_size"), rec.get("expert", "planner"),
-           rec.get("perturb", 0.0), rec.get("after_done"))
-    return got == (wanted, cfg.max_steps, cfg.image_size, cfg.expert, cfg.perturb, cfg.after_done)
+           rec.get("perturb", 0.0), rec.get("after_done"), rec.get("start", "random"))
+    return got == (wanted, cfg.max_steps, cfg.image_size, cfg.expert, cfg.perturb, cfg.after_done, cfg.start)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Closed-loop evaluation of a checkpoint in gym-pusht, beside the scripted expert and hold-still:
 `python -m pipelines.rollout --checkpoint DIR [--head flow|fast] [--episodes 20] [--seed S] [--replan K]
-[--delay D] [--rtc on|off] [--output DIR]`."""
+[--delay D] [--rtc on|off] [--start random|behind] [--output DIR]`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from ki_model.checkpoint import CheckpointError
 from ki_model.learning_curves import RunError, load_run
+from ki_sim.pusht import STARTS
 from ki_sim.rollout import RolloutConfig, RolloutError, format_table, run_rollout
 
 
@@ -38,13 +39,16 @@ def main(argv: list[str] | None = None) -> int:
                         "only) (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="episode limit at 10 fps (default: the recording's, else 150)")
+    p.add_argument("--start", choices=STARTS, default=None,
+                   help="initial states: random (gym-pusht's) or behind (the agent behind the block, on the line from "
+                        "the goal through it) (default: the recording's)")
     p.add_argument("--video-episodes", type=int, default=3, help="episodes shown in the GIF (default: %(default)s)")
     p.add_argument("--output", default=None, help="report directory (default: <checkpoint>/rollout)")
     p.add_argument("--fast-compile", action="store_true",
                    help="CPU: compile without XLA backend optimisation (quicker start, slower inference)")
     a = p.parse_args(argv)
     cfg = RolloutConfig(episodes=a.episodes, seed=a.seed, replan=a.replan, max_steps=a.max_steps,
-                        video_episodes=a.video_episodes, head=a.head, delay=a.delay, rtc=a.rtc == "on")
+                        video_episodes=a.video_episodes, head=a.head, delay=a.delay, rtc=a.rtc == "on", start=a.start)
     suffix = ("" if a.head == "flow" else f"_{a.head}") + (f"_delay{a.delay}" if a.delay else "") + (
         "_rtc" if cfg.rtc else "")
     output = a.output or f"{a.checkpoint.rstrip('/')}/rollout{suffix}"
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     s = r["setup"]
     latency = (f", {s['delay']} steps of latency" if s["delay"] else "") + (
         f", real-time chunking (β {s['max_guidance_weight']:g})" if s["rtc"] else "")
-    print(f"{s['episodes']} episodes from unseen initial states, at most {s['max_steps']} steps, the policy replanning "
+    print(f"{s['episodes']} episodes from unseen initial states ({s['start']} start), at most {s['max_steps']} steps, the policy replanning "
           f"every {s['replan']} of its {s['horizon']} actions{latency} ({s['seconds']:.0f} s)")
     print(f"policy: {a.checkpoint} ({describe_training(a.checkpoint)})")
     print(format_table(r))

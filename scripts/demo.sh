@@ -16,10 +16,11 @@ seed="${DEMO_SEED:-0}"
 mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 
-# The line expert pushes the block's center straight to the goal, circling the block counter-clockwise: what it does
-# is a function of what the policy observes (README, "The demo task").
-$py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISODES:-100}" --seed 0 --expert line \
-  --skip-existing
+# The task: push the T to the goal from behind it (--start behind: the agent starts where the line expert pushes
+# from; the expert is a function of what the policy observes), each episode ending 10 steps after the expert is done
+# (README, the demo).
+$py -m pipelines.make_demo_dataset --repo-id "$repo_id" --episodes "${DEMO_EPISODES:-300}" --seed 0 --expert line \
+  --start behind --after-done 10 --skip-existing
 # The block's pose joins the state; the agent's x, y actions are stored relative to its position (delta actions).
 # Small images and a 16-step horizon keep the CPU demo to minutes (defaults: 224 px, 50 steps); the block's pose is
 # in the state, so 32 px (16 image tokens of 8 px) is enough to keep the images in the prompt.
@@ -38,8 +39,9 @@ $py -m pipelines.train --recipe demo-stage2 --seed "$seed" ${DEMO_STEPS:+--steps
 ckpt="$out/checkpoint"
 $py -m pipelines.evaluate --checkpoint "$ckpt" --shards "$out/shards" --batches 10 --batch-size 32 --shuffle \
   --flow-samples 8
-$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head flow
-$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head fast --video-episodes 0
+# Both heads observe again every 2 steps of their 16-step chunks (README: replanning every 8, 4, 2).
+$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head flow --replan 2
+$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head fast --replan 2 --video-episodes 0
 echo
 echo "shards:      $out/shards"
 echo "checkpoints: $out/stage1 (FAST only), $out/checkpoint (KI; metrics.jsonl inside)"

@@ -118,7 +118,8 @@ def closed_loop(data: DataArtifacts, chunk_of, episodes: int = 20) -> None:
     env = pusht.make_env(recording.get("image_size", 96), max_steps=max_steps)
     seeds = [pusht.evaluation_reset_seed(0, i) for i in range(episodes)]
     controllers = {"policy": Net(), "expert": Expert(0, recording.get("expert", "line"))}
-    report = {name: summarize([run_episode(env, c, s, i, max_steps) for i, s in enumerate(seeds)])
+    start = recording.get("start", "random")
+    report = {name: summarize([run_episode(env, c, s, i, max_steps, start=start) for i, s in enumerate(seeds)])
               for name, c in controllers.items()}
     env.close()
     relative_to_expert(report)

@@ -25,8 +25,8 @@ export KI_LOG_DIR="$PWD/$out/logs"
 closed_loop() {  # evaluation and both heads' rollouts of one run, inside it (the tools' default, as scripts/demo.sh)
   $py -m pipelines.evaluate --checkpoint "$1" --shards "$demo/shards" --batches 10 --batch-size 32 --shuffle \
     --flow-samples 8 > "$1.evaluate.txt"
-  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head flow --video-episodes 0
-  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head fast --video-episodes 0
+  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head flow --replan 2 --video-episodes 0
+  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head fast --replan 2 --video-episodes 0
 }
 train() { $py -m pipelines.train "$@" | sed '/^step /d'; }  # the validation lines stay
 

@@ -1,6 +1,6 @@
 """How much of the action chunk the state alone explains: k-nearest-neighbour regression from the normalized state of
 the training rows to their chunks, scored on the validation rows in the dataset's units, beside hold still and the
-mean action. A yardstick for what a policy could learn from the state (README, the demo).
+mean action. A yardstick for what a policy could learn from the state.
 
     python scripts/state_knn.py SHARDS [--k 1 5 20]
 """

@@ -81,6 +81,30 @@ def test_the_line_expert_slows_near_the_goal_and_backs_away_once_there():
     assert pusht.block_goal_distance(env) < expert.done + 5.0
 
 
+def test_a_behind_start_moves_only_the_agent_to_where_the_line_expert_pushes_from():
+    env = make_env(max_steps=150)
+    seed = evaluation_reset_seed(0, 1)  # a block whose far side is inside the arena
+    plain = pusht.reset(env, seed)
+    block = (*env.unwrapped.block.position, env.unwrapped.block.angle)
+    obs = pusht.reset(env, seed, "behind")
+    # the same block (the physics step that places the agent lets it settle by a fraction of a pixel)
+    np.testing.assert_allclose((*env.unwrapped.block.position, env.unwrapped.block.angle), block, atol=0.5)
+    center, goal = pusht.block_center(env), pusht.goal_center(env)
+    agent = np.asarray(obs["agent_pos"])
+    assert not np.allclose(agent, plain["agent_pos"])
+    away = (center - goal) / np.linalg.norm(center - goal)
+    np.testing.assert_allclose(agent, center + pusht.BEHIND_DISTANCE * away, atol=0.5)  # on the far side
+    assert obs["pixels"].shape == plain["pixels"].shape and not np.array_equal(obs["pixels"], plain["pixels"])
+    # From there the line expert pushes at once (no circling) and brings the block to the goal.
+    expert = LinePusher(np.random.default_rng(0), noise=0.0)
+    first = expert.act(env)
+    assert np.dot(first - agent, -away) > 10.0, (first, agent)
+    record = run_episode(env, seed, (1, 0, 4), 150, start="behind")
+    assert record.final_distance < 0.2 * record.start_distance, record
+    with pytest.raises(ValueError, match="start must be one of"):
+        pusht.reset(env, seed, "beside")
+
+
 def test_a_perturbed_recording_executes_noise_but_records_the_experts_answer():
     # DART: the simulator executes the expert's action plus noise, the dataset keeps the expert's own action, so the
     # recording visits states off the expert's path labelled with what the expert does there.
@@ -223,6 +247,10 @@ def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys
     assert cli.main([*argv, "--skip-existing", "--perturb", "5", "--after-done", "2"]) == 0
     assert "recording it again" in capsys.readouterr().out
     assert json.loads((root / RECORDING_FILE).read_text())["after_done"] == 2
+    assert json.loads((root / RECORDING_FILE).read_text())["start"] == "random"
+    assert cli.main([*argv, "--skip-existing", "--perturb", "5", "--after-done", "2", "--start", "behind"]) == 0
+    assert "recording it again" in capsys.readouterr().out
+    assert json.loads((root / RECORDING_FILE).read_text())["start"] == "behind"
     for bad in (["--perturb", "-1"], ["--after-done", "-1"]):
         with pytest.raises(SystemExit):
             cli.main([*argv, *bad])

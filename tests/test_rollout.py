@@ -183,6 +183,9 @@ def test_initial_states_are_unseen(rollout, demo_dataset):
     assert recorded == [demo_pusht.recording_reset_seed(0, e) for e in range(3)]
     assert set(report["setup"]["reset_seeds"]).isdisjoint(recorded)
     assert "checked against the 3 recorded episodes" in report["setup"]["initial_states_unseen"]
+    assert report["setup"]["start"] == "random"  # the recording's (its sidecar), as no --start overrode it
+    with pytest.raises(RolloutError, match="start must be one of"):
+        RolloutConfig(start="beside").validate()
 
 
 def test_a_recorded_seed_is_refused():
@@ -192,6 +195,9 @@ def test_a_recorded_seed_is_refused():
         assert "not checked" in check_disjoint(env, seeds, None)
         with pytest.raises(RolloutError, match="used to record"):
             check_disjoint(env, seeds, {"reset_seeds": [3, seeds[1]]})
+        # The initial states are compared as each side starts them: a behind start moves the agent, not the block.
+        assert "checked against the 1 recorded" in check_disjoint(env, seeds, {"reset_seeds": [3], "start": "behind"},
+                                                                  "behind")
     finally:
         env.close()
     with pytest.raises(ValueError, match="seed must be in"):
