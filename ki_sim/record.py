@@ -24,9 +24,9 @@ from ki_sim.pusht import (
     PUSHT_TASK,
     RECORDING_FILE,
     STATE_KEY,
-    STARTS,
     block_goal_distance,
     check_seed_range,
+    check_start,
     coverage,
     environment_state,
     make_env,
@@ -69,8 +69,7 @@ class DemoConfig:
         if self.expert not in EXPERTS:
             raise ValueError(f"unknown expert {self.expert!r}; known: {sorted(EXPERTS)}")
         check_seed_range(self.seed, self.episodes)
-        if self.start not in STARTS:
-            raise ValueError(f"unknown start {self.start!r}; known: {list(STARTS)}")
+        check_start(self.start)
         if self.perturb < 0:
             raise ValueError(f"perturb must be >= 0 px, got {self.perturb}")
         if self.after_done is not None and self.after_done < 0:

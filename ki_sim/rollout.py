@@ -83,8 +83,11 @@ class RolloutConfig:
         if unknown:
             raise RolloutError(f"unknown controllers {unknown}; known: {list(CONTROLLERS)}")
         pusht.check_seed_range(self.seed, self.episodes)
-        if self.start is not None and self.start not in pusht.STARTS:
-            raise RolloutError(f"start must be one of {pusht.STARTS}, got {self.start!r}")
+        if self.start is not None:
+            try:
+                pusht.check_start(self.start)
+            except ValueError as e:
+                raise RolloutError(str(e)) from None
 
 
 @dataclasses.dataclass

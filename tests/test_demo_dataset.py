@@ -101,8 +101,9 @@ def test_a_behind_start_moves_only_the_agent_to_where_the_line_expert_pushes_fro
     assert np.dot(first - agent, -away) > 10.0, (first, agent)
     record = run_episode(env, seed, (1, 0, 4), 150, start="behind")
     assert record.final_distance < 0.2 * record.start_distance, record
-    with pytest.raises(ValueError, match="start must be one of"):
-        pusht.reset(env, seed, "beside")
+    for refuse in (lambda: pusht.reset(env, seed, "beside"), DemoConfig(start="beside").validate):
+        with pytest.raises(ValueError, match="start must be one of"):
+            refuse()
 
 
 def test_a_perturbed_recording_executes_noise_but_records_the_experts_answer():
