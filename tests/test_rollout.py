@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from ki_sim import pusht as demo_pusht
-from ki_sim.rollout import CONTROLLERS, PolicyController, RolloutConfig, RolloutError, check_disjoint, run_episode
+from ki_sim.rollout import (
+    CONTROLLERS,
+    PolicyController,
+    RolloutConfig,
+    RolloutError,
+    check_disjoint,
+    format_table,
+    run_episode,
+)
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +183,10 @@ def test_the_expert_is_the_yardstick(rollout):
         assert e["max_coverage"] == e["final_coverage"] == e["initial_coverage"]
         assert e["distance_closed"] == pytest.approx(0.0, abs=1e-6)
     assert expert["mean_distance_closed"] > 0.05 and report["setup"]["expert"] == "line"
+    closed = [e["distance_closed"] for e in expert["episodes"]]
+    assert expert["median_distance_closed"] == pytest.approx(float(np.median(closed)))
+    header, *rows = format_table(report).splitlines()
+    assert "median" in header and len(rows) == 3
 
 
 def test_initial_states_are_unseen(rollout, demo_dataset):
