@@ -229,7 +229,8 @@ class Pi05KIConfig:
     fast_target_slots: int | None = None
     # What the action expert's output is: "velocity" (π0, π0.5 and openpi's checkpoints: noise - actions) or
     # "clean" (the clean chunk itself; its velocity for sampling is (x_t - chunk) / t, the same flow). With "clean"
-    # the flow loss is the chunk's squared error, which a small model learns from far fewer rows (docs/demo_random_start.md).
+    # the flow loss is the chunk's squared error, which a small model learns from far fewer rows
+    # (docs/demo_random_start.md).
     flow_target: str = "velocity"
     # A learned embedding per chunk step added to the action tokens. Not in π0.5 (openpi's checkpoints have none):
     # there an action token knows its step only through RoPE, and a fresh expert gives every step of a chunk the same

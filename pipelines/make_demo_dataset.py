@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, bool]:
 
 def same_recording(root: Path, cfg: DemoConfig) -> bool | None:
     """Whether the recording at `root` is the one `cfg` asks for (episodes, seed, episode limit, image size, expert,
-    perturbation, steps after done, initial states); None when it has no recording sidecar (recorded before it existed, or not by
-    this command)."""
+    perturbation, steps after done, initial states); None when it has no recording sidecar (recorded before it existed,
+    or not by this command)."""
     path = root / RECORDING_FILE
     if not path.is_file():
         return None

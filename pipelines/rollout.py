@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     s = r["setup"]
     latency = (f", {s['delay']} steps of latency" if s["delay"] else "") + (
         f", real-time chunking (β {s['max_guidance_weight']:g})" if s["rtc"] else "")
-    print(f"{s['episodes']} episodes from unseen initial states ({s['start']} start), at most {s['max_steps']} steps, the policy replanning "
-          f"every {s['replan']} of its {s['horizon']} actions{latency} ({s['seconds']:.0f} s)")
+    print(f"{s['episodes']} episodes from unseen initial states ({s['start']} start), at most {s['max_steps']} steps, "
+          f"the policy replanning every {s['replan']} of its {s['horizon']} actions{latency} ({s['seconds']:.0f} s)")
     print(f"policy: {a.checkpoint} ({describe_training(a.checkpoint)})")
     print(format_table(r))
     print(f"report: {r['report_path']}")
