@@ -38,10 +38,11 @@ _DEMO_STAGE1 = dataclasses.replace(
 )
 # Stage 2: stage 1's vision and backbone, a fresh action expert; insulation on (the default). The expert's output is
 # the clean chunk (flow_target "clean"): the same flow, learned from fewer rows (docs/demo_random_start.md). 2000
-# steps: at 1000 the flow head closed half as much in closed loop (README, the demo).
+# steps: at 1000 the flow head closed half as much in closed loop; two (noise, time) draws per row: the two weakest of
+# five seeds closed twice as much with them, four draws no more than two (README, the demo).
 _DEMO_STAGE2 = dataclasses.replace(
     _DEMO, checkpoint_dir="runs/demo/checkpoint", steps=2_000, init="ki-backbone:runs/demo/stage1",
-    model=ModelOptions(flow_target="clean"),
+    model=ModelOptions(flow_target="clean", flow_samples=2),
 )
 
 # README "Fine-tuning π0.5 from openpi weights": float32 weights + Adam, bfloat16 activations, per-layer remat, each
