@@ -35,11 +35,21 @@ def truncate_metrics(path: Path, step: int) -> None:
 def format_metrics(m: dict[str, float]) -> str:
     """The terminal line of one logged step (and its validation line when it has one)."""
     text = (
-        f"step {m['step']:>6d}  flow {m['flow_loss']:.4f}  fast {m['fast_loss']:.4f}  acc {m['fast_accuracy']:.3f}  "
+        f"step {m['step']:>6d}  {format_losses(m, '  ')}  "
         f"|g| backbone {m['grad_norm_backbone']:.3f} expert {m['grad_norm_action_expert']:.3f}  "
         f"lr {m['learning_rate']:.2e}  {m['steps_per_s']:.2f} it/s  {m['samples_per_s']:.1f} samples/s"
     )
     return text + (_format_val(m) if "val_flow_loss" in m else "")
+
+
+def format_losses(m: dict[str, float], sep: str = ", ") -> str:
+    """The training losses of a logged step; a head that is not trained (NaN: FAST-only or flow-only) is left out."""
+    parts = []
+    if m["flow_loss"] == m["flow_loss"]:
+        parts.append(f"flow {m['flow_loss']:.4f}")
+    if m["fast_loss"] == m["fast_loss"]:
+        parts.append(f"fast {m['fast_loss']:.4f}{sep}acc {m['fast_accuracy']:.3f}")
+    return sep.join(parts)
 
 
 def _format_val(m: dict[str, float]) -> str:

@@ -40,7 +40,7 @@ from ki_model.observation import Observation, pad_action_dim
 from ki_model.optimizer import SIDES, OptimizerConfig, Params, make_optimizer, make_schedule
 from ki_model.pi05_ki import param_group
 from ki_model.sharding import MeshError, batch_sharding, make_mesh, param_shardings
-from ki_model.tracking import Tracker, WandbError, format_metrics, open_tracker
+from ki_model.tracking import Tracker, WandbError, format_losses, format_metrics, open_tracker
 from ki_model.tracking import load_metrics as load_metrics  # re-exported: callers read a run's figures here
 from ki_model.train_config import TrainConfig
 from ki_model.warm_start import KiCheckpoint, is_ki_init
@@ -623,8 +623,7 @@ def loop(run: Run, *, on_log: Callable[[dict[str, float]], None] | None = None) 
     run.manager.wait_until_finished()
     run.tracker.log_plots(cfg.steps)
     if last:
-        print(f"trained to step {cfg.steps}: flow {last['flow_loss']:.4f}, fast {last['fast_loss']:.4f}, "
-              f"FAST accuracy {last['fast_accuracy']:.3f}; checkpoint and metrics.jsonl in {cfg.checkpoint_dir}")
+        print(f"trained to step {cfg.steps}: {format_losses(last)}; checkpoint and metrics.jsonl in {cfg.checkpoint_dir}")
     return last
 
 

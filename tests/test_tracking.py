@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ki_model.tracking import WANDB_RUN, load_metrics
+from ki_model.tracking import WANDB_RUN, format_losses, format_metrics, load_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # conftest's trained_checkpoint settings (2 steps of batch 8, EMA, the fast test schedule): its compiled programs
@@ -180,3 +180,14 @@ def test_a_run_without_the_flag_imports_nothing_of_wandb(demo_shards, tmp_path, 
     assert result == {"rc": 0, "wandb": []}
     assert [m["step"] for m in load_metrics(out)] == [1, 2]  # it did train and log
     assert not (out / "wandb").exists() and not (out / WANDB_RUN).exists()
+
+
+def test_the_terminal_lines_leave_out_a_head_that_is_not_trained():
+    nan = float("nan")
+    step = {"step": 500, "flow_loss": nan, "fast_loss": 3.7212, "fast_accuracy": 0.361, "grad_norm_backbone": 0.5,
+            "grad_norm_action_expert": 0.0, "learning_rate": 3e-4, "steps_per_s": 9.0, "samples_per_s": 288.0}
+    assert format_losses(step) == "fast 3.7212, acc 0.361"  # stage 1 of the demo: FAST only
+    assert "flow" not in format_metrics(step) and "fast 3.7212  acc 0.361" in format_metrics(step)
+    flow_only = step | {"flow_loss": 0.0659, "fast_loss": nan, "fast_accuracy": nan}
+    assert format_losses(flow_only) == "flow 0.0659"
+    assert format_losses(flow_only | {"fast_loss": 3.5, "fast_accuracy": 0.4}) == "flow 0.0659, fast 3.5000, acc 0.400"
