@@ -9,8 +9,10 @@ as `observation.state`, target agent xy as `action`, 10 fps, one task string), p
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from jaxtyping import Float
@@ -25,6 +27,9 @@ ENV_STATE_NAMES = ["block_x", "block_y", "block_sin", "block_cos"]
 # Written into the dataset's meta/ directory: the reset seeds, episode limit and image size of the recording, so that
 # a closed-loop evaluation can check its initial states against the recorded ones and render like the recording.
 RECORDING_FILE = "meta/ki_pusht_recording.json"
+# What a sidecar written before a key existed recorded: the contact planner, no perturbation, episodes of the full
+# limit, gym-pusht's random initial states.
+RECORDING_DEFAULTS = {"expert": "planner", "perturb": 0.0, "after_done": None, "start": "random"}
 
 # env.reset seeds. Recording: seed * SEED_STRIDE + episode; closed-loop evaluation: EVAL_SEED_BASE + the same. With
 # 0 <= seed < MAX_SEED and episode < SEED_STRIDE, recording seeds stay below MAX_SEED * SEED_STRIDE < EVAL_SEED_BASE,
@@ -77,6 +82,13 @@ def reset(env, seed: int, start: str = "random") -> dict:
 
 def recording_reset_seed(seed: int, episode: int) -> int:
     return seed * SEED_STRIDE + episode
+
+
+def read_recording(root: str | Path) -> dict | None:
+    """The recording sidecar of the dataset at `root`, keys it predates filled from RECORDING_DEFAULTS; None when it
+    has none (recorded before the sidecar existed, or not by pipelines.make_demo_dataset)."""
+    path = Path(root) / RECORDING_FILE
+    return RECORDING_DEFAULTS | json.loads(path.read_text()) if path.is_file() else None
 
 
 def evaluation_reset_seed(seed: int, episode: int) -> int:

@@ -314,7 +314,7 @@ def check_disjoint(env: Any, eval_seeds: list[int], recording: dict[str, Any] | 
     shared = sorted(set(recorded) & set(eval_seeds))
     if shared:
         raise RolloutError(f"evaluation reset seeds {shared[:5]} were used to record the demo dataset")
-    states = {initial_state(env, s, recording.get("start", "random")) for s in recorded}
+    states = {initial_state(env, s, recording["start"]) for s in recorded}
     repeated = [s for s in eval_seeds if initial_state(env, s, start) in states]
     if repeated:
         raise RolloutError(f"evaluation seeds {repeated[:5]} give initial states of recorded episodes")
@@ -324,10 +324,7 @@ def check_disjoint(env: Any, eval_seeds: list[int], recording: dict[str, Any] | 
 def recording_info(manifest: Manifest) -> dict[str, Any] | None:
     """The demo recording's sidecar (reset seeds, episode limit, image size) next to the checkpoint's source dataset."""
     root = manifest.source.get("root")
-    path = Path(root) / pusht.RECORDING_FILE if root else None
-    if path is None or not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    return pusht.read_recording(root) if root else None
 
 
 def source_image_size(manifest: Manifest, recording: dict[str, Any] | None) -> int:
@@ -370,7 +367,7 @@ def run_rollout(
         raise RolloutError(f"replan {replan} exceeds the policy's horizon {horizon}")
     policy_controller = PolicyController(policy, replan, cfg.head, cfg.delay, cfg.rtc)
     max_steps = cfg.max_steps or (recording or {}).get("max_steps") or DemoConfig.max_steps
-    start = cfg.start or (recording or {}).get("start", "random")
+    start = cfg.start or (recording or pusht.RECORDING_DEFAULTS)["start"]
     image_size = source_image_size(manifest, recording)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +377,7 @@ def run_rollout(
     disjoint = check_disjoint(env, seeds, recording, start)
     controllers: dict[str, Controller] = {
         "policy": policy_controller,
-        "expert": Expert(cfg.seed, (recording or {}).get("expert", "planner")),
+        "expert": Expert(cfg.seed, (recording or pusht.RECORDING_DEFAULTS)["expert"]),
         "hold_still": HoldStill(),
     }
     results: dict[str, list[EpisodeResult]] = {name: [] for name in cfg.controllers}
@@ -416,7 +413,7 @@ def run_rollout(
         "delay": cfg.delay,
         "rtc": cfg.rtc,
         "max_guidance_weight": policy.max_guidance_weight if cfg.rtc else None,
-        "expert": (recording or {}).get("expert", "planner"),
+        "expert": (recording or pusht.RECORDING_DEFAULTS)["expert"],
         "num_flow_steps": policy.num_steps,
         "success_coverage": SUCCESS_COVERAGE,
         "reset_seeds": seeds,

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from ki_data.console import library_output_to, log_file
 from ki_data.lerobot_source import lerobot_home
 from ki_sim.experts import EXPERTS
-from ki_sim.pusht import DEFAULT_REPO_ID, RECORDING_FILE, STARTS, recording_reset_seed
+from ki_sim.pusht import DEFAULT_REPO_ID, STARTS, read_recording, recording_reset_seed
 from ki_sim.record import DemoConfig, record_demo_dataset
 
 
@@ -69,13 +68,12 @@ def same_recording(root: Path, cfg: DemoConfig) -> bool | None:
     """Whether the recording at `root` is the one `cfg` asks for (episodes, seed, episode limit, image size, expert,
     perturbation, steps after done, initial states); None when it has no recording sidecar (recorded before it existed,
     or not by this command)."""
-    path = root / RECORDING_FILE
-    if not path.is_file():
+    rec = read_recording(root)
+    if rec is None:
         return None
-    rec = json.loads(path.read_text())
     wanted = [recording_reset_seed(cfg.seed, e) for e in range(cfg.episodes)]
-    got = (rec.get("reset_seeds"), rec.get("max_steps"), rec.get("image_size"), rec.get("expert", "planner"),
-           rec.get("perturb", 0.0), rec.get("after_done"), rec.get("start", "random"))
+    got = (rec.get("reset_seeds"), rec.get("max_steps"), rec.get("image_size"), rec["expert"], rec["perturb"],
+           rec["after_done"], rec["start"])
     return got == (wanted, cfg.max_steps, cfg.image_size, cfg.expert, cfg.perturb, cfg.after_done, cfg.start)
 
 

@@ -102,7 +102,7 @@ def closed_loop(data: DataArtifacts, chunk_of, episodes: int = 20) -> None:
     from ki_sim import pusht
     from ki_sim.rollout import Expert, format_table, recording_info, relative_to_expert, run_episode, summarize
 
-    recording = recording_info(data.manifest) or {}
+    recording = recording_info(data.manifest) or pusht.RECORDING_DEFAULTS
     max_steps, replan = recording.get("max_steps", 150), data.manifest.action_horizon // 2
 
     class Net:
@@ -117,8 +117,8 @@ def closed_loop(data: DataArtifacts, chunk_of, episodes: int = 20) -> None:
 
     env = pusht.make_env(recording.get("image_size", 96), max_steps=max_steps)
     seeds = [pusht.evaluation_reset_seed(0, i) for i in range(episodes)]
-    controllers = {"policy": Net(), "expert": Expert(0, recording.get("expert", "line"))}
-    start = recording.get("start", "random")
+    controllers = {"policy": Net(), "expert": Expert(0, recording["expert"])}
+    start = recording["start"]
     report = {name: summarize([run_episode(env, c, s, i, max_steps, start=start) for i, s in enumerate(seeds)])
               for name, c in controllers.items()}
     env.close()

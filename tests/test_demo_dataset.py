@@ -3,6 +3,7 @@ block's pose as observation.environment_state)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -223,6 +224,23 @@ def test_demo_shards_fixture_is_ready_for_the_tiny_model(demo_shards):
     assert rows["actions"].shape[1:] == (10, 2) and rows["state"].shape[1] == 2
     with pytest.raises(ManifestError, match="not a finished preprocessing output"):
         Manifest.load(demo_shards / "nope")
+
+
+def test_a_sidecar_from_before_a_key_existed_reads_as_what_was_recorded_then(tmp_path):
+    from ki_sim.pusht import RECORDING_FILE, read_recording
+    from ki_sim.record import DemoConfig
+    from pipelines.make_demo_dataset import same_recording
+
+    assert read_recording(tmp_path) is None  # no sidecar
+    (tmp_path / RECORDING_FILE).parent.mkdir(parents=True)
+    old = {"reset_seeds": [0], "max_steps": 4, "image_size": 96}  # written before experts, perturb, after_done, start
+    (tmp_path / RECORDING_FILE).write_text(json.dumps(old))
+    rec = read_recording(tmp_path)
+    assert rec == old | {"expert": "planner", "perturb": 0.0, "after_done": None, "start": "random"}
+    cfg = DemoConfig(episodes=1, max_steps=4, seed=0, expert="planner")
+    assert same_recording(tmp_path, cfg) is True
+    assert same_recording(tmp_path, dataclasses.replace(cfg, expert="line")) is False
+    assert same_recording(tmp_path, dataclasses.replace(cfg, start="behind")) is False
 
 
 def test_recording_sidecar_and_skip_existing_with_other_options(tmp_path, capsys):
