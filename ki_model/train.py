@@ -623,7 +623,8 @@ def loop(run: Run, *, on_log: Callable[[dict[str, float]], None] | None = None) 
     run.manager.wait_until_finished()
     run.tracker.log_plots(cfg.steps)
     if last:
-        print(f"trained to step {cfg.steps}: {format_losses(last)}; checkpoint and metrics.jsonl in {cfg.checkpoint_dir}")
+        print(f"trained to step {cfg.steps}: {format_losses(last)}; "
+              f"checkpoint and metrics.jsonl in {cfg.checkpoint_dir}")
     return last
 
 

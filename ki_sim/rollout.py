@@ -367,7 +367,8 @@ def run_rollout(
         raise RolloutError(f"replan {replan} exceeds the policy's horizon {horizon}")
     policy_controller = PolicyController(policy, replan, cfg.head, cfg.delay, cfg.rtc)
     max_steps = cfg.max_steps or (recording or {}).get("max_steps") or DemoConfig.max_steps
-    start = cfg.start or (recording or pusht.RECORDING_DEFAULTS)["start"]
+    known = recording or pusht.RECORDING_DEFAULTS  # without a sidecar: what recordings before it were
+    start, expert = cfg.start or known["start"], known["expert"]
     image_size = source_image_size(manifest, recording)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +378,7 @@ def run_rollout(
     disjoint = check_disjoint(env, seeds, recording, start)
     controllers: dict[str, Controller] = {
         "policy": policy_controller,
-        "expert": Expert(cfg.seed, (recording or pusht.RECORDING_DEFAULTS)["expert"]),
+        "expert": Expert(cfg.seed, expert),
         "hold_still": HoldStill(),
     }
     results: dict[str, list[EpisodeResult]] = {name: [] for name in cfg.controllers}
@@ -413,7 +414,7 @@ def run_rollout(
         "delay": cfg.delay,
         "rtc": cfg.rtc,
         "max_guidance_weight": policy.max_guidance_weight if cfg.rtc else None,
-        "expert": (recording or pusht.RECORDING_DEFAULTS)["expert"],
+        "expert": expert,
         "num_flow_steps": policy.num_steps,
         "success_coverage": SUCCESS_COVERAGE,
         "reset_seeds": seeds,
@@ -435,8 +436,7 @@ def format_table(report: dict[str, Any], controllers: tuple[str, ...] = CONTROLL
     policy's row names its head. Chunk jump: the mean jump at chunk boundaries in arena pixels ('-': no chunks)."""
     head = report.get("setup", {}).get("head", "flow")
     lines = [f"{'controller':<18}{'distance closed':>18}{'median':>8}{'vs expert':>11}{'max coverage':>16}"
-             f"{'final coverage':>18}"
-             f"{'success':>9}{'chunk jump':>12}"]
+             f"{'final coverage':>18}{'success':>9}{'chunk jump':>12}"]
     for name in controllers:
         r = report[name]
         vs = r.get("distance_closed_vs_expert")
