@@ -270,6 +270,7 @@ def policy_metadata(policy: Policy) -> dict[str, Any]:
         "fps": float(m.fps),
         "source": m.source.get("repo_id"),
         "rtc_keys": list(RTC_KEYS),  # optional request keys: real-time chunking (module docstring)
+        "flow_samples": policy.flow_samples,  # each chunk is the mean of this many sampled chunks
     }
 
 

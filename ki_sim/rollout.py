@@ -65,6 +65,7 @@ class RolloutConfig:
     delay: int = 0  # the policy's latency in control steps (module docstring); at most replan
     rtc: bool = False  # real-time chunking: the flow continues the chunk being executed (flow head only)
     start: str | None = None  # initial states (ki_sim.pusht.STARTS); None: the recording's (its sidecar), else random
+    flow_samples: int = 1  # the flow head executes the mean of this many chunks sampled per observation (Policy)
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -73,6 +74,10 @@ class RolloutConfig:
             raise RolloutError(f"delay must be at least 0, got {self.delay}")
         if self.rtc and self.head != "flow":
             raise RolloutError(f"real-time chunking guides the flow head; the {self.head} head has none")
+        if self.flow_samples < 1:
+            raise RolloutError(f"flow_samples must be at least 1, got {self.flow_samples}")
+        if self.flow_samples > 1 and self.head != "flow":
+            raise RolloutError(f"flow_samples averages the flow head's samples; the {self.head} head decodes greedily")
         if self.replan is not None and self.replan < 1:
             raise RolloutError(f"replan must be at least 1, got {self.replan}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -357,7 +362,10 @@ def run_rollout(
     cfg.validate()
     t0 = time.perf_counter()
     if policy is None:
-        policy = Policy.load(checkpoint_dir, seed=cfg.seed, fast_compile=fast_compile)
+        policy = Policy.load(checkpoint_dir, seed=cfg.seed, fast_compile=fast_compile, flow_samples=cfg.flow_samples)
+    elif policy.flow_samples != cfg.flow_samples:
+        raise RolloutError(f"the policy averages {policy.flow_samples} flow samples, the rollout asks for "
+                           f"{cfg.flow_samples}")
     manifest = policy.manifest
     pusht_image_key(manifest)
     recording = recording_info(manifest)
@@ -416,6 +424,7 @@ def run_rollout(
         "max_guidance_weight": policy.max_guidance_weight if cfg.rtc else None,
         "expert": expert,
         "num_flow_steps": policy.num_steps,
+        "flow_samples": cfg.flow_samples,
         "success_coverage": SUCCESS_COVERAGE,
         "reset_seeds": seeds,
         "initial_states_unseen": disjoint,
@@ -433,17 +442,19 @@ def run_rollout(
 
 def format_table(report: dict[str, Any], controllers: tuple[str, ...] = CONTROLLERS) -> str:
     """The summary as a fixed-width table (mean ± std over episodes, and the median episode's distance closed); the
-    policy's row names its head. Chunk jump: the mean jump at chunk boundaries in arena pixels ('-': no chunks)."""
-    head = report.get("setup", {}).get("head", "flow")
-    lines = [f"{'controller':<18}{'distance closed':>18}{'median':>8}{'vs expert':>11}{'max coverage':>16}"
+    policy's row names its head (and the flow samples it averages). Chunk jump: the mean jump at chunk boundaries in arena pixels ('-': no chunks)."""
+    setup = report.get("setup", {})
+    head, samples = setup.get("head", "flow"), setup.get("flow_samples", 1)
+    policy = f"policy ({head} head)" if samples == 1 else f"policy ({head}, mean of {samples})"
+    lines = [f"{'controller':<24}{'distance closed':>18}{'median':>8}{'vs expert':>11}{'max coverage':>16}"
              f"{'final coverage':>18}{'success':>9}{'chunk jump':>12}"]
     for name in controllers:
         r = report[name]
         vs = r.get("distance_closed_vs_expert")
         jump = r.get("mean_chunk_jump")
-        label = f"policy ({head} head)" if name == "policy" else name
+        label = policy if name == "policy" else name
         lines.append(
-            f"{label:<18}{r['mean_distance_closed']:>11.0%} ± {r['std_distance_closed']:.0%}"
+            f"{label:<24}{r['mean_distance_closed']:>11.0%} ± {r['std_distance_closed']:.0%}"
             f"{r['median_distance_closed']:>8.0%}"
             f"{'' if vs is None else f'{vs:>11.0%}'}"
             f"{r['mean_max_coverage']:>9.3f} ± {r['std_max_coverage']:.3f}"

@@ -1,6 +1,6 @@
 """Closed-loop evaluation of a checkpoint in gym-pusht, beside the scripted expert and hold-still:
 `python -m pipelines.rollout --checkpoint DIR [--head flow|fast] [--episodes 20] [--seed S] [--replan K]
-[--delay D] [--rtc on|off] [--start random|behind] [--output DIR]`."""
+[--delay D] [--rtc on|off] [--flow-samples N] [--start random|behind] [--output DIR]`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtc", choices=("on", "off"), default="off",
                    help="real-time chunking: the flow is guided to continue the chunk being executed (flow head "
                         "only) (default: %(default)s)")
+    p.add_argument("--flow-samples", type=int, default=1,
+                   help="the flow head executes the mean of N chunks sampled for each observation (one batch): the "
+                        "flow's estimate of the expected chunk (default: %(default)s, one sample as openpi)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="episode limit at 10 fps (default: the recording's, else 150)")
     p.add_argument("--start", choices=STARTS, default=None,
@@ -48,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU: compile without XLA backend optimisation (quicker start, slower inference)")
     a = p.parse_args(argv)
     cfg = RolloutConfig(episodes=a.episodes, seed=a.seed, replan=a.replan, max_steps=a.max_steps,
-                        video_episodes=a.video_episodes, head=a.head, delay=a.delay, rtc=a.rtc == "on", start=a.start)
+                        video_episodes=a.video_episodes, head=a.head, delay=a.delay, rtc=a.rtc == "on", start=a.start,
+                        flow_samples=a.flow_samples)
     suffix = ("" if a.head == "flow" else f"_{a.head}") + (f"_delay{a.delay}" if a.delay else "") + (
-        "_rtc" if cfg.rtc else "")
+        "_rtc" if cfg.rtc else "") + (f"_mean{a.flow_samples}" if a.flow_samples > 1 else "")
     output = a.output or f"{a.checkpoint.rstrip('/')}/rollout{suffix}"
     try:
         r = run_rollout(a.checkpoint, output, cfg, fast_compile=a.fast_compile)

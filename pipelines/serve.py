@@ -1,5 +1,6 @@
 """Serve a trained checkpoint over openpi's websocket protocol:
-`python -m pipelines.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--seed S] [--api-key-file FILE]`.
+`python -m pipelines.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--seed S] [--flow-samples N]
+[--api-key-file FILE]`.
 
 Robots talk to it with openpi's client (`openpi_client.websocket_client_policy.WebsocketClientPolicy(host, port)`).
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"let in only clients sending this key (default: ${API_KEY_ENV} when set; else no key)")
     p.add_argument("--seed", type=int, default=0, help="the policy's noise seed (as Policy.load(..., seed=S))")
     p.add_argument("--step", type=int, help="the saved step to serve (default: the latest)")
+    p.add_argument("--flow-samples", type=int, default=1,
+                   help="each chunk is the mean of N sampled for the observation (as Policy.load(..., flow_samples=N))")
     p.add_argument("--no-ema", action="store_true", help="serve the raw weights even if the run kept an EMA")
     p.add_argument("--max-message-mb", type=float, default=MAX_MESSAGE_BYTES / 2**20,
                    help="larger messages are refused unread")
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clients must send the API key from {key_source}{ignored}", flush=True)
 
     try:
-        policy = Policy.load(a.checkpoint, step=a.step, use_ema=not a.no_ema, seed=a.seed)
-    except (CheckpointError, FileNotFoundError) as e:
+        policy = Policy.load(a.checkpoint, step=a.step, use_ema=not a.no_ema, seed=a.seed, flow_samples=a.flow_samples)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metadata = policy_metadata(policy)

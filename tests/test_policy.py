@@ -12,6 +12,7 @@ from ki_data.manifest import Manifest
 from ki_data.schema import read_rows
 from ki_model import Policy
 from ki_model.checkpoint import CheckpointError
+from ki_model.observation import Observation
 from ki_model.policy import FrameError
 
 
@@ -95,3 +96,27 @@ def test_bad_frames_and_checkpoints_are_refused(policy, lerobot_frames, tmp_path
         policy.prepare_columns({**frame, cam_key: np.zeros((4, 4), np.uint8)})
     with pytest.raises(CheckpointError):
         Policy.load(tmp_path)
+
+
+def test_flow_samples_give_each_observation_the_mean_of_its_own_draws(policy, lerobot_frames):
+    """With flow_samples=N, observation i's chunk is the mean of the N draws made for it (rows i*N .. i*N+N-1 of one
+    batch), not of another observation's: two frames in one batch, against the one-sample policy's draws on the
+    repeated batch from the same key."""
+    n = 4
+    averaging = Policy(policy.model, policy.config, policy.data, fast_compile=True, flow_samples=n)
+    assert averaging.flow_samples == n and policy.flow_samples == 1
+    cols = [policy.prepare_columns(frame) for _, frame in (lerobot_frames[0], lerobot_frames[-1])]
+    obs = Observation.from_batch({k: np.concatenate([c[k] for c in cols]) for k in cols[0]})
+    rng = jax.random.key(7)
+    mean = averaging.sample_normalized(obs, rng)
+    draws = policy.sample_normalized(jax.tree.map(lambda x: np.repeat(x, n, axis=0), obs), rng)
+    h, d = policy.config.action_horizon, policy.manifest.action_dim
+    assert mean.shape == (2, h, d) and draws.shape == (2 * n, h, d)
+    np.testing.assert_allclose(mean, draws.reshape(2, n, h, d).mean(axis=1), atol=1e-5)
+    assert not np.allclose(draws[0], draws[1], atol=1e-3)  # each draw its own noise
+    assert not np.allclose(mean[0], draws[n:].mean(axis=0), atol=1e-3)  # the grouping matters
+    # infer: the mean, turned into the dataset's units like one sample.
+    assert averaging.infer(lerobot_frames[0][1]).shape == (h, d)
+    for bad in (0, True):  # (a float too; under the tests the type hint refuses it first)
+        with pytest.raises(ValueError, match="flow_samples"):
+            Policy(policy.model, policy.config, policy.data, flow_samples=bad)

@@ -200,6 +200,18 @@ def test_initial_states_are_unseen(rollout, demo_dataset):
         RolloutConfig(start="beside").validate()
 
 
+def test_the_table_names_the_flow_samples_the_policy_averaged(rollout):
+    report = json.loads((rollout[0] / "rollout_report.json").read_text())
+    assert report["setup"]["flow_samples"] == 1
+    assert format_table(report).splitlines()[1].startswith("policy (flow head) ")
+    report["setup"]["flow_samples"] = 8
+    assert format_table(report).splitlines()[1].startswith("policy (flow, mean of 8) ")
+    with pytest.raises(RolloutError, match="the fast head decodes greedily"):
+        RolloutConfig(head="fast", flow_samples=8).validate()
+    with pytest.raises(RolloutError, match="flow_samples must be at least 1"):
+        RolloutConfig(flow_samples=0).validate()
+
+
 def test_a_recorded_seed_is_refused():
     env = demo_pusht.make_env(96, max_steps=5)
     try:

@@ -135,6 +135,7 @@ def test_serves_policy_infer_refuses_bad_requests_and_keeps_serving(server, trai
     meta = client.get_server_metadata()
     m = local.manifest
     assert meta["camera_keys"] == ["observation.image"] and meta["state_key"] == "observation.state"
+    assert meta["flow_samples"] == 1  # one sample per chunk, as openpi serves
     assert (meta["state_dim"], meta["action_dim"], meta["action_horizon"]) == (
         m.state_dim, m.action_dim, local.config.action_horizon)
     assert server.host == "127.0.0.1"
@@ -242,10 +243,10 @@ DECOY = secrets.token_urlsafe(24)  # in $KI_API_KEY, which --api-key-file overri
 @pytest.fixture(scope="module")
 def keyed_server(trained_checkpoint, tmp_path_factory):
     """Served with --api-key-file (KEY) while $KI_API_KEY holds DECOY; at DEBUG, where websockets logs each
-    handshake's headers."""
+    handshake's headers; each chunk the mean of 3 samples."""
     key_file = tmp_path_factory.mktemp("key") / "api_key"
     key_file.write_text(KEY + "\n")
-    s = Server(trained_checkpoint, "--api-key-file", str(key_file), "--log-level", "DEBUG",
+    s = Server(trained_checkpoint, "--api-key-file", str(key_file), "--log-level", "DEBUG", "--flow-samples", "3",
                env={serve_cli.API_KEY_ENV: DECOY})
     yield s
     s.close()
@@ -261,7 +262,7 @@ def handshake_status(server: Server, headers: list[tuple[str, str]]) -> int:
 
 def test_keyed_server_lets_in_only_openpi_clients_with_the_key(keyed_server, frames):
     robot = keyed_server.client(api_key=KEY)  # connected throughout
-    assert robot.get_server_metadata()["state_dim"] == 2
+    assert robot.get_server_metadata()["state_dim"] == 2 and robot.get_server_metadata()["flow_samples"] == 3
     assert robot.infer(frames[0])["actions"].shape == (10, 2)
 
     # openpi-client without a key, with a wrong one, with $KI_API_KEY's (the file wins), with near misses: the
