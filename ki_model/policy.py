@@ -3,11 +3,11 @@
 `Policy.prepare(frame)` turns one observation into the model's input with the very function preprocessing made the
 shard rows with (`ki_data.schema.frame_row` over the checkpoint's `ki_data.DataArtifacts`, without actions; images
 through `shard_image` and decoded back), so the tensors are bit-identical to that frame's shard row;
-`Policy.infer(frame)` runs the action expert's flow and returns the chunk in the dataset's own units. Given the part of the previous chunk not yet
-executed, `infer` guides the flow to continue it (real-time chunking, ki_model.rtc). With `flow_samples=N` it returns the
-mean of N chunks sampled for the observation (one batch): the flow's estimate of the expected chunk, which errs less
-than one sample when the demonstrations agree (the evaluation's "mean of 8"), and blends them where they split
-(around an obstacle by the left or by the right); 1, the default, samples as openpi does.
+`Policy.infer(frame)` runs the action expert's flow and returns the chunk in the dataset's own units. Given the part
+of the previous chunk not yet executed, `infer` guides the flow to continue it (real-time chunking, ki_model.rtc).
+With `flow_samples=N` it returns the mean of N chunks sampled for the observation (one batch): the flow's estimate of
+the expected chunk, which errs less than one sample when the demonstrations agree (the evaluation's "mean of 8"), and
+blends them where they split (around an obstacle by the left or by the right); 1, the default, samples as openpi.
 
 Importing this module loads no training code (optax, grain, orbax's checkpoint manager): serving stays light.
 """

@@ -442,7 +442,8 @@ def run_rollout(
 
 def format_table(report: dict[str, Any], controllers: tuple[str, ...] = CONTROLLERS) -> str:
     """The summary as a fixed-width table (mean ± std over episodes, and the median episode's distance closed); the
-    policy's row names its head (and the flow samples it averages). Chunk jump: the mean jump at chunk boundaries in arena pixels ('-': no chunks)."""
+    policy's row names its head (and the flow samples it averages). Chunk jump: the mean jump at chunk boundaries in
+    arena pixels ('-': no chunks)."""
     setup = report.get("setup", {})
     head, samples = setup.get("head", "flow"), setup.get("flow_samples", 1)
     policy = f"policy ({head} head)" if samples == 1 else f"policy ({head}, mean of {samples})"
