@@ -34,17 +34,13 @@ $py -m pipelines.preprocess "$repo_id" --output "$out/shards" --image-size 32 --
 $py -m pipelines.train --recipe demo-stage1 --seed "$seed" ${DEMO_STAGE1_STEPS:+--steps "$DEMO_STAGE1_STEPS"}
 # Stage 2: from stage 1's vision and backbone, a fresh action expert; insulation on (the default).
 $py -m pipelines.train --recipe demo-stage2 --seed "$seed" ${DEMO_STEPS:+--steps "$DEMO_STEPS"}
-# The evaluation and both rollouts go inside the checkpoint (the tools' default), where pipelines.compare_runs and
-# scripts/ki_compare.sh read every run's.
+# Open loop, then both heads in closed loop (the flow head executing the mean of 8 sampled chunks), inside the
+# checkpoint: scripts/evaluate_run.sh, which scripts/ki_compare.sh runs on every run it compares.
 ckpt="$out/checkpoint"
-$py -m pipelines.evaluate --checkpoint "$ckpt" --shards "$out/shards" --batches 10 --batch-size 32 --shuffle \
-  --flow-samples 8
-# Both heads observe again every 2 steps of their 16-step chunks (README: replanning every 8, 4, 2).
-$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head flow --replan 2
-$py -m pipelines.rollout --checkpoint "$ckpt" --episodes 20 --head fast --replan 2 --video-episodes 0
+bash scripts/evaluate_run.sh "$ckpt" "$out/shards" 3
 echo
 echo "shards:      $out/shards"
 echo "checkpoints: $out/stage1 (FAST only), $out/checkpoint (KI; metrics.jsonl inside)"
 echo "eval:        $ckpt/eval/eval_report.json, eval_plot.png"
-echo "closed loop: $ckpt/rollout/ (flow head: report, plot, GIF), $ckpt/rollout_fast/ (FAST head)"
+echo "closed loop: $ckpt/rollout_mean8/ (flow head: report, plot, GIF), $ckpt/rollout_fast/ (FAST head)"
 echo "logs:        $out/logs/"

@@ -22,12 +22,7 @@ mkdir -p "$out/logs"
 export KI_LOG_DIR="$PWD/$out/logs"
 [ -f "$demo/checkpoint/metrics.jsonl" ] || { echo "error: run ./scripts/demo.sh first" >&2; exit 1; }
 
-closed_loop() {  # evaluation and both heads' rollouts of one run, inside it (the tools' default, as scripts/demo.sh)
-  $py -m pipelines.evaluate --checkpoint "$1" --shards "$demo/shards" --batches 10 --batch-size 32 --shuffle \
-    --flow-samples 8 > "$1.evaluate.txt"
-  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head flow --replan 2 --video-episodes 0
-  $py -m pipelines.rollout --checkpoint "$1" --episodes 20 --head fast --replan 2 --video-episodes 0
-}
+closed_loop() { bash scripts/evaluate_run.sh "$1" "$demo/shards" 0 "$1.evaluate.txt"; }  # as scripts/demo.sh
 train() { $py -m pipelines.train "$@" | sed '/^step /d'; }  # the validation lines stay
 
 # (a) is the demo's run (scripts/demo.sh evaluated it as closed_loop does); its stage 1 (the recipe demo-stage2's

@@ -247,11 +247,15 @@ def test_demo_sh_trains_on_the_shards_it_makes_and_evaluates_what_it_trains():
     script = (REPO / "scripts" / "demo.sh").read_text()
     out = re.search(r"^out=(\S+)$", script, flags=re.M).group(1)
     assert '--output "$out/shards"' in script and 'ckpt="$out/checkpoint"' in script
-    # The evaluation and both rollouts read the checkpoint stage 2 wrote and land inside it (their default output),
-    # where scripts/ki_compare.sh and pipelines.compare_runs look for every run's.
-    tools = re.findall(r"^\$py -m pipelines\.(evaluate|rollout) (.*?(?:\\\n.*)*)$", script, flags=re.M)
+    # The evaluation and both rollouts (scripts/evaluate_run.sh, which ki_compare.sh runs on every run too) read the
+    # checkpoint stage 2 wrote and land inside it (their default output), where pipelines.compare_runs looks.
+    assert re.search(r'^bash scripts/evaluate_run\.sh "\$ckpt" "\$out/shards" \d+$', script, flags=re.M)
+    assert 'bash scripts/evaluate_run.sh "$1" "$demo/shards" 0' in (REPO / "scripts" / "ki_compare.sh").read_text()
+    shared = (REPO / "scripts" / "evaluate_run.sh").read_text()
+    tools = re.findall(r"^ *\$py -m pipelines\.(evaluate|rollout) (.*?(?:\\\n.*)*)$", shared, flags=re.M)
     assert [t for t, _ in tools] == ["evaluate", "rollout", "rollout"]
     assert all('--checkpoint "$ckpt"' in args and "--output" not in args for _, args in tools)
+    assert re.search(r"--head flow --flow-samples 8", tools[1][1]) and "--head fast" in tools[2][1]
     assert RECIPES["demo-stage1"].shards == RECIPES["demo-stage2"].shards == f"{out}/shards"
     assert RECIPES["demo-stage2"].checkpoint_dir == f"{out}/checkpoint"
 
