@@ -206,8 +206,9 @@ class Policy:
     def sample_normalized(
         self, obs: Observation, rng: jax.Array | None = None, prefix: rtc.Prefix | None = None
     ) -> Float[np.ndarray, "b h d"]:
-        """Normalized chunks over the dataset's action dimensions (a model with more, as openpi's 32, is cut back);
-        guided toward `prefix` (`rtc_prefix`) when given and the guidance weight is not 0."""
+        """Normalized chunks over the dataset's action dimensions (a model with more, as openpi's 32, is cut back), one
+        per observation (each the mean of `flow_samples` draws); guided toward `prefix` (`rtc_prefix`) when given and
+        the guidance weight is not 0."""
         if rng is None:
             rng = jax.random.fold_in(self._key, self._calls)
             self._calls += 1
