@@ -106,7 +106,7 @@ class Policy:
         self.compiler_options = compiler_options(fast_compile)
         self._sample = jax.jit(self._sample_fn, static_argnums=(3,), compiler_options=self.compiler_options)
         # Delay and execution horizon reach it as the mask's values: one program whatever they are.
-        self._sample_guided = jax.jit(self._sample_guided_fn, static_argnums=(3, 5),
+        self._sample_guided = jax.jit(self._sample_fn, static_argnums=(3, 5),
                                       compiler_options=self.compiler_options)
         self._decode_fast: dict[bool, Any] = {}  # compiled on the first infer_fast, per `constrained`
 
@@ -182,25 +182,19 @@ class Policy:
 
     # ------------------------------------------------------------------ inference
 
-    def _sample_fn(self, params: Any, rng: jax.Array, obs: Observation, num_steps: int) -> Float[jax.Array, "b h d"]:
-        return self._mean_of_samples(params, rng, obs, num_steps)
-
-    def _sample_guided_fn(self, params: Any, rng: jax.Array, obs: Observation, num_steps: int, prefix: rtc.Prefix,
-                          max_guidance_weight: float) -> Float[jax.Array, "b h d"]:
-        return self._mean_of_samples(params, rng, obs, num_steps, prefix=prefix,
-                                     max_guidance_weight=max_guidance_weight)
-
-    def _mean_of_samples(self, params: Any, rng: jax.Array, obs: Observation, num_steps: int,
-                         prefix: rtc.Prefix | None = None, **guidance: Any) -> Float[jax.Array, "b h d"]:
-        """The mean of `flow_samples` chunks per observation: each row repeated N times in one batch (rows i*N to
-        i*N+N-1 are observation i's), sampled with independent noise, averaged back to one chunk per row."""
+    def _sample_fn(self, params: Any, rng: jax.Array, obs: Observation, num_steps: int,
+                   prefix: rtc.Prefix | None = None, max_guidance_weight: float = rtc.MAX_GUIDANCE_WEIGHT,
+                   ) -> Float[jax.Array, "b h d"]:
+        """One chunk per observation, the mean of `flow_samples` draws: each row repeated N times in one batch (rows
+        i*N to i*N+N-1 are observation i's), sampled with independent noise, averaged back to one chunk per row."""
         model = nnx.merge(self._graphdef, params)
         n = self.flow_samples
         if n == 1:
-            return model.sample_actions(rng, obs, num_steps, prefix=prefix, **guidance)
+            return model.sample_actions(rng, obs, num_steps, prefix=prefix, max_guidance_weight=max_guidance_weight)
         repeat = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
         chunks = model.sample_actions(rng, jax.tree.map(repeat, obs), num_steps,
-                                      prefix=None if prefix is None else jax.tree.map(repeat, prefix), **guidance)
+                                      prefix=None if prefix is None else jax.tree.map(repeat, prefix),
+                                      max_guidance_weight=max_guidance_weight)
         return chunks.reshape(-1, n, *chunks.shape[1:]).mean(axis=1)
 
     def sample_normalized(
