@@ -212,6 +212,16 @@ def test_the_table_names_the_flow_samples_the_policy_averaged(rollout):
         RolloutConfig(flow_samples=0).validate()
 
 
+def test_a_given_policy_must_average_the_flow_samples_the_rollout_asks_for(trained_checkpoint, tmp_path):
+    from ki_model.policy import Policy
+    from ki_sim.rollout import run_rollout
+
+    policy = Policy.load(trained_checkpoint, fast_compile=True)  # one sample
+    with pytest.raises(RolloutError, match="the policy averages 1 flow samples, the rollout asks for 2"):
+        run_rollout(trained_checkpoint, tmp_path / "r", RolloutConfig(episodes=1, flow_samples=2), policy=policy)
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
 def test_a_recorded_seed_is_refused():
     env = demo_pusht.make_env(96, max_steps=5)
     try:

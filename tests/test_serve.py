@@ -340,6 +340,13 @@ def test_an_unusable_key_file_is_one_clear_error_and_nothing_starts(tmp_path, mo
     assert err.count("\n") == 1 and err.startswith("error: ") and repr(str(key_file)) in err and error in err, err
 
 
+def test_flow_samples_below_one_is_one_clear_error_and_nothing_serves(trained_checkpoint, capsys):
+    code = serve_cli.main(["--checkpoint", str(trained_checkpoint), "--port", "0", "--flow-samples", "0"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "listening" not in out
+    assert err == "error: flow_samples must be an integer of at least 1, got 0\n", err
+
+
 def test_an_empty_key_variable_is_an_error_and_the_key_file_wins_over_it(tmp_path):
     key_file = tmp_path / "api_key"
     key_file.write_text(f"  {KEY}\n")
